@@ -1,0 +1,108 @@
+"""The one contract of dmdx: ``denoiser(x_t, t, cond) -> x0`` on continuous t in [0, 1], float32.
+
+A :class:`Denoiser` wraps any backbone.  A backbone is an ``nn.Module`` with
+
+- ``forward(x, time, cond) -> prediction`` where ``x`` is ``c_in(t) * x_t``, ``time`` is
+  ``schedule.model_time(t)`` and ``cond`` a dict of per-sample tensors (``{"labels": LongTensor[B]}`` for class
+  conditional models, text embeddings for text-to-image models) or ``None``;
+- ``null_cond(cond) -> cond``: the unconditional input of the same batch size (the null class for
+  class-conditional models, the empty-prompt embedding for text models);
+- ``feature_layers``: names of sub-modules whose outputs are intermediate features, the last one being the
+  bottleneck used by DMD2's GAN head (see :class:`FeatureTap`).
+
+Classifier-free guidance is applied to the x0 predictions: ``x0 = uncond + s * (cond - uncond)``.  Because x0 is
+affine in the network output at fixed x_t, this equals guidance on epsilon, v or flow predictions.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+from torch import nn
+
+from .param import check_prediction, to_x0
+from .schedules import Schedule, _as_batch, _bcast
+
+Tensor = torch.Tensor
+Cond = dict[str, Tensor] | None
+
+
+def cond_cat(a: Cond, b: Cond) -> Cond:
+    """Concatenate two conditioning dicts along the batch dimension."""
+    if a is None:
+        return None
+    return {k: torch.cat([a[k], b[k]]) for k in a}
+
+
+def cond_index(cond: Cond, idx) -> Cond:
+    """Select samples ``idx`` of every tensor in a conditioning dict."""
+    if cond is None:
+        return None
+    return {k: v[idx] for k, v in cond.items()}
+
+
+class Denoiser(nn.Module):
+    """Wrap ``backbone`` so that calling it returns x0 in float32 whatever the backbone predicts."""
+
+    def __init__(self, backbone: nn.Module, schedule: Schedule, prediction: str):
+        super().__init__()
+        self.backbone = backbone
+        self.schedule = schedule
+        self.prediction = check_prediction(prediction)
+
+    def forward(self, x_t: Tensor, t, cond: Cond = None, guidance: float = 1.0) -> Tensor:
+        if guidance == 1.0 or cond is None:
+            return self._x0(x_t, t, cond)
+        tb = _as_batch(t, x_t)
+        both = self._x0(torch.cat([x_t, x_t]), torch.cat([tb, tb]), cond_cat(cond, self.backbone.null_cond(cond)))
+        x0_c, x0_u = both.chunk(2)
+        return x0_u + guidance * (x0_c - x0_u)
+
+    def _x0(self, x_t: Tensor, t, cond: Cond) -> Tensor:
+        sched = self.schedule
+        tb = _as_batch(t, x_t)
+        alpha, sigma = sched.alpha_sigma(tb)
+        x_in = (x_t.double() * _bcast(sched.c_in(tb), x_t)).float()
+        pred = self.backbone(x_in, sched.model_time(tb).to(x_t.device), cond).float()
+        return to_x0(pred, self.prediction, x_t.float(), alpha, sigma).float()
+
+    def eps(self, x_t: Tensor, t, x0: Tensor) -> Tensor:
+        """The noise implied by an x0 prediction at (x_t, t)."""
+        tb = _as_batch(t, x_t)
+        a, s = self.schedule.alpha_sigma(tb)
+        return ((x_t.double() - _bcast(a, x_t) * x0.double()) / _bcast(s, x_t)).float()
+
+
+class FeatureTap(contextlib.AbstractContextManager):
+    """Collect the outputs of named sub-modules during forward passes inside the ``with`` block.
+
+    ``with FeatureTap(backbone, names) as tap: net(...); tap.features`` gives the tensors in ``names`` order.
+    Gradients flow through the captured tensors as through the forward pass itself.
+    """
+
+    def __init__(self, module: nn.Module, names):
+        self.module = module
+        self.names = list(names)
+        self.features: list[Tensor | None] = [None] * len(self.names)
+        self._handles = []
+
+    def __enter__(self):
+        mods = dict(self.module.named_modules())
+        for i, name in enumerate(self.names):
+            if name not in mods:
+                raise ValueError(f"no sub-module {name!r} in {type(self.module).__name__}")
+            self._handles.append(mods[name].register_forward_hook(self._hook(i)))
+        return self
+
+    def _hook(self, i):
+        def hook(_mod, _inp, out):
+            self.features[i] = out[0] if isinstance(out, tuple) else out
+
+        return hook
+
+    def __exit__(self, *exc):
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+        return False
