@@ -59,13 +59,17 @@ class Denoiser(nn.Module):
         x0_c, x0_u = both.chunk(2)
         return x0_u + guidance * (x0_c - x0_u)
 
-    def _x0(self, x_t: Tensor, t, cond: Cond) -> Tensor:
+    def predict(self, x_t: Tensor, t, cond: Cond) -> Tensor:
+        """The backbone's raw output (in its own prediction kind) at (x_t, t), float32."""
         sched = self.schedule
         tb = _as_batch(t, x_t)
-        alpha, sigma = sched.alpha_sigma(tb)
         x_in = (x_t.double() * _bcast(sched.c_in(tb), x_t)).float()
-        pred = self.backbone(x_in, sched.model_time(tb).to(x_t.device), cond).float()
-        return to_x0(pred, self.prediction, x_t.float(), alpha, sigma).float()
+        return self.backbone(x_in, sched.model_time(tb).to(x_t.device), cond).float()
+
+    def _x0(self, x_t: Tensor, t, cond: Cond) -> Tensor:
+        tb = _as_batch(t, x_t)
+        alpha, sigma = self.schedule.alpha_sigma(tb)
+        return to_x0(self.predict(x_t, tb, cond), self.prediction, x_t.float(), alpha, sigma).float()
 
     def eps(self, x_t: Tensor, t, x0: Tensor) -> Tensor:
         """The noise implied by an x0 prediction at (x_t, t)."""

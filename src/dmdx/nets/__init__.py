@@ -1,0 +1,31 @@
+"""Backbones (denoiser networks) and discriminator heads."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from .heads import ConvHead, MultiHead, VectorHead, feature_shapes
+from .mlp import MLPDenoiser
+from .unet import DiffusersUNet2D, UNet
+
+BACKBONES: dict[str, type[nn.Module]] = {"mlp": MLPDenoiser, "unet": UNet, "diffusers_unet2d": DiffusersUNet2D}
+
+
+def build_backbone(name: str, **kwargs) -> nn.Module:
+    """Construct the backbone registered as ``name`` from its constructor kwargs (its ``config``)."""
+    if name not in BACKBONES:
+        raise ValueError(f"unknown backbone {name!r}; allowed: {', '.join(BACKBONES)}")
+    return BACKBONES[name](**kwargs)
+
+
+__all__ = [
+    "BACKBONES",
+    "ConvHead",
+    "DiffusersUNet2D",
+    "MLPDenoiser",
+    "MultiHead",
+    "UNet",
+    "VectorHead",
+    "build_backbone",
+    "feature_shapes",
+]

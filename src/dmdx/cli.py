@@ -1,0 +1,280 @@
+"""The ``dmdx`` command line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+
+def _add_common_train(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", required=True, help="run folder (created; holds config, checkpoints, logs, the model)")
+    p.add_argument("--config", help="JSON file with config values (applied before --set)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override one config value, e.g. --set train.lr=1e-4 (repeatable)")
+    p.add_argument("--steps", type=int, help="training iterations (train.steps)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
+    p.add_argument("--dry-run", action="store_true", help="validate and print the resolved config, then exit")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .methods import METHODS
+    from .sampling import SOLVERS
+
+    ap = argparse.ArgumentParser(prog="dmdx", description="Distil diffusion / flow-matching teachers into few-step "
+                                 "students (DMD, DMD2, ADM, ADP, DMDX).")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+
+    p = sub.add_parser("demo", help="train or load a digits teacher, distil a one-step student, compare them")
+    p.add_argument("--data", default="digits", help="dataset (default digits; mnist16, mnist, or your own)")
+    p.add_argument("--method", default="dmdx", choices=list(METHODS))
+    p.add_argument("--out", default="dmdx-demo", help="output folder (default ./dmdx-demo)")
+    p.add_argument("--steps", type=int, help="distillation iterations (default: the demo's budget)")
+    p.add_argument("--teacher", help="use this teacher folder instead of the shipped / freshly trained one")
+    p.add_argument("--n", type=int, default=1000, help="samples per evaluation row")
+    p.add_argument("--small", action="store_true", help="a much smaller setting (used by the test suite)")
+    p.add_argument("--quiet", action="store_true")
+
+    p = sub.add_parser("data", help="built-in and user datasets")
+    dsub = p.add_subparsers(dest="data_cmd", required=True)
+    dsub.add_parser("list", help="list the datasets")
+
+    p = sub.add_parser("teacher", help="train a built-in teacher")
+    tsub = p.add_subparsers(dest="teacher_cmd", required=True)
+    p = tsub.add_parser("train", help="train a teacher on a dataset by denoising score matching")
+    p.add_argument("--data", required=True, help="dataset name (see 'dmdx data list')")
+    _add_common_train(p)
+
+    p = sub.add_parser("distill", help="distil a teacher into a few-step student")
+    p.add_argument("--method", required=True, choices=list(METHODS))
+    p.add_argument("--teacher", help="teacher: a dmdx model folder or gmm:NAME (required unless --resume)")
+    p.add_argument("--data", help="dataset for real data / evaluation (default: the teacher's)")
+    p.add_argument("--pairs", help="teacher pairs folder from 'dmdx pairs' (DMD/ADP/DMDX); default: collect in OUT/pairs")
+    _add_common_train(p)
+
+    p = sub.add_parser("pairs", help="collect teacher ODE pairs (noise, sample, label)")
+    p.add_argument("--teacher", required=True)
+    p.add_argument("--n", type=int, required=True)
+    p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--solver", default="heun", choices=list(SOLVERS))
+    p.add_argument("--guidance", type=float, help="CFG scale (default: the teacher's)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True)
+
+    for name, helptext in (("sample", "draw samples from a teacher or student"),
+                           ("eval", "evaluate a teacher or student")):
+        p = sub.add_parser(name, help=helptext)
+        p.add_argument("--model", required=True, help="a dmdx model or run folder, or gmm:NAME")
+        p.add_argument("--steps", type=int, help="sampling steps (default: the model's: 1 for one-step students)")
+        p.add_argument("--n", type=int, default=64 if name == "sample" else 2000)
+        p.add_argument("--seed", type=int, default=0)
+        p.add_argument("--guidance", type=float, help="CFG scale (teachers; default: the model's)")
+        p.add_argument("--solver", choices=list(SOLVERS), help="teacher ODE solver (default: the model's)")
+        p.add_argument("--device", default="auto")
+        if name == "sample":
+            p.add_argument("--out", required=True, help=".png for a grid / scatter plot, .npz for raw samples")
+        else:
+            p.add_argument("--json", help="also write the metrics to this JSON file")
+    return ap
+
+
+# -- commands ---------------------------------------------------------------------------------------------------
+def _load_overrides(cfg, args) -> None:
+    from .config import apply_overrides, set_path
+
+    if getattr(args, "config", None):
+        path = Path(args.config)
+        if not path.is_file():
+            raise FileNotFoundError(f"config file not found: {path}")
+        try:
+            data = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: not valid JSON ({e})") from None
+
+        import dataclasses
+
+        def walk(obj, prefix, d):
+            for k, v in d.items():
+                sub = getattr(obj, k, None)
+                if isinstance(v, dict) and dataclasses.is_dataclass(sub):
+                    walk(sub, f"{prefix}{k}.", v)
+                else:
+                    set_path(cfg, prefix + k, json.dumps(v) if isinstance(v, (list, dict)) else v)
+
+        walk(cfg, "", data)
+    apply_overrides(cfg, args.overrides)
+    if args.steps is not None:
+        cfg.train.steps = args.steps
+    if getattr(args, "quiet", False):
+        cfg.train.progress = False
+
+
+def cmd_teacher_train(args) -> int:
+    from .config import to_dict
+    from .train.run import TeacherConfig, train_teacher
+
+    cfg = TeacherConfig(data=args.data)
+    if args.resume and (Path(args.out) / "config.json").is_file():
+        from .config import from_dict
+
+        saved = json.loads((Path(args.out) / "config.json").read_text())
+        saved.pop("method", None)
+        cfg = from_dict(TeacherConfig, saved)
+    _load_overrides(cfg, args)
+    from .data import load_dataset
+
+    load_dataset(cfg.data, "train")  # validate the name early
+    if args.dry_run:
+        print(json.dumps(to_dict(cfg), indent=2))
+        return 0
+    out = train_teacher(cfg, Path(args.out), resume=args.resume)
+    print(f"teacher written to {out} (model.json + model.safetensors); try: dmdx sample --model {out} --out grid.png")
+    return 0
+
+
+def cmd_distill(args) -> int:
+    from .config import to_dict
+    from .train.run import build_run, default_run_config, distill, load_run_config
+
+    out = Path(args.out)
+    if args.resume and (out / "config.json").is_file():
+        cfg = load_run_config(out)
+        if cfg.method.name != args.method:
+            raise ValueError(f"{out} is a {cfg.method.name!r} run; resume it with --method {cfg.method.name}")
+    else:
+        cfg = default_run_config(args.method)
+        cfg.teacher = args.teacher
+        cfg.data = args.data
+        if args.pairs:
+            cfg.pairs.path = args.pairs
+    _load_overrides(cfg, args)
+    if not cfg.teacher:
+        raise ValueError("--teacher is required (a dmdx model folder or gmm:NAME)")
+    if args.dry_run:
+        from .models import load_model
+
+        load_model(cfg.teacher)  # validates the teacher path
+        print(json.dumps(to_dict(cfg), indent=2))
+        return 0
+    run = distill(cfg, out, resume=args.resume)
+    print(f"student written to {run}; try: dmdx eval --model {run}")
+    return 0
+
+
+def cmd_pairs(args) -> int:
+    from .models import load_model
+    from .pairs import collect_pairs
+
+    m = load_model(args.teacher)
+    out = collect_pairs(m, Path(args.out), args.n, args.steps, args.solver, args.guidance, args.seed)
+    print(f"{args.n} pairs in {out}")
+    return 0
+
+
+def _device(name: str) -> torch.device:
+    from .models import device_of
+
+    return device_of(name)
+
+
+def cmd_sample(args) -> int:
+    import numpy as np
+
+    from .models import generate, load_model
+    from .viz import save_samples
+
+    out = Path(args.out)
+    if out.suffix.lower() not in (".png", ".npz"):
+        raise ValueError(f"--out must end in .png (grid / scatter) or .npz (raw samples), got {out.name!r}")
+    dev = _device(args.device)
+    m = load_model(args.model, dev)
+    s = generate(m, args.n, args.steps, seed=args.seed, guidance=args.guidance, solver=args.solver, device=dev)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if out.suffix.lower() == ".npz":
+        arrays = {"x": s.x.numpy()}
+        if s.labels is not None:
+            arrays["labels"] = s.labels.numpy()
+        np.savez(out, **arrays)
+    else:
+        save_samples(s.x, out, title=f"{m.info.kind}, {s.nfe} NFE")
+    print(f"{args.n} samples ({s.nfe} network evaluations each, {1000 * s.seconds_per_sample:.2f} ms/sample) -> {out}")
+    return 0
+
+
+def format_table(rows: list[dict], cols: list[str]) -> str:
+    def fmt(v):
+        if isinstance(v, float):
+            return f"{v:.4g}"
+        return str(v)
+
+    cells = [[c for c in cols]] + [[fmt(r.get(c, "")) for c in cols] for r in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(cols))]
+    lines = ["  ".join(v.rjust(w) for v, w in zip(row, widths)) for row in cells]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def cmd_eval(args) -> int:
+    from .evaluate import evaluate
+    from .models import load_model
+
+    dev = _device(args.device)
+    m = load_model(args.model, dev)
+    row = evaluate(m, args.steps, args.n, args.seed, args.guidance, dev)
+    row = {"model": args.model, **row}
+    cols = [k for k in row if not isinstance(row[k], (list, dict))]
+    print(format_table([row], cols))
+    if args.json:
+        Path(args.json).write_text(json.dumps(row, indent=2) + "\n")
+        print(f"metrics written to {args.json}")
+    return 0
+
+
+def cmd_data_list(args) -> int:
+    from .data import list_datasets
+
+    rows = list_datasets()
+    cols = [c for c in ("name", "kind", "shape", "classes", "about") if c in rows[0]] if rows else []
+    print(format_table(rows, cols))
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from .demo import run_demo
+
+    run_demo(data=args.data, method=args.method, out=Path(args.out), steps=args.steps, teacher=args.teacher,
+             n=args.n, small=args.small, progress=not args.quiet)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    handlers = {"demo": cmd_demo, "distill": cmd_distill, "pairs": cmd_pairs, "sample": cmd_sample,
+                "eval": cmd_eval}
+    try:
+        if args.cmd == "teacher":
+            return cmd_teacher_train(args)
+        if args.cmd == "data":
+            return cmd_data_list(args)
+        return handlers[args.cmd](args)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"dmdx {args.cmd}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted; the last finished checkpoint is kept (continue with --resume)", file=sys.stderr)
+        return 130
+    except Exception as e:  # noqa: BLE001 - NonFiniteLossError and friends get a one-line message
+        from .train.loop import NonFiniteLossError
+
+        if isinstance(e, NonFiniteLossError):
+            print(f"dmdx {args.cmd}: {e}", file=sys.stderr)
+            return 3
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,130 @@
+"""ADM (Lu et al. 2025, arXiv 2507.18569): adversarial distribution matching.
+
+The reverse-KL DM loss is replaced by a hinge GAN.  A noised student sample x_t takes one probability-flow ODE
+step of size dt with the real score (teacher, with CFG) and with the fake score; the discriminator (frozen
+teacher backbone + small trainable heads on its intermediate features) scores both latents at time t - dt.
+Critic: ``relu(1 + D(x_fake)) + relu(1 - D(x_real))``; student: ``-D(x_fake)``, its gradient flowing through the
+fake score's step.  The fake score keeps its denoising loss on student samples, as in DMD.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from ..denoiser import Cond, FeatureTap
+from ..nets.heads import MultiHead
+from ..sampling import ode_step
+from .base import Method, Phase, dsm_loss, frozen_copy, uniform_t
+
+Tensor = torch.Tensor
+
+
+class TeacherDiscriminator(torch.nn.Module):
+    """D(x, t, cond): trainable heads on the features of a frozen teacher backbone (Sec. 3 of the ADM paper).
+
+    Heads are 2-D conv heads on image feature maps, vector heads on MLP features; ``nets.heads.ConvHead(dims=3)``
+    is the same design for video latents.  The backbone's parameters never train here; gradients reach the
+    input x (the student) through it.
+    """
+
+    def __init__(self, teacher_net, ctx):
+        super().__init__()
+        self.layers = list(teacher_net.backbone.feature_layers)
+        self._net = [teacher_net]  # a list keeps the frozen teacher out of this module's parameters/state_dict
+        n = 2
+        with torch.no_grad(), FeatureTap(teacher_net.backbone, self.layers) as tap:
+            teacher_net.predict(ctx.noise(n), torch.full((n,), 0.5, dtype=torch.float64, device=ctx.device),
+                                ctx.cond(n))
+        self.heads = MultiHead([tuple(f.shape[1:]) for f in tap.features]).to(ctx.device)
+
+    def forward(self, x: Tensor, t, cond: Cond) -> Tensor:
+        net = self._net[0]
+        with FeatureTap(net.backbone, self.layers) as tap:
+            net.predict(x, t, cond)
+        return self.heads(tap.features)  # [B, n_heads]
+
+
+def hinge_d(d_real: Tensor, d_fake: Tensor) -> Tensor:
+    """Critic hinge loss ``E[relu(1 - D(real))] + E[relu(1 + D(fake))]``."""
+    return F.relu(1 - d_real).mean() + F.relu(1 + d_fake).mean()
+
+
+def hinge_g(d_fake: Tensor) -> Tensor:
+    """Generator hinge loss ``-E[D(fake)]``."""
+    return -d_fake.mean()
+
+
+@dataclass
+class ADMConfig:
+    name: str = "adm"
+    real_guidance: float | None = None  # None: the teacher's default CFG scale
+    critic_every: int = 1  # the paper found 1:1 enough after ADP
+    dt: float = 1 / 64  # ODE step size (T/64 in one description of the paper)
+    t_min: float = 0.02  # x_t times; t - dt is clamped at 0
+    t_max: float = 0.98
+    solver: str = "ddim"  # the one-step ODE solver used by both score models
+    fake_t_min: float = 1e-3
+    gan_g_weight: float = 1.0
+    gan_d_weight: float = 1.0
+
+
+class ADM(Method):
+    name = "adm"
+    Config = ADMConfig
+
+    def __init__(self, cfg: ADMConfig, ctx):
+        super().__init__(cfg, ctx)
+        if not 0 < cfg.dt <= 1:
+            raise ValueError(f"dt must be in (0, 1], got {cfg.dt}")
+        self.fake_score = frozen_copy(ctx.teacher_net)
+        self.disc = TeacherDiscriminator(ctx.teacher_net, ctx)
+
+    def networks(self):
+        return {"fake_score": self.fake_score, "disc_heads": self.disc.heads}
+
+    def phases(self):
+        return [
+            Phase("student", ("student",), self.student_loss, every=self.cfg.critic_every),
+            Phase("critic", ("fake_score", "disc_heads"), self.critic_loss),
+        ]
+
+    def noised(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        cfg = self.cfg
+        t = uniform_t(x.shape[0], cfg.t_min, cfg.t_max, x.device)
+        s = (t - cfg.dt).clamp(min=0.0)
+        return self.ctx.schedule.add_noise(x, torch.randn_like(x), t), t, s
+
+    def fake_step(self, x_t, t, s, cond):
+        return ode_step(self.fake_score, self.ctx.schedule, x_t, t, s, cond, self.cfg.solver)
+
+    def real_step(self, x_t, t, s, cond):
+        g = self.ctx.real_guidance(self.cfg.real_guidance)
+
+        def real(x, tt, c):
+            return self.ctx.teacher(x, tt, c, guidance=g)
+
+        return ode_step(real, self.ctx.schedule, x_t, t, s, cond, self.cfg.solver)
+
+    def student_loss(self):
+        ctx = self.ctx
+        x, cond, _ = ctx.student_x0(ctx.batch_size)
+        x_t, t, s = self.noised(x)
+        g = hinge_g(self.disc(self.fake_step(x_t, t, s, cond), s, cond))
+        return self.cfg.gan_g_weight * g, {"loss/gan_g": g.item()}
+
+    def critic_loss(self):
+        cfg, ctx = self.cfg, self.ctx
+        with torch.no_grad():
+            x, cond, _ = ctx.student_x0(ctx.batch_size, grad=False)
+            x_t, t, s = self.noised(x)
+            x_real = self.real_step(x_t, t, s, cond)
+            x_fake = self.fake_step(x_t, t, s, cond)
+        d_real, d_fake = self.disc(x_real, s, cond), self.disc(x_fake, s, cond)
+        d = hinge_d(d_real, d_fake)
+        fake = dsm_loss(self.fake_score, x, cond, cfg.fake_t_min)
+        logs = {"loss/gan_d": d.item(), "loss/fake_dsm": fake.item(), "gan/d_real": d_real.mean().item(),
+                "gan/d_fake": d_fake.mean().item()}
+        return cfg.gan_d_weight * d + fake, logs

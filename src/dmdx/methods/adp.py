@@ -1,0 +1,112 @@
+"""ADP: adversarial distillation pre-training on teacher ODE pairs (the first stage of DMDX, arXiv 2507.18569).
+
+The one-step student sees a point of the pair's path, ``x_t' = alpha(t') x0_pair + sigma(t') noise_pair`` at
+``t' = 1 - u^3`` (u uniform: biased to high noise), and predicts x0.  Two hinge discriminators judge the prediction
+against the teacher's x0: a latent one (frozen teacher backbone + heads, both re-noised at a uniform time) and a
+pixel one (a frozen vision backbone + heads on decoded samples), weighted 0.85 / 0.15.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..nets.heads import MultiHead
+from .adm import TeacherDiscriminator, hinge_d, hinge_g
+from .base import Method, Phase, uniform_t
+
+Tensor = torch.Tensor
+
+
+class PixelDiscriminator(torch.nn.Module):
+    """Trainable heads on the features of a frozen vision backbone (``backbone.features(x) -> list``)."""
+
+    def __init__(self, backbone, ctx):
+        super().__init__()
+        self._bb = [backbone]
+        with torch.no_grad():
+            feats = backbone.features(ctx.noise(2).clamp(-1, 1))
+        self.heads = MultiHead([tuple(f.shape[1:]) for f in feats]).to(ctx.device)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.heads(self._bb[0].features(x))
+
+
+@dataclass
+class ADPConfig:
+    name: str = "adp"
+    latent_weight: float = 0.85
+    pixel_weight: float = 0.15  # only used when a pixel backbone exists (image data); 0 turns it off
+    cubic: bool = True  # student times t' = 1 - u^3; False: uniform
+    d_t_min: float = 0.0  # latent discriminator times, uniform
+    d_t_max: float = 1.0
+
+
+def adp_times(n: int, cubic: bool, device) -> Tensor:
+    """Student times of ADP: ``t = 1 - u^3`` for u ~ U[0, 1] (density 1 / (3 (1-t)^(2/3)), biased to t = 1)."""
+    u = torch.rand(n, device=device, dtype=torch.float64)
+    return 1 - u**3 if cubic else u
+
+
+class ADP(Method):
+    name = "adp"
+    Config = ADPConfig
+    needs_pairs = True
+
+    def __init__(self, cfg: ADPConfig, ctx):
+        super().__init__(cfg, ctx)
+        self.latent = TeacherDiscriminator(ctx.teacher_net, ctx)
+        self.pixel = None
+        if cfg.pixel_weight > 0 and ctx.pixel_backbone is not None:
+            self.pixel = PixelDiscriminator(ctx.pixel_backbone, ctx)
+
+    def networks(self):
+        nets = {"latent_heads": self.latent.heads}
+        if self.pixel is not None:
+            nets["pixel_heads"] = self.pixel.heads
+        return nets
+
+    def phases(self):
+        return [Phase("student", ("student",), self.student_loss),
+                Phase("critic", tuple(self.networks()), self.critic_loss)]
+
+    def predict(self, grad: bool):
+        ctx = self.ctx
+        noise, x0, cond = ctx.pairs.batch(ctx.batch_size, ctx.device)
+        t = adp_times(x0.shape[0], self.cfg.cubic, ctx.device)
+        x_in = ctx.schedule.add_noise(x0, noise, t)
+        with torch.set_grad_enabled(grad):
+            return ctx.student(x_in, t, cond), x0, cond
+
+    def renoise(self, *xs: Tensor):
+        """Re-noise each tensor with its own noise at one shared uniform time per sample."""
+        t = uniform_t(xs[0].shape[0], self.cfg.d_t_min, self.cfg.d_t_max, xs[0].device)
+        return [self.ctx.schedule.add_noise(x, torch.randn_like(x), t) for x in xs], t
+
+    def student_loss(self):
+        cfg = self.cfg
+        x_hat, _, cond = self.predict(grad=True)
+        (x_t,), t = self.renoise(x_hat)
+        lat = hinge_g(self.latent(x_t, t, cond))
+        loss, logs = cfg.latent_weight * lat, {"loss/gan_g_latent": lat.item()}
+        if self.pixel is not None:
+            pix = hinge_g(self.pixel(x_hat))
+            loss = loss + cfg.pixel_weight * pix
+            logs["loss/gan_g_pixel"] = pix.item()
+        logs["loss/gan_g"] = loss.item()
+        return loss, logs
+
+    def critic_loss(self):
+        cfg = self.cfg
+        with torch.no_grad():
+            x_hat, x0, cond = self.predict(grad=False)
+            (f_t, r_t), t = self.renoise(x_hat, x0)
+        lat = hinge_d(self.latent(r_t, t, cond), self.latent(f_t, t, cond))
+        loss, logs = cfg.latent_weight * lat, {"loss/gan_d_latent": lat.item()}
+        if self.pixel is not None:
+            pix = hinge_d(self.pixel(x0), self.pixel(x_hat))
+            loss = loss + cfg.pixel_weight * pix
+            logs["loss/gan_d_pixel"] = pix.item()
+        logs["loss/gan_d"] = loss.item()
+        return loss, logs

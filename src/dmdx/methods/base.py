@@ -1,0 +1,173 @@
+"""What every method shares: the context it sees, phases, the denoising loss and backward simulation.
+
+A method is a set of losses and *phases*.  A :class:`Phase` names the networks it trains and how often it runs
+(``every=5`` on the critic-to-student ratio is DMD2's two time-scale rule).  The training loop owns optimisers,
+``requires_grad``, accumulation, clipping, EMA, checkpoints and logging; a method only builds its networks and
+returns ``(loss, logs)`` from each phase's loss function.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..denoiser import Cond, Denoiser
+from ..param import from_x0_eps
+from ..sampling import student_sample
+from ..schedules import _bcast
+
+Tensor = torch.Tensor
+LossFn = Callable[[], tuple[Tensor, dict[str, float]]]
+
+
+@dataclass
+class Phase:
+    """One update: ``loss()`` is minimised w.r.t. the networks in ``trains``, on every ``every``-th iteration."""
+
+    name: str
+    trains: tuple[str, ...]
+    loss: LossFn
+    every: int = 1
+
+
+@dataclass
+class Pairs:
+    """Teacher ODE pairs: the noise each sample started from, the teacher's x0, the labels (or None)."""
+
+    noise: Tensor
+    x0: Tensor
+    labels: Tensor | None
+
+    def batch(self, n: int, device) -> tuple[Tensor, Tensor, Cond]:
+        idx = torch.randint(len(self.x0), (n,))
+        cond = None if self.labels is None else {"labels": self.labels[idx].to(device)}
+        return self.noise[idx].to(device), self.x0[idx].to(device), cond
+
+
+@dataclass
+class Context:
+    """What a method sees.  ``teacher`` is the frozen real score (maybe analytic); ``teacher_net`` is a frozen
+    network copy of it (the teacher itself unless the teacher is analytic) used to initialise trainable copies and
+    as the feature backbone of discriminators."""
+
+    teacher: Denoiser | None
+    teacher_net: Denoiser | None
+    student: Denoiser
+    data: object | None  # dmdx.data.Dataset
+    num_classes: int
+    shape: tuple[int, ...]
+    batch_size: int
+    device: torch.device
+    times: list[float] = field(default_factory=lambda: [1.0])
+    pairs: Pairs | None = None
+    pixel_backbone: nn.Module | None = None
+    guidance: float = 1.0  # the teacher's default CFG scale, used when a method's real_guidance is None
+
+    def real_guidance(self, value: float | None) -> float:
+        return self.guidance if value is None else value
+
+    @property
+    def schedule(self):
+        return self.student.schedule
+
+    @property
+    def is_image(self) -> bool:
+        return len(self.shape) == 3
+
+    def noise(self, n: int) -> Tensor:
+        return torch.randn((n, *self.shape), device=self.device)
+
+    def cond(self, n: int) -> Cond:
+        """Random class labels for conditional models, else None."""
+        if self.num_classes <= 0:
+            return None
+        return {"labels": torch.randint(self.num_classes, (n,), device=self.device)}
+
+    def real_batch(self, n: int) -> tuple[Tensor, Cond]:
+        ds = self.data
+        if ds is None:
+            raise ValueError("this method needs real data (--data)")
+        idx = torch.randint(len(ds.x), (n,))
+        x = ds.x[idx].to(self.device)
+        cond = None
+        if self.num_classes > 0:
+            if ds.labels is None:
+                raise ValueError(f"the teacher is class-conditional but dataset {ds.name!r} has no labels")
+            cond = {"labels": ds.labels[idx].to(self.device)}
+        return x, cond
+
+    def student_x0(self, n: int, grad: bool = True) -> tuple[Tensor, Cond, float]:
+        """A student sample for training, with DMD2's backward simulation for multi-step students.
+
+        One index k is drawn per call; the student runs k steps without gradients from fresh noise, the k-th x0
+        is re-noised to ``times[k]`` (pure noise for k = 0) and the student's prediction from there is returned
+        (with gradients when ``grad``).  Returns (x0, cond, t_k).
+        """
+        cond = self.cond(n)
+        k = int(torch.randint(len(self.times), ())) if len(self.times) > 1 else 0
+        with torch.no_grad():
+            x_in = student_sample(self.student, self.schedule, self.noise(n), self.times, cond, stop_at=k)
+        with torch.set_grad_enabled(grad):
+            x0 = self.student(x_in, self.times[k], cond)
+        return x0, cond, self.times[k]
+
+
+def uniform_t(n: int, lo: float, hi: float, device) -> Tensor:
+    return lo + (hi - lo) * torch.rand(n, device=device, dtype=torch.float64)
+
+
+def dsm_loss(den: Denoiser, x0: Tensor, cond: Cond, t_min: float = 1e-3, t_max: float = 1.0) -> Tensor:
+    """Denoising score matching in the backbone's own prediction kind: ``|pred(x_t, t) - target|^2``, t ~ U."""
+    t = uniform_t(x0.shape[0], t_min, t_max, x0.device)
+    eps = torch.randn_like(x0)
+    x_t = den.schedule.add_noise(x0, eps, t)
+    a, s = den.schedule.alpha_sigma(t)
+    target = from_x0_eps(x0.float(), eps.float(), den.prediction, a, s).float()
+    return F.mse_loss(den.predict(x_t, t, cond), target)
+
+
+def drop_labels(den: Denoiser, cond: Cond, p: float) -> Cond:
+    """Replace each label by the null class with probability p (classifier-free guidance training)."""
+    if cond is None or p <= 0:
+        return cond
+    null = den.backbone.null_cond(cond)
+    keep = torch.rand(cond["labels"].shape[0], device=cond["labels"].device) >= p
+    return {k: torch.where(_bcast(keep, v), v, null[k]) for k, v in cond.items()}
+
+
+def frozen_copy(den: Denoiser, trainable: bool = True) -> Denoiser:
+    """A deep copy of a network denoiser (the fake score, the student), trainable or not."""
+    import copy
+
+    out = copy.deepcopy(den)
+    out.requires_grad_(trainable)
+    return out
+
+
+class Method:
+    """Base class: subclasses set ``name``/``Config``, build networks in ``__init__`` and return phases."""
+
+    name: ClassVar[str] = "base"
+    Config: ClassVar[type]
+    needs_pairs: ClassVar[bool] = False
+    needs_teacher: ClassVar[bool] = True
+
+    def __init__(self, cfg, ctx: Context):
+        self.cfg = cfg
+        self.ctx = ctx
+
+    def networks(self) -> dict[str, nn.Module]:
+        """Trainable networks other than the student, by name (checkpointed and optimised by the loop)."""
+        return {}
+
+    def phases(self) -> list[Phase]:
+        raise NotImplementedError
+
+    @classmethod
+    def stages(cls, cfg, steps: int) -> list[tuple[type["Method"], object, int]]:
+        """(method class, its config, iterations) for each stage; one stage unless a pipeline (DMDX)."""
+        return [(cls, cfg, steps)]

@@ -1,0 +1,51 @@
+"""DMD (Yin et al. 2023, arXiv 2311.18828): distribution matching plus a regression loss on teacher ODE pairs."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch.nn.functional as F
+
+from .dmd2 import DMD2, DMD2Config
+
+
+@dataclass
+class DMDConfig(DMD2Config):
+    name: str = "dmd"
+    critic_every: int = 1  # the original DMD updates the fake score and the student alternately
+    gan: bool = False
+    reg_weight: float = 0.25  # lambda_reg of the DMD paper
+    reg_loss: str = "mse"  # "mse", or "lpips" when the lpips package is installed (images only)
+
+
+class DMD(DMD2):
+    name = "dmd"
+    Config = DMDConfig
+    needs_pairs = True
+
+    def __init__(self, cfg: DMDConfig, ctx):
+        super().__init__(cfg, ctx)
+        if cfg.reg_loss not in ("mse", "lpips"):
+            raise ValueError(f"unknown reg_loss {cfg.reg_loss!r}; allowed: mse, lpips")
+        self.lpips = None
+        if cfg.reg_loss == "lpips":
+            if not ctx.is_image:
+                raise ValueError("reg_loss=lpips needs image data")
+            try:
+                import lpips  # noqa: F401
+            except ImportError:
+                raise ValueError("reg_loss=lpips needs the lpips package (pip install lpips) and its weights "
+                                 "installed locally") from None
+            self.lpips = lpips.LPIPS(net="vgg", pretrained=True).to(ctx.device).eval().requires_grad_(False)
+
+    def student_extra(self, x, cond):
+        """Regression on teacher pairs: the one-step student from the pair's noise should give the teacher's x0."""
+        ctx = self.ctx
+        noise, x0, pcond = ctx.pairs.batch(ctx.batch_size, ctx.device)
+        pred = ctx.student(ctx.schedule.prior(noise), ctx.times[0], pcond)
+        if self.lpips is not None:
+            rgb = (lambda v: v.expand(-1, 3, -1, -1) if v.shape[1] == 1 else v)
+            reg = self.lpips(rgb(pred), rgb(x0)).mean()
+        else:
+            reg = F.mse_loss(pred, x0)
+        return self.cfg.reg_weight * reg, {"loss/reg": reg.item()}

@@ -1,0 +1,237 @@
+"""Run configs and the set-up of a run: teacher, data, student, pairs; then the shared loop.
+
+``distill(cfg, out)`` backs ``dmdx distill``; ``train_teacher(cfg, out)`` backs ``dmdx teacher train`` (the same
+loop running the ``dsm`` method on a fresh network).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..config import StudentConfig, TrainConfig, from_dict, save_json, to_dict
+from ..denoiser import Denoiser
+from ..methods import get_method
+from ..methods.base import Context, frozen_copy
+from ..models import Model, ModelInfo, device_of, load_model, read_info
+from ..schedules import make_schedule
+
+CONFIG_JSON = "config.json"
+
+
+@dataclass
+class PairsConfig:
+    """Teacher ODE pairs for DMD / ADP / DMDX: an existing folder, or collected into RUN/pairs."""
+
+    path: str | None = None
+    n: int = 2000
+    steps: int = 50
+    solver: str = "heun"
+
+
+@dataclass
+class RunConfig:
+    method: Any  # the method's config dataclass (its ``name`` picks the method)
+    teacher: str | None = None
+    data: str | None = None
+    train: TrainConfig = field(default_factory=TrainConfig)
+    student: StudentConfig = field(default_factory=StudentConfig)
+    pairs: PairsConfig = field(default_factory=PairsConfig)
+    surrogate_steps: int = 1500  # analytic teachers: steps of the MLP fitted to the exact denoiser (see docs)
+
+
+@dataclass
+class TeacherConfig:
+    """A built-in teacher: MLP for vectors, UNet for images, trained by denoising score matching."""
+
+    data: str = "digits"
+    schedule: dict = field(default_factory=lambda: {"name": "flow", "shift": 1.0})
+    prediction: str = "flow"
+    arch: dict = field(default_factory=dict)  # overrides of the backbone's constructor arguments
+    conditional: bool | None = None  # default: class-conditional when the data has labels and is an image set
+    guidance: float = 1.5  # default CFG scale recorded for sampling (and as the real score's in distillation)
+    solver: str = "heun"
+    sample_steps: int = 50
+    method: Any = None
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(steps=4000, batch_size=128, lr=1e-3,
+                                                                   weight_decay=0.0, ema_decay=0.999,
+                                                                   ckpt_every=1000, sample_every=1000))
+
+
+def run_config_from_dict(d: dict) -> RunConfig:
+    d = dict(d)
+    m = d.pop("method", None)
+    if not isinstance(m, dict) or "name" not in m:
+        raise ValueError("config needs method.name")
+    cls = get_method(m["name"]).Config
+    cfg = from_dict(RunConfig, d)
+    cfg.method = from_dict(cls, m, "method")
+    return cfg
+
+
+def default_run_config(method: str) -> RunConfig:
+    return RunConfig(method=get_method(method).Config())
+
+
+def load_run_config(run_dir: Path) -> RunConfig:
+    path = Path(run_dir) / CONFIG_JSON
+    if not path.is_file():
+        raise FileNotFoundError(f"no {CONFIG_JSON} in {run_dir}: not a dmdx run folder")
+    return run_config_from_dict(json.loads(path.read_text()))
+
+
+def backbone_spec(backbone) -> dict:
+    from ..nets import BACKBONES
+
+    for name, cls in BACKBONES.items():
+        if type(backbone) is cls:
+            return {"name": name, "config": dict(backbone.config)}
+    raise ValueError(f"backbone {type(backbone).__name__} is not in the registry; cannot save it")
+
+
+def _vector_backbone(dim: int, num_classes: int, arch: dict):
+    from ..nets import build_backbone
+
+    return build_backbone("mlp", **{"dim": dim, "hidden": 256, "depth": 4, "num_classes": num_classes, **arch})
+
+
+def _image_backbone(shape, num_classes: int, arch: dict):
+    from ..nets import build_backbone
+
+    c, h, _ = shape
+    return build_backbone("unet", **{"in_channels": c, "image_size": h, "base_channels": 32, "channel_mult": [1, 2],
+                                     "num_res_blocks": 1, "num_classes": num_classes, **arch})
+
+
+# -- teachers --------------------------------------------------------------------------------------------------
+def train_teacher(cfg: TeacherConfig, out: Path, resume: bool = False) -> Path:
+    from ..data import load_dataset
+    from ..methods.dsm import DSMConfig
+    from .loop import Trainer
+
+    out = Path(out)
+    ds = load_dataset(cfg.data, "train")
+    dev = device_of(cfg.train.device)
+    cond = cfg.conditional if cfg.conditional is not None else (ds.kind == "image" and ds.num_classes > 0)
+    if cond and ds.num_classes <= 0:
+        raise ValueError(f"dataset {cfg.data!r} has no labels; it cannot train a class-conditional teacher")
+    k = ds.num_classes if cond else 0
+    torch.manual_seed(cfg.train.seed)
+    bb = _vector_backbone(ds.shape[0], k, cfg.arch) if ds.kind == "vector" else _image_backbone(ds.shape, k, cfg.arch)
+    den = Denoiser(bb, make_schedule(cfg.schedule), cfg.prediction).to(dev)
+    if cfg.method is None:
+        cfg.method = DSMConfig()
+    info = ModelInfo(kind="teacher", backbone=backbone_spec(bb), schedule=den.schedule.to_dict(),
+                     prediction=cfg.prediction, shape=list(ds.shape), num_classes=k, data=cfg.data,
+                     guidance=cfg.guidance if k else 1.0, solver=cfg.solver, steps=cfg.sample_steps)
+    ctx = Context(teacher=None, teacher_net=None, student=den, data=ds, num_classes=k, shape=tuple(ds.shape),
+                  batch_size=cfg.train.batch_size, device=dev)
+    out.mkdir(parents=True, exist_ok=True)
+    save_json(to_dict(cfg), out / CONFIG_JSON)
+    return Trainer(out, cfg.method, cfg.train, ctx, info).run(resume=resume)
+
+
+# -- distillation ----------------------------------------------------------------------------------------------
+def fit_surrogate(model: Model, steps: int, batch_size: int = 512, seed: int = 0, progress: bool = True) -> Denoiser:
+    """An MLP regressed onto an analytic teacher's exact x0 (the network that initialises student and fake score,
+    and whose features the discriminators use: an analytic teacher has no network of its own)."""
+    gmm = model.denoiser.backbone
+    sched = model.denoiser.schedule
+    g = torch.Generator().manual_seed(seed)
+    bb = _vector_backbone(gmm.dim, 0, {})
+    den = Denoiser(bb, sched, "x0")
+    opt = torch.optim.AdamW(bb.parameters(), lr=1e-3, weight_decay=0.0)
+    rng = range(steps)
+    if progress:
+        from tqdm.auto import tqdm
+
+        rng = tqdm(rng, desc="fit MLP to the exact teacher", mininterval=1.0)
+    for _ in rng:
+        x0, _ = gmm.sample(batch_size, g)
+        t = torch.rand(batch_size, generator=g, dtype=torch.float64)
+        x_t = sched.add_noise(x0, torch.randn(x0.shape, generator=g), t)
+        with torch.no_grad():
+            target = model.denoiser(x_t, t)
+        loss = torch.nn.functional.mse_loss(den(x_t, t), target)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return den.requires_grad_(False).eval()
+
+
+def _teacher_net(teacher: Model, cfg: RunConfig, run_dir: Path, dev) -> Denoiser:
+    if not teacher.analytic:
+        return teacher.denoiser
+    from ..models import MODEL_WEIGHTS, build_denoiser, load_weights, save_model
+
+    folder = run_dir / "surrogate"
+    if (folder / MODEL_WEIGHTS).is_file():
+        info = read_info(folder)
+        den = build_denoiser(info)
+        den.backbone.load_state_dict(load_weights(folder / MODEL_WEIGHTS))
+        return den.to(dev).requires_grad_(False).eval()
+    den = fit_surrogate(teacher, cfg.surrogate_steps, seed=cfg.train.seed, progress=cfg.train.progress)
+    save_model(folder, den, ModelInfo(kind="teacher", backbone=backbone_spec(den.backbone),
+                                      schedule=den.schedule.to_dict(), prediction="x0", shape=teacher.info.shape))
+    return den.to(dev)
+
+
+def build_run(cfg: RunConfig, run_dir: Path) -> tuple[Context, ModelInfo]:
+    """Load the teacher and data, make the student, collect or load pairs; validate before training."""
+    from ..data import load_dataset
+    from ..pairs import collect_pairs, load_pairs
+
+    method = get_method(cfg.method.name)
+    dev = device_of(cfg.train.device)
+    if not cfg.teacher:
+        raise ValueError("--teacher is required (a dmdx model folder or gmm:NAME)")
+    teacher = load_model(cfg.teacher, dev)
+    tinfo = teacher.info
+    data_name = cfg.data or tinfo.data
+    ds = load_dataset(data_name, "train") if data_name else None
+    if ds is not None and list(ds.shape) != list(tinfo.shape):
+        raise ValueError(f"data {data_name!r} has samples of shape {list(ds.shape)} but the teacher expects "
+                         f"{tinfo.shape}")
+    times = [float(t) for t in cfg.student.times]
+    if not times or any(not 0 < t <= 1 for t in times) or any(a <= b for a, b in zip(times, times[1:])):
+        raise ValueError(f"student.times must be decreasing values in (0, 1], got {times}")
+    teacher_net = _teacher_net(teacher, cfg, run_dir, dev)
+    torch.manual_seed(cfg.train.seed)
+    student = frozen_copy(teacher_net, trainable=True).train()
+    pairs = None
+    if method.needs_pairs:
+        if cfg.pairs.path:
+            pairs = load_pairs(Path(cfg.pairs.path))
+        else:
+            folder = collect_pairs(teacher, run_dir / "pairs", cfg.pairs.n, cfg.pairs.steps, cfg.pairs.solver,
+                                   seed=cfg.train.seed, device=dev, progress=cfg.train.progress)
+            pairs = load_pairs(folder)
+        if list(pairs.x0.shape[1:]) != list(tinfo.shape):
+            raise ValueError(f"pairs have shape {list(pairs.x0.shape[1:])}, the teacher {tinfo.shape}")
+    pixel = None
+    if ds is not None and ds.kind == "image" and cfg.method.name in ("adp", "dmdx"):
+        from ..eval import get_pixel_backbone
+
+        pixel = get_pixel_backbone(data_name).to(dev)
+    ctx = Context(teacher=teacher.denoiser, teacher_net=teacher_net, student=student, data=ds,
+                  num_classes=tinfo.num_classes, shape=tuple(tinfo.shape), batch_size=cfg.train.batch_size,
+                  device=dev, times=times, pairs=pairs, pixel_backbone=pixel, guidance=tinfo.guidance)
+    info = ModelInfo(kind="student", backbone=backbone_spec(teacher_net.backbone),
+                     schedule=teacher_net.schedule.to_dict(), prediction=teacher_net.prediction,
+                     shape=list(tinfo.shape), num_classes=tinfo.num_classes, data=data_name, guidance=1.0,
+                     steps=len(times), times=times, extra={"method": cfg.method.name, "teacher": cfg.teacher})
+    return ctx, info
+
+
+def distill(cfg: RunConfig, out: Path, resume: bool = False) -> Path:
+    from .loop import Trainer
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    save_json(to_dict(cfg), out / CONFIG_JSON)
+    ctx, info = build_run(cfg, out)
+    return Trainer(out, cfg.method, cfg.train, ctx, info).run(resume=resume)
