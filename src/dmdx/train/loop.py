@@ -152,7 +152,9 @@ class Trainer:
         return stage
 
     # -- the loop --------------------------------------------------------------------------------------------
-    def run(self, resume: bool = False) -> Path:
+    def run(self, resume: bool = False, stop_after: int | None = None) -> Path:
+        """Train to ``train.steps``; ``stop_after`` ends this call early after that many iterations (as a killed
+        run would, but after a checkpoint when the step is a checkpoint step)."""
         tc = self.tc
         self.run_dir.mkdir(parents=True, exist_ok=True)
         ckpt = latest_checkpoint(self.run_dir)
@@ -176,8 +178,9 @@ class Trainer:
         pbar = _progress(tc, step)
         acc: dict[str, list[float]] = {}
         t0 = time.perf_counter()
+        end = tc.steps if stop_after is None else min(tc.steps, step + stop_after)
         try:
-            while step < tc.steps:
+            while step < end:
                 while stage.index + 1 < len(self.stages) and step >= self.starts[stage.index + 1]:
                     stage = self.build_stage(stage.index + 1)
                 local = step - stage.start

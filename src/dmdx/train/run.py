@@ -142,7 +142,9 @@ def fit_surrogate(model: Model, steps: int, batch_size: int = 512, seed: int = 0
     gmm = model.denoiser.backbone
     sched = model.denoiser.schedule
     g = torch.Generator().manual_seed(seed)
-    bb = _vector_backbone(gmm.dim, 0, {})
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        bb = _vector_backbone(gmm.dim, 0, {})
     den = Denoiser(bb, sched, "x0")
     opt = torch.optim.AdamW(bb.parameters(), lr=1e-3, weight_decay=0.0)
     rng = range(steps)
@@ -160,6 +162,7 @@ def fit_surrogate(model: Model, steps: int, batch_size: int = 512, seed: int = 0
         opt.zero_grad()
         loss.backward()
         opt.step()
+    opt.zero_grad(set_to_none=True)
     return den.requires_grad_(False).eval()
 
 

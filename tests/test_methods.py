@@ -1,0 +1,146 @@
+
+import pytest
+import torch
+
+from dmdx.methods import METHODS
+from dmdx.methods.adm import hinge_d, hinge_g
+from dmdx.methods.adp import adp_times
+from dmdx.methods.dmd2 import DMD2, dm_loss
+from dmdx.sampling import ode_step
+from dmdx.schedules import FlowMatching
+from dmdx.teachers.analytic import AnalyticDenoiser, GaussianMixture
+
+from helpers import make_trainer, state_of, tiny_config
+
+
+def test_dm_gradient_is_zero_when_fake_equals_real(tmp_path):
+    cfg = tiny_config("dmd2")
+    cfg.method.gan = False
+    tr = make_trainer(cfg, tmp_path)
+    ctx = tr.ctx
+    ctx.teacher = ctx.teacher_net  # real score == network the fake score is copied from
+    cfg.method.real_guidance = 1.0
+    method = DMD2(cfg.method, ctx)
+    x, cond, _ = ctx.student_x0(32)
+    loss, logs = method.dm_term(x, cond)
+    loss.backward()
+    assert logs["dm/grad_norm"] == 0.0
+    for p in ctx.student.parameters():
+        assert p.grad is None or torch.count_nonzero(p.grad) == 0
+
+
+def test_dm_gradient_points_from_fake_to_real_distribution():
+    """Real N(mu_r, s^2), fake N(mu_f, s^2): the descent direction -grad is exactly parallel to mu_r - mu_f."""
+    sched = FlowMatching()
+    real = AnalyticDenoiser(GaussianMixture([[2.0, 0.0]], [1.0], 0.3), sched)
+    fake = AnalyticDenoiser(GaussianMixture([[-1.0, 1.0]], [1.0], 0.3), sched)
+    x = (torch.tensor([[-1.0, 1.0]]) + 0.3 * torch.randn(64, 2)).requires_grad_(True)
+    t = torch.rand(64, dtype=torch.float64) * 0.9 + 0.05
+    x_t = sched.add_noise(x.detach(), torch.randn(64, 2), t)
+    loss, grad = dm_loss(x, real(x_t, t), fake(x_t, t))
+    direction = torch.tensor([3.0, -1.0]) / 10**0.5
+    cos = torch.nn.functional.cosine_similarity(-grad, direction[None], dim=1)
+    torch.testing.assert_close(cos, torch.ones(64), atol=1e-4, rtol=0)
+    loss.backward()
+    # the surrogate's gradient w.r.t. x is grad / numel (mean reduction, factor 0.5 * 2)
+    torch.testing.assert_close(x.grad, grad / grad.numel(), atol=1e-6, rtol=1e-5)
+
+
+def test_hinge_losses():
+    d_real = torch.tensor([2.0, 0.5, -1.0])
+    d_fake = torch.tensor([-2.0, 0.0, 1.0])
+    assert hinge_d(d_real, d_fake).item() == pytest.approx((0 + 0.5 + 2) / 3 + (0 + 1 + 2) / 3)
+    assert hinge_g(d_fake).item() == pytest.approx(1 / 3 * (2.0 - 0.0 - 1.0))
+
+
+def test_adp_time_sampler_follows_cubic_law():
+    torch.manual_seed(0)
+    t = adp_times(200_000, True, "cpu")
+    # P(t <= c) = P(1 - u^3 <= c) = 1 - (1 - c)^(1/3)
+    for c in (0.1, 0.5, 0.9, 0.99):
+        assert float((t <= c).double().mean()) == pytest.approx(1 - (1 - c) ** (1 / 3), abs=0.005)
+
+
+@pytest.mark.parametrize("method", ["dmd", "dmd2", "adm", "adp"])
+def test_each_phase_trains_only_its_networks_and_teacher_stays_frozen(method, tmp_path):
+    cfg = tiny_config(method, steps=2)
+    tr = make_trainer(cfg, tmp_path)
+    teacher_before = state_of(tr.ctx.teacher_net)
+    stage = tr.build_stage(0)
+    for phase in stage.method.phases():
+        before = {n: state_of(net) for n, net in stage.trainables.items()}
+        tr.run_phase(stage, phase, 0)
+        for name, net in stage.trainables.items():
+            changed = any(not torch.equal(v, before[name][k]) for k, v in net.state_dict().items())
+            assert changed == (name in phase.trains), f"{method}/{phase.name}: {name} changed={changed}"
+        for p in tr.ctx.teacher_net.parameters():
+            assert p.grad is None
+    after = state_of(tr.ctx.teacher_net)
+    assert all(torch.equal(after[k], v) for k, v in teacher_before.items())
+
+
+def test_adm_student_gradient_goes_through_fake_step_and_discriminator(tmp_path):
+    """Zeroing the fake score's ODE step cuts the student's gradient: no other path reaches it."""
+    cfg = tiny_config("adm")
+    tr = make_trainer(cfg, tmp_path)
+    stage = tr.build_stage(0)
+    adm = stage.method
+    for name, net in stage.trainables.items():
+        net.requires_grad_(name == "student")
+    loss, _ = adm.student_loss()
+    loss.backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in tr.ctx.student.parameters())
+    assert all(p.grad is None for p in adm.disc.heads.parameters())
+    assert all(p.grad is None for p in adm.fake_score.parameters())
+    tr.ctx.student.zero_grad(set_to_none=True)
+    adm.fake_step = lambda x_t, t, s, cond: torch.zeros_like(x_t).detach()
+    loss, _ = adm.student_loss()
+    assert not loss.requires_grad
+
+
+def test_adm_ode_step_is_the_samplers_step(tmp_path):
+    cfg = tiny_config("adm")
+    tr = make_trainer(cfg, tmp_path)
+    adm = tr.build_stage(0).method
+    x_t = torch.randn(8, 2)
+    t = torch.full((8,), 0.6, dtype=torch.float64)
+    s = t - cfg.method.dt
+    want = ode_step(lambda a, b, c: tr.ctx.teacher(a, b, c, guidance=1.0), tr.ctx.schedule, x_t, t, s, None, "ddim")
+    torch.testing.assert_close(adm.real_step(x_t, t, s, None), want)
+    want_f = ode_step(adm.fake_score, tr.ctx.schedule, x_t, t, s, None, "ddim")
+    torch.testing.assert_close(adm.fake_step(x_t, t, s, None), want_f)
+
+
+def test_backward_simulation_feeds_the_chosen_time(tmp_path):
+    cfg = tiny_config("dmd2")
+    cfg.student.times = [1.0, 0.75, 0.5, 0.25]
+    tr = make_trainer(cfg, tmp_path)
+    ctx = tr.ctx
+    real_student = ctx.student
+    calls = []
+
+    class Spy(torch.nn.Module):
+        schedule = real_student.schedule
+
+        def forward(self, x, t, cond=None):
+            calls.append((float(torch.as_tensor(t).reshape(-1)[0]), torch.is_grad_enabled()))
+            return real_student(x, t, cond)
+
+    ctx.student = Spy()
+    seen_k = set()
+    for _ in range(40):
+        calls.clear()
+        _, _, t_k = ctx.student_x0(4)
+        k = cfg.student.times.index(t_k)
+        seen_k.add(k)
+        assert [c[0] for c in calls] == cfg.student.times[: k + 1]
+        assert [c[1] for c in calls] == [False] * k + [True]
+    assert seen_k == {0, 1, 2, 3}
+
+
+def test_registry_lists_methods_in_errors():
+    from dmdx.methods import get_method
+
+    with pytest.raises(ValueError, match="dmd, dmd2, adm, adp, dmdx"):
+        get_method("sid")
+    assert set(METHODS) == {"dmd", "dmd2", "adm", "adp", "dmdx"}
