@@ -54,7 +54,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--teacher", help="teacher: a dmdx model folder or gmm:NAME (required unless --resume)")
     p.add_argument("--data", help="dataset for real data / evaluation (default: the teacher's)")
     p.add_argument("--pairs", help="teacher pairs folder from 'dmdx pairs' (DMD/ADP/DMDX); default: collect in OUT/pairs")
+    p.add_argument("--prompts", help="diffusers teachers: a text file, one prompt a line (real.prompts)")
     _add_common_train(p)
+
+    p = sub.add_parser("export", help="export a student distilled from a diffusers pipeline")
+    p.add_argument("--run", required=True, help="the distillation run folder")
+    p.add_argument("--format", default="diffusers", choices=["diffusers", "lora"])
+    p.add_argument("--out", required=True, help="output folder (a pipeline folder, or LoRA weights)")
 
     p = sub.add_parser("pairs", help="collect teacher ODE pairs (noise, sample, label)")
     p.add_argument("--teacher", required=True)
@@ -151,6 +157,8 @@ def cmd_distill(args) -> int:
         cfg.data = args.data
         if args.pairs:
             cfg.pairs.path = args.pairs
+        if args.prompts:
+            cfg.real.prompts = args.prompts
     _load_overrides(cfg, args)
     if not cfg.teacher:
         raise ValueError("--teacher is required (a dmdx model folder or gmm:NAME)")
@@ -162,6 +170,16 @@ def cmd_distill(args) -> int:
         return 0
     run = distill(cfg, out, resume=args.resume)
     print(f"student written to {run}; try: dmdx eval --model {run}")
+    return 0
+
+
+def cmd_export(args) -> int:
+    from .export import export_run, sampling_args
+    from .models import read_info
+
+    out = export_run(Path(args.run), Path(args.out), args.format)
+    call = ", ".join(f"{k}={v!r}" for k, v in sampling_args(read_info(Path(args.run))).items())
+    print(f"{args.format} export written to {out}; generate with pipe(prompt, {call})")
     return 0
 
 
@@ -254,7 +272,7 @@ def cmd_demo(args) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     handlers = {"demo": cmd_demo, "distill": cmd_distill, "pairs": cmd_pairs, "sample": cmd_sample,
-                "eval": cmd_eval}
+                "eval": cmd_eval, "export": cmd_export}
     try:
         if args.cmd == "teacher":
             return cmd_teacher_train(args)

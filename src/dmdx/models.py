@@ -116,12 +116,18 @@ def load_weights(path: Path) -> dict:
 
 
 def load_model(spec: str | Path, device: str | torch.device = "cpu") -> Model:
-    """Load a teacher or student from a model folder or ``gmm:NAME``."""
+    """Load a teacher or student from a model folder, a diffusers pipeline folder or ``gmm:NAME``."""
     spec = str(spec)
     if spec.startswith("gmm:"):
         m = gmm_model(spec[4:])
         m.denoiser.to(device)
         return m
+    from .teachers import diffusers as dfs
+
+    if dfs.is_pipeline_folder(spec):
+        return dfs.load_teacher(spec, device)
+    if dfs.looks_like_hub_id(spec):
+        dfs.check_folder(spec)  # raises: a local diffusers folder is needed
     info = read_info(Path(spec))
     den = build_denoiser(info)
     state = load_weights(Path(spec) / MODEL_WEIGHTS)

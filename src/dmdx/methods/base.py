@@ -41,10 +41,15 @@ class Pairs:
     noise: Tensor
     x0: Tensor
     labels: Tensor | None
+    cond_bank: dict[str, Tensor] | None = None  # text models: ``labels`` index rows of these prompt embeddings
 
     def batch(self, n: int, device) -> tuple[Tensor, Tensor, Cond]:
         idx = torch.randint(len(self.x0), (n,))
-        cond = None if self.labels is None else {"labels": self.labels[idx].to(device)}
+        if self.cond_bank is not None:
+            rows = self.labels[idx]
+            cond = {k: v[rows].to(device) for k, v in self.cond_bank.items()}
+        else:
+            cond = None if self.labels is None else {"labels": self.labels[idx].to(device)}
         return self.noise[idx].to(device), self.x0[idx].to(device), cond
 
 
@@ -66,6 +71,7 @@ class Context:
     pairs: Pairs | None = None
     pixel_backbone: nn.Module | None = None
     guidance: float = 1.0  # the teacher's default CFG scale, used when a method's real_guidance is None
+    cond_bank: dict[str, Tensor] | None = None  # cached prompt embeddings [N, ...] of text-to-image teachers
 
     def real_guidance(self, value: float | None) -> float:
         return self.guidance if value is None else value
@@ -82,10 +88,16 @@ class Context:
         return torch.randn((n, *self.shape), device=self.device)
 
     def cond(self, n: int) -> Cond:
-        """Random class labels for conditional models, else None."""
+        """Random class labels for conditional models, random rows of the prompt bank for text models, else None."""
+        if self.cond_bank is not None:
+            return self._bank_rows(n)
         if self.num_classes <= 0:
             return None
         return {"labels": torch.randint(self.num_classes, (n,), device=self.device)}
+
+    def _bank_rows(self, n: int) -> Cond:
+        idx = torch.randint(len(next(iter(self.cond_bank.values()))), (n,))
+        return {k: v[idx].to(self.device) for k, v in self.cond_bank.items()}
 
     def real_batch(self, n: int) -> tuple[Tensor, Cond]:
         ds = self.data
@@ -98,6 +110,8 @@ class Context:
             if ds.labels is None:
                 raise ValueError(f"the teacher is class-conditional but dataset {ds.name!r} has no labels")
             cond = {"labels": ds.labels[idx].to(self.device)}
+        elif self.cond_bank is not None:  # uncaptioned images: paired with random prompts
+            cond = self._bank_rows(n)
         return x, cond
 
     def student_x0(self, n: int, grad: bool = True) -> tuple[Tensor, Cond, float]:
@@ -144,6 +158,8 @@ def frozen_copy(den: Denoiser, trainable: bool = True) -> Denoiser:
     import copy
 
     out = copy.deepcopy(den)
+    if trainable and hasattr(out.backbone, "make_trainable"):  # e.g. float32 + LoRA for a bf16 pipeline teacher
+        out.backbone.make_trainable()
     out.requires_grad_(trainable)
     return out
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
@@ -34,6 +34,35 @@ class PairsConfig:
 
 
 @dataclass
+class LoraSpec:
+    """peft LoRA on a trainable copy; ``rank = 0`` trains the full network."""
+
+    rank: int = 0
+    alpha: float = 0.0  # 0: alpha = rank
+    targets: list[str] = field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"])
+
+    def spec(self) -> dict | None:
+        if self.rank <= 0:
+            return None
+        return {"rank": self.rank, "alpha": self.alpha or float(self.rank), "targets": list(self.targets)}
+
+
+@dataclass
+class RealModelConfig:
+    """Diffusers pipeline teachers (``--teacher`` a folder with model_index.json); see docs/real-models.md."""
+
+    prompts: str | None = None  # one prompt a line, encoded once into RUN/prompts.safetensors
+    resolution: int | None = None  # pixels; default: the model's native size
+    teacher_dtype: Literal["bfloat16", "float32"] = "bfloat16"
+    guidance: float | None = None  # the real score's CFG; None: 7.5 (UNets), 7.0 (SD3), 1.0 (Flux)
+    flux_guidance: float = 3.5  # the guidance embedding of guidance-distilled Flux teachers (fixed)
+    student_lora: LoraSpec = field(default_factory=LoraSpec)
+    fake_lora: LoraSpec = field(default_factory=LoraSpec)
+    grad_checkpointing: bool = False
+    vision_encoder: str | None = None  # local transformers folder (DINOv2) for ADP's pixel discriminator
+
+
+@dataclass
 class RunConfig:
     method: Any  # the method's config dataclass (its ``name`` picks the method)
     teacher: str | None = None
@@ -41,6 +70,7 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     student: StudentConfig = field(default_factory=StudentConfig)
     pairs: PairsConfig = field(default_factory=PairsConfig)
+    real: RealModelConfig = field(default_factory=RealModelConfig)
     surrogate_steps: int = 1500  # analytic teachers: steps of the MLP fitted to the exact denoiser (see docs)
 
 
@@ -96,7 +126,7 @@ def backbone_spec(backbone) -> dict:
 def _vector_backbone(dim: int, num_classes: int, arch: dict):
     from ..nets import build_backbone
 
-    return build_backbone("mlp", **{"dim": dim, "hidden": 256, "depth": 4, "num_classes": num_classes, **arch})
+    return build_backbone("mlp", **{"dim": dim, "hidden": 128, "depth": 3, "num_classes": num_classes, **arch})
 
 
 def _image_backbone(shape, num_classes: int, arch: dict):
@@ -192,6 +222,10 @@ def build_run(cfg: RunConfig, run_dir: Path) -> tuple[Context, ModelInfo]:
     dev = device_of(cfg.train.device)
     if not cfg.teacher:
         raise ValueError("--teacher is required (a dmdx model folder or gmm:NAME)")
+    from ..teachers import diffusers as dfs
+
+    if dfs.is_pipeline_folder(cfg.teacher) or dfs.looks_like_hub_id(cfg.teacher):
+        return build_pipeline_run(cfg, Path(run_dir))
     teacher = load_model(cfg.teacher, dev)
     tinfo = teacher.info
     data_name = cfg.data or tinfo.data
@@ -238,3 +272,111 @@ def distill(cfg: RunConfig, out: Path, resume: bool = False) -> Path:
     save_json(to_dict(cfg), out / CONFIG_JSON)
     ctx, info = build_run(cfg, out)
     return Trainer(out, cfg.method, cfg.train, ctx, info).run(resume=resume)
+
+
+# -- diffusers pipeline teachers -------------------------------------------------------------------------------
+def _real_guidance(cfg: RunConfig, default: float) -> float:
+    m = cfg.method
+    sub = getattr(m, "adm", m)  # DMDX: the ADM stage's
+    value = getattr(sub, "real_guidance", None)
+    return default if value is None else value
+
+
+def build_pipeline_run(cfg: RunConfig, run_dir: Path) -> tuple[Context, ModelInfo]:
+    """Teacher, cached prompt embeddings, cached VAE latents, student (maybe LoRA), pairs; checked before training."""
+    import copy
+
+    from ..data import Dataset
+    from ..data.files import load_folder
+    from ..methods.base import Pairs
+    from ..sampling import sample_ode
+    from ..teachers import diffusers as dfs
+
+    rc = cfg.real
+    method = get_method(cfg.method.name)
+    dev = device_of(cfg.train.device)
+    path = dfs.check_folder(cfg.teacher).resolve()
+    comp, family = dfs.denoiser_component(path)
+    shape = dfs.latent_shape(path, rc.resolution)
+    dfs.check_shape(path, shape)
+    if not rc.prompts:
+        raise ValueError("a diffusers teacher needs --prompts FILE (one prompt a line)")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    cond_file = run_dir / "prompts.safetensors"
+    if not cond_file.is_file():
+        bank, null = dfs.encode_prompts(path, dfs.read_prompts(rc.prompts), shape)
+        dfs.save_cond(cond_file, bank, null)
+    bank, _ = dfs.load_cond(cond_file)
+    teacher = dfs.load_teacher(path, dev, rc.teacher_dtype, rc.resolution, str(cond_file.resolve()), rc.guidance,
+                               rc.flux_guidance)
+    tinfo = teacher.info
+    if family == "flux" and teacher.denoiser.backbone.guidance_distilled and _real_guidance(cfg, 1.0) != 1.0:
+        raise ValueError("this Flux teacher is guidance-distilled: it has no real classifier-free guidance; set "
+                         "real_guidance to 1 and choose the guidance embedding with real.flux_guidance")
+    vs = dfs.vae_scale_factor(path)
+    px = (shape[1] * vs, shape[2] * vs)
+    ds = None
+    if cfg.data:
+        lat_file = run_dir / "latents.safetensors"
+        if not lat_file.is_file():
+            from safetensors.torch import save_file
+
+            spec = cfg.data if "@" in cfg.data else f"{cfg.data}@{px[0]}x{px[1]}"
+            _, images, _ = load_folder(spec)
+            if tuple(images.shape[-2:]) != px or images.shape[1] != 3:
+                raise ValueError(f"data {cfg.data!r} has images of shape {list(images.shape[1:])}; the teacher "
+                                 f"works at 3x{px[0]}x{px[1]} pixels (real.resolution)")
+            save_file({"x": dfs.encode_images(path, images)}, str(lat_file))
+        from safetensors.torch import load_file
+
+        ds = Dataset(name=str(cfg.data), kind="image", x=load_file(str(lat_file))["x"])
+        if tuple(ds.shape) != tuple(shape):
+            raise ValueError(f"cached latents {lat_file} have shape {list(ds.shape)}, the teacher {list(shape)}")
+    times = [float(t) for t in cfg.student.times]
+    if not times or any(not 0 < t <= 1 for t in times) or any(a <= b for a, b in zip(times, times[1:])):
+        raise ValueError(f"student.times must be decreasing values in (0, 1], got {times}")
+    sched = teacher.denoiser.schedule
+    if family == "unet":  # integer timesteps, so that the exported scheduler reproduces the student exactly
+        T = sched.num_train_timesteps - 1
+        times = [max(1, round(t * T)) / T for t in times]
+    teacher_net = teacher.denoiser
+    torch.manual_seed(cfg.train.seed)
+    student = copy.deepcopy(teacher_net)
+    student.backbone.make_trainable(lora=rc.student_lora.spec(), grad_checkpointing=rc.grad_checkpointing)
+    student.requires_grad_(True).train()
+    teacher_net.backbone.copy_options = {"lora": rc.fake_lora.spec(), "grad_checkpointing": rc.grad_checkpointing}
+    pairs = None
+    if method.needs_pairs:
+        pairs_file = run_dir / "pairs.safetensors"
+        if not pairs_file.is_file():
+            from safetensors.torch import save_file
+
+            g = torch.Generator().manual_seed(cfg.train.seed)
+            n_bank = len(next(iter(bank.values())))
+            noise = torch.randn((cfg.pairs.n, *shape), generator=g)
+            rows = torch.randint(n_bank, (cfg.pairs.n,), generator=g)
+            outs = []
+            for i in range(0, cfg.pairs.n, 8):
+                c = {k: v[rows[i:i + 8]].to(dev) for k, v in bank.items()}
+
+                def fn(x, t, c_, _g=tinfo.guidance):
+                    return teacher_net(x, t, c_, guidance=_g)
+
+                outs.append(sample_ode(fn, sched, noise[i:i + 8].to(dev), cfg.pairs.steps, c,
+                                       solver=cfg.pairs.solver).cpu())
+            save_file({"noise": noise, "x0": torch.cat(outs).float().contiguous(), "labels": rows}, str(pairs_file))
+        from safetensors.torch import load_file
+
+        p = load_file(str(pairs_file))
+        pairs = Pairs(p["noise"], p["x0"], p["labels"], cond_bank=bank)
+    pixel = None
+    if cfg.method.name in ("adp", "dmdx") and rc.vision_encoder:
+        pixel = dfs.PixelBackbone(path, rc.vision_encoder).to(dev)
+    ctx = Context(teacher=teacher_net, teacher_net=teacher_net, student=student, data=ds, num_classes=0,
+                  shape=tuple(shape), batch_size=cfg.train.batch_size, device=dev, times=times, pairs=pairs,
+                  pixel_backbone=pixel, guidance=tinfo.guidance, cond_bank=bank)
+    info = ModelInfo(kind="student", backbone={"name": tinfo.backbone["name"], "config": dict(student.backbone.config)},
+                     schedule=sched.to_dict(), prediction=teacher_net.prediction, shape=list(shape), data=cfg.data,
+                     guidance=1.0, steps=len(times), times=times,
+                     extra={"method": cfg.method.name, "teacher": str(path), **tinfo.extra})
+    return ctx, info

@@ -1,0 +1,61 @@
+"""Exact Gaussian-mixture teachers: teacher quality vs steps, then one-step students of every method.
+
+    python benchmarks/toy.py --mixture ring8 --iters 3000 --out runs/bench-toy
+writes runs/bench-toy/<mixture>/results.json and prints markdown tables (pasted into benchmarks/RESULTS.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from common import evaluate, sh, table
+
+COLS = ["model", "steps", "nfe", "quality", "modes_covered", "coverage", "weight_error", "max_weight_error", "sw",
+        "ms_per_sample", "train_s"]
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--mixture", default="ring8")
+    ap.add_argument("--iters", type=int, default=3000)
+    ap.add_argument("--n", type=int, default=5000)
+    ap.add_argument("--batch", type=int, default=256)
+    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--out", default="runs/bench-toy")
+    ap.add_argument("--only", nargs="*", help="subset of the runs below")
+    args = ap.parse_args()
+    out = Path(args.out) / args.mixture
+    out.mkdir(parents=True, exist_ok=True)
+    teacher = f"gmm:{args.mixture}"
+    rows = []
+    for k in (1, 2, 4, 8, 16, 50):
+        r = evaluate(teacher, k, args.n, out / f"teacher_{k}.json")
+        rows.append({"model": "exact teacher (heun)", **r})
+    common = ["--steps", str(args.iters), "--quiet", "--set", f"train.batch_size={args.batch}",
+              "--set", f"train.lr={args.lr}", "--set", "train.sample_every=0", "--set", "train.ckpt_every=100000"]
+    runs = {
+        "dmd2": ["--method", "dmd2"],
+        "dmd2-critic1": ["--method", "dmd2", "--set", "method.critic_every=1"],
+        "dmd2-nogan": ["--method", "dmd2", "--set", "method.gan=false"],
+        "dmd": ["--method", "dmd"],
+        "adm": ["--method", "adm"],
+        "dmdx": ["--method", "dmdx"],
+    }
+    for name, argv in runs.items():
+        if args.only and name not in args.only:
+            continue
+        run_dir = out / name
+        if not (run_dir / "model.json").is_file():
+            secs = sh(["distill", *argv, "--teacher", teacher, "--out", str(run_dir), *common])
+            (run_dir / "train_seconds.txt").write_text(f"{secs:.1f}\n")
+        secs = float((run_dir / "train_seconds.txt").read_text())
+        r = evaluate(str(run_dir), 1, args.n, out / f"{name}.json")
+        rows.append({"model": f"{name} student", "train_s": secs, **r})
+    (out / "results.json").write_text(json.dumps(rows, indent=2))
+    print(table(rows, COLS))
+
+
+if __name__ == "__main__":
+    main()
