@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 # The shipped digits teacher was made by (see docs/demo.md):
-#   dmdx teacher train --data digits --out dmdx/assets/teacher_digits --steps 6000
+#   dmdx teacher train --data digits --out teacher_digits --steps 3000   (then copy model.json + model.safetensors)
 SHIPPED = {"digits": "teacher_digits"}
 
 
@@ -24,12 +24,13 @@ class DemoBudget:
     distill_steps: int
     batch_size: int
     pairs: int
+    pair_steps: int = 25
     surrogate_steps: int = 1500
 
 
 BUDGETS = {
-    "full": DemoBudget(teacher_steps=6000, distill_steps=1200, batch_size=128, pairs=4000),
-    "small": DemoBudget(teacher_steps=60, distill_steps=8, batch_size=16, pairs=64),
+    "full": DemoBudget(teacher_steps=3000, distill_steps=1000, batch_size=64, pairs=2000),
+    "small": DemoBudget(teacher_steps=60, distill_steps=8, batch_size=16, pairs=64, pair_steps=4),
 }
 
 
@@ -95,6 +96,7 @@ def run_demo(data: str = "digits", method: str = "dmdx", out: Path = Path("dmdx-
         cfg.train.ckpt_every = max(cfg.train.steps // 4, 1)
         cfg.train.sample_every = 0
         cfg.pairs.n = budget.pairs
+        cfg.pairs.steps = budget.pair_steps
         cfg.surrogate_steps = budget.surrogate_steps
     cfg.train.progress = progress
     done = (run_dir / "model.json").is_file() and _finished(run_dir, cfg.train.steps)

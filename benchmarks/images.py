@@ -1,0 +1,61 @@
+"""Image teachers (digits, mnist16): teacher quality vs steps, then students of each method vs the teacher.
+
+    python benchmarks/images.py --teacher runs/teacher-digits --iters 1500 --out runs/bench-img
+Prints markdown tables (pasted into benchmarks/RESULTS.md) and writes results.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from common import evaluate, sh, table
+
+COLS = ["model", "steps", "nfe", "fd", "class_acc", "precision", "recall", "ms_per_sample", "train_s"]
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--teacher", required=True)
+    ap.add_argument("--iters", type=int, default=1500)
+    ap.add_argument("--n", type=int, default=2000)
+    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--lr", type=float, default=1e-4)
+    ap.add_argument("--out", default="runs/bench-img")
+    ap.add_argument("--teacher-steps", type=int, nargs="*", default=[1, 2, 4, 8, 16, 50])
+    ap.add_argument("--only", nargs="*")
+    args = ap.parse_args()
+    name = Path(args.teacher).name
+    out = Path(args.out) / name
+    out.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for k in args.teacher_steps:
+        rows.append({"model": "teacher (heun, CFG)", **evaluate(args.teacher, k, args.n, out / f"teacher_{k}.json")})
+    common = ["--steps", str(args.iters), "--quiet", "--set", f"train.batch_size={args.batch}",
+              "--set", f"train.lr={args.lr}", "--set", "train.sample_every=0",
+              "--set", f"train.ckpt_every={max(args.iters // 2, 1)}"]
+    runs = {
+        "dmd2-1step": ["--method", "dmd2"],
+        "dmd2-4step": ["--method", "dmd2", "--set", "student.times=1,0.75,0.5,0.25"],
+        "adm-1step": ["--method", "adm"],
+        "dmdx-1step": ["--method", "dmdx"],
+        "adm-4step": ["--method", "adm", "--set", "student.times=1,0.75,0.5,0.25"],
+    }
+    for run, argv in runs.items():
+        if args.only and run not in args.only:
+            continue
+        run_dir = out / run
+        if not (run_dir / "train_seconds.txt").is_file():
+            secs = sh(["distill", *argv, "--teacher", args.teacher, "--out", str(run_dir), *common,
+                       *(["--resume"] if (run_dir / "config.json").is_file() else [])])
+            (run_dir / "train_seconds.txt").write_text(f"{secs:.1f}\n")
+        secs = float((run_dir / "train_seconds.txt").read_text())
+        steps = 4 if "4step" in run else 1
+        rows.append({"model": run, "train_s": secs, **evaluate(str(run_dir), steps, args.n, out / f"{run}.json")})
+    (out / "results.json").write_text(json.dumps(rows, indent=2))
+    print(table(rows, COLS))
+
+
+if __name__ == "__main__":
+    main()
