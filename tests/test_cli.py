@@ -83,6 +83,11 @@ def test_distill_dry_run_eval_and_errors(tmp_path, capsys):
     assert json.loads((out / "config.json").read_text())["method"]["name"] == "dmd2"
     code, text, _ = run(capsys, "eval", "--model", out, "--n", 64)
     assert code == 0 and "student" in text
+    # --resume reads the run's own config.json; --steps extends it
+    code, _, err = run(capsys, "distill", "--method", "dmd2", "--out", out, "--resume", "--steps", 5, "--quiet")
+    assert code == 0, err
+    rows = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert rows[-1]["step"] == 5 and json.loads((out / "config.json").read_text())["train"]["steps"] == 5
 
 
 def test_pairs_are_resumable(tmp_path, capsys):

@@ -18,6 +18,9 @@ class TrainConfig:
     steps: int = 2000
     batch_size: int = 64
     lr: float = 1e-4
+    # per-network learning-rate multipliers by network name (student, fake_score, gan_head, disc_heads,
+    # latent_heads, pixel_heads), e.g. --set 'train.lr_scale={"disc_heads": 10}'
+    lr_scale: dict = field(default_factory=dict)
     betas: tuple[float, float] = (0.9, 0.999)
     weight_decay: float = 0.01
     warmup: int = 0

@@ -67,12 +67,15 @@ class Trainer:
         method = cls(mcfg, self.ctx)
         trainables = {"student": self.student, **method.networks()}
         tc = self.tc
-        optims = {name: torch.optim.AdamW(net.parameters(), lr=tc.lr, betas=tuple(tc.betas),
+        optims = {name: torch.optim.AdamW(net.parameters(), lr=self.base_lr(name), betas=tuple(tc.betas),
                                           weight_decay=tc.weight_decay)
                   for name, net in trainables.items()}
         for name in trainables:
             self.updates[name] = 0
         return Stage(index, method, trainables, optims, self.starts[index])
+
+    def base_lr(self, name: str) -> float:
+        return self.tc.lr * float(self.tc.lr_scale.get(name, 1.0))
 
     def ckpt_nets(self, stage: Stage) -> dict[str, nn.Module]:
         return {**stage.trainables, "ema": self.ema}
@@ -103,7 +106,7 @@ class Trainer:
                 logs[f"grad/{name}"] = float(torch.nn.utils.clip_grad_norm_(params, tc.grad_clip))
             n = self.updates[name]
             for group in stage.optims[name].param_groups:
-                group["lr"] = tc.lr * (min(1.0, (n + 1) / tc.warmup) if tc.warmup > 0 else 1.0)
+                group["lr"] = self.base_lr(name) * (min(1.0, (n + 1) / tc.warmup) if tc.warmup > 0 else 1.0)
             stage.optims[name].step()
             self.updates[name] = n + 1
             if name == "student":

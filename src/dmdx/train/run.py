@@ -98,7 +98,7 @@ def run_config_from_dict(d: dict) -> RunConfig:
     if not isinstance(m, dict) or "name" not in m:
         raise ValueError("config needs method.name")
     cls = get_method(m["name"]).Config
-    cfg = from_dict(RunConfig, d)
+    cfg = from_dict(RunConfig, {**d, "method": None})
     cfg.method = from_dict(cls, m, "method")
     return cfg
 
