@@ -25,16 +25,22 @@ def main():
     ap.add_argument("--out", default="runs/bench-img")
     ap.add_argument("--teacher-steps", type=int, nargs="*", default=[1, 2, 4, 8, 16, 50])
     ap.add_argument("--only", nargs="*")
+    ap.add_argument("--snapshot-every", type=int, default=0,
+                    help="save EMA snapshots during training and report FD against training time")
+    ap.add_argument("--method-set", nargs="*", default=[], help="extra --set k=v for every distillation run")
     args = ap.parse_args()
     name = Path(args.teacher).name
     out = Path(args.out) / name
     out.mkdir(parents=True, exist_ok=True)
-    rows = []
+    rows, curves = [], {}
     for k in args.teacher_steps:
         rows.append({"model": "teacher (heun, CFG)", **evaluate(args.teacher, k, args.n, out / f"teacher_{k}.json")})
     common = ["--steps", str(args.iters), "--quiet", "--set", f"train.batch_size={args.batch}",
               "--set", f"train.lr={args.lr}", "--set", "train.sample_every=0",
-              "--set", f"train.ckpt_every={max(args.iters // 2, 1)}"]
+              "--set", f"train.ckpt_every={max(args.iters // 2, 1)}",
+              "--set", f"train.snapshot_every={args.snapshot_every}"]
+    for kv in args.method_set:
+        common += ["--set", kv]
     runs = {
         "dmd2-1step": ["--method", "dmd2"],
         "dmd2-4step": ["--method", "dmd2", "--set", "student.times=1,0.75,0.5,0.25"],
@@ -53,8 +59,34 @@ def main():
         secs = float((run_dir / "train_seconds.txt").read_text())
         steps = 4 if "4step" in run else 1
         rows.append({"model": run, "train_s": secs, **evaluate(str(run_dir), steps, args.n, out / f"{run}.json")})
-    (out / "results.json").write_text(json.dumps(rows, indent=2))
+        curves[run] = curve(run_dir, steps, args.n)
+    (out / "results.json").write_text(json.dumps({"rows": rows, "curves": curves}, indent=2))
     print(table(rows, COLS))
+    target = next((r["fd"] for r in rows if r["model"].startswith("teacher") and r["steps"] == 50), None)
+    for run, pts in curves.items():
+        if not pts:
+            continue
+        print(f"\n{run}: FD during training (EMA snapshots; seconds are training wall-clock from log.jsonl)")
+        print(table(pts, ["step", "seconds", "fd", "class_acc", "recall"]))
+        hit = next((p for p in pts if target is not None and p["fd"] <= target), None)
+        print(f"teacher 50-step FD {target}: " + (f"reached at step {hit['step']} after {hit['seconds']:.0f} s"
+                                                   if hit else "not reached"))
+
+
+def curve(run_dir: Path, steps: int, n: int) -> list[dict]:
+    """FD of each EMA snapshot, with the training time at that step (from log.jsonl)."""
+    times = {}
+    log = run_dir / "log.jsonl"
+    if log.is_file():
+        for line in log.read_text().splitlines():
+            row = json.loads(line)
+            times[row["step"]] = row.get("time")
+    pts = []
+    for snap in sorted((run_dir / "snapshots").glob("step_*")):
+        step = int(snap.name.split("_")[1])
+        r = evaluate(str(snap), steps, n, snap / "metrics.json")
+        pts.append({"step": step, "seconds": times.get(step), **r})
+    return pts
 
 
 if __name__ == "__main__":

@@ -87,3 +87,13 @@ def test_logs_are_namespaced(tmp_path):
     rows = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
     keys = set().union(*rows)
     assert {"loss/dm", "loss/fake_dsm", "loss/gan_g", "loss/gan_d", "grad/student", "grad/fake_score"} <= keys
+
+
+def test_ema_warmup_decay():
+    from dmdx.train.loop import ema_decay
+
+    assert ema_decay(0.999, 0) == pytest.approx(0.1)
+    assert ema_decay(0.999, 90) == pytest.approx(0.91)
+    assert ema_decay(0.999, 100_000) == 0.999
+    assert ema_decay(0.999, 0, warmup=False) == 0.999
+    assert ema_decay(0.0, 5) == 0.0

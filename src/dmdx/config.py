@@ -27,6 +27,7 @@ class TrainConfig:
     grad_clip: float = 10.0
     grad_accum: int = 1
     ema_decay: float = 0.999
+    ema_warmup: bool = True  # decay min(ema_decay, (1+n)/(10+n)) over the student's n-th update of a stage
     bf16: bool = False
     seed: int = 0
     device: str = "auto"
@@ -34,6 +35,7 @@ class TrainConfig:
     ckpt_every: int = 500
     keep_ckpts: int = 2
     sample_every: int = 500
+    snapshot_every: int = 0  # >0: also save the EMA student as a model folder snapshots/step_XXXXXXX (for curves)
     progress: bool = True
 
 

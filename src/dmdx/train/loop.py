@@ -44,6 +44,17 @@ def update_ema(ema: nn.Module, model: nn.Module, decay: float) -> None:
         be.copy_(bm)
 
 
+def ema_decay(decay: float, n: int, warmup: bool = True) -> float:
+    """The EMA decay for the student's ``n``-th update (0-based) of a stage.
+
+    With ``warmup`` the decay is ``min(decay, (1 + n) / (10 + n))`` (as diffusers' ``EMAModel``): a fixed 0.999 over
+    a few hundred updates would keep most of the initial weights (0.999**200 = 0.82) and hide what was learned.
+    """
+    if decay <= 0:
+        return 0.0
+    return min(decay, (1 + n) / (10 + n)) if warmup else decay
+
+
 class Trainer:
     """Run ``method_cfg`` (a method config dataclass with a ``name``) for ``train.steps`` iterations."""
 
@@ -110,7 +121,7 @@ class Trainer:
             stage.optims[name].step()
             self.updates[name] = n + 1
             if name == "student":
-                update_ema(self.ema, self.student, tc.ema_decay if tc.ema_decay > 0 else 0.0)
+                update_ema(self.ema, self.student, ema_decay(tc.ema_decay, n, tc.ema_warmup))
         return logs
 
     # -- outputs ---------------------------------------------------------------------------------------------
@@ -209,6 +220,8 @@ class Trainer:
                     pbar.update(1)
                 if step % tc.ckpt_every == 0 or step == tc.steps:
                     self.checkpoint(stage, step)
+                if tc.snapshot_every > 0 and step % tc.snapshot_every == 0:
+                    save_model(self.run_dir / "snapshots" / f"step_{step:07d}", self.ema, self.export_info)
                 if tc.sample_every > 0 and (step % tc.sample_every == 0 or step == tc.steps):
                     self.save_sample_grid(step, grid_noise, grid_cond)
         finally:
@@ -235,4 +248,4 @@ def _tensorboard(path: Path):
     return SummaryWriter(str(path))
 
 
-__all__ = ["Trainer", "NonFiniteLossError", "update_ema"]
+__all__ = ["Trainer", "NonFiniteLossError", "update_ema", "ema_decay"]
