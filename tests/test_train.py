@@ -97,3 +97,16 @@ def test_ema_warmup_decay():
     assert ema_decay(0.999, 100_000) == 0.999
     assert ema_decay(0.999, 0, warmup=False) == 0.999
     assert ema_decay(0.0, 5) == 0.0
+
+
+def test_snapshots_are_loadable_ema_students(tmp_path):
+    from dmdx.models import load_model
+
+    cfg = tiny_config("dmd2", steps=4, snapshot_every=2)
+    tr = make_trainer(cfg, tmp_path)
+    tr.run()
+    snaps = sorted(p.name for p in (tmp_path / "snapshots").iterdir())
+    assert snaps == ["step_0000002", "step_0000004"]
+    last = load_model(str(tmp_path / "snapshots" / "step_0000004"))
+    for k, v in last.denoiser.state_dict().items():
+        assert torch.equal(v, tr.ema.state_dict()[k]), k
