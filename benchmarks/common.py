@@ -26,6 +26,8 @@ def table(rows: list[dict], cols: list[str]) -> str:
     def fmt(v):
         if isinstance(v, float):
             return f"{v:.3f}" if abs(v) < 1000 else f"{v:.0f}"
+        if isinstance(v, list):
+            return " ".join(f"{x:.2f}" for x in v)
         return "" if v is None else str(v)
 
     head = "| " + " | ".join(cols) + " |\n|" + "---|" * len(cols) + "\n"

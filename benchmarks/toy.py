@@ -12,7 +12,7 @@ from pathlib import Path
 
 from common import evaluate, sh, table
 
-COLS = ["model", "steps", "nfe", "quality", "modes_covered", "coverage", "weight_error", "max_weight_error", "sw",
+COLS = ["model", "steps", "nfe", "quality", "modes_covered", "weight_error", "mode_weights", "sw",
         "ms_per_sample", "train_s"]
 
 
@@ -32,7 +32,7 @@ def main():
     rows = []
     for k in (1, 2, 4, 8, 16, 50):
         r = evaluate(teacher, k, args.n, out / f"teacher_{k}.json")
-        rows.append({"model": "exact teacher (heun)", **r})
+        rows.append({**r, "model": "exact teacher (heun)"})
     common = ["--steps", str(args.iters), "--quiet", "--set", f"train.batch_size={args.batch}",
               "--set", f"train.lr={args.lr}", "--set", "train.sample_every=0", "--set", "train.ckpt_every=100000"]
     runs = {
@@ -40,6 +40,7 @@ def main():
         "dmd2-critic1": ["--method", "dmd2", "--set", "method.critic_every=1"],
         "dmd2-nogan": ["--method", "dmd2", "--set", "method.gan=false"],
         "dmd": ["--method", "dmd"],
+        "dmd-critic5": ["--method", "dmd", "--set", "method.critic_every=5"],
         "adm": ["--method", "adm"],
         "dmdx": ["--method", "dmdx"],
     }
@@ -52,7 +53,7 @@ def main():
             (run_dir / "train_seconds.txt").write_text(f"{secs:.1f}\n")
         secs = float((run_dir / "train_seconds.txt").read_text())
         r = evaluate(str(run_dir), 1, args.n, out / f"{name}.json")
-        rows.append({"model": f"{name} student", "train_s": secs, **r})
+        rows.append({**r, "model": f"{name} student", "train_s": secs})
     (out / "results.json").write_text(json.dumps(rows, indent=2))
     print(table(rows, COLS))
 
