@@ -37,6 +37,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--teacher", help="use this teacher folder instead of the shipped / freshly trained one")
     p.add_argument("--n", type=int, default=1000, help="samples per evaluation row")
     p.add_argument("--small", action="store_true", help="a much smaller setting (used by the test suite)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a field of the distillation config (as for 'dmdx distill')")
     p.add_argument("--quiet", action="store_true")
 
     p = sub.add_parser("data", help="built-in and user datasets")
@@ -265,7 +267,7 @@ def cmd_demo(args) -> int:
     from .demo import run_demo
 
     run_demo(data=args.data, method=args.method, out=Path(args.out), steps=args.steps, teacher=args.teacher,
-             n=args.n, small=args.small, progress=not args.quiet)
+             n=args.n, small=args.small, progress=not args.quiet, overrides=args.overrides)
     return 0
 
 

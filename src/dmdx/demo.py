@@ -34,6 +34,18 @@ BUDGETS = {
 }
 
 
+# Small-scale settings of the GAN-based methods, found on digits (benchmarks/RESULTS.md, "DMDX on digits"). At the
+# paper's defaults the discriminators stay at chance on this budget, and Adam turns their uninformative gradients
+# into full-size student steps: the student drifts to noise (FD 40+). A slower student, faster fresh heads, latent-D
+# times in [0, 0.5] and a larger ADM step keep it stable. ``dmdx demo --set k=v`` overrides any of them.
+_GAN_SETS = ['train.lr_scale={"student": 0.2, "disc_heads": 10, "latent_heads": 10, "pixel_heads": 10}']
+DEMO_SETS = {
+    "dmdx": _GAN_SETS + ["method.adp.d_t_max=0.5", "method.adm.dt=0.25"],
+    "adp": _GAN_SETS + ["method.d_t_max=0.5"],
+    "adm": _GAN_SETS + ["method.dt=0.25"],
+}
+
+
 def shipped_teacher(data: str) -> Path | None:
     name = SHIPPED.get(data)
     if name is None:
@@ -71,13 +83,14 @@ def get_teacher(data: str, out: Path, budget: DemoBudget, teacher: str | None, s
 
 
 def run_demo(data: str = "digits", method: str = "dmdx", out: Path = Path("dmdx-demo"), steps: int | None = None,
-             teacher: str | None = None, n: int = 1000, small: bool = False, progress: bool = True) -> dict:
+             teacher: str | None = None, n: int = 1000, small: bool = False, progress: bool = True,
+             overrides: list[str] | None = None) -> dict:
     from .cli import format_table
     from .evaluate import evaluate
     from .models import load_model
     from .train.loop import Trainer
     from .train.run import build_run, default_run_config, load_run_config
-    from .config import save_json, to_dict
+    from .config import apply_overrides, save_json, to_dict
 
     t_start = time.perf_counter()
     out = Path(out)
@@ -98,6 +111,7 @@ def run_demo(data: str = "digits", method: str = "dmdx", out: Path = Path("dmdx-
         cfg.pairs.n = budget.pairs
         cfg.pairs.steps = budget.pair_steps
         cfg.surrogate_steps = budget.surrogate_steps
+        apply_overrides(cfg, DEMO_SETS.get(method, []) + list(overrides or []))
     cfg.train.progress = progress
     done = (run_dir / "model.json").is_file() and _finished(run_dir, cfg.train.steps)
     t0 = time.perf_counter()
