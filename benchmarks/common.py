@@ -22,6 +22,11 @@ def evaluate(model: str, steps: int, n: int, out_json: Path, extra: list[str] | 
     return json.loads(out_json.read_text())
 
 
+def evaluate_cached(model: str, steps: int, n: int, out_json: Path) -> dict:
+    """``evaluate`` for models that do not change (a teacher, a saved snapshot): reuse ``out_json`` when present."""
+    return json.loads(out_json.read_text()) if out_json.is_file() else evaluate(model, steps, n, out_json)
+
+
 def table(rows: list[dict], cols: list[str]) -> str:
     def fmt(v):
         if isinstance(v, float):

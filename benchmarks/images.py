@@ -10,7 +10,7 @@ import argparse
 import json
 from pathlib import Path
 
-from common import evaluate, sh, table
+from common import evaluate, evaluate_cached, sh, table
 
 COLS = ["model", "steps", "nfe", "fd", "class_acc", "precision", "recall", "ms_per_sample", "train_s"]
 
@@ -34,8 +34,7 @@ def main():
     out.mkdir(parents=True, exist_ok=True)
     rows, curves = [], {}
     for k in args.teacher_steps:
-        cached = out / f"teacher_{k}.json"  # the teacher does not change: reuse its row
-        r = json.loads(cached.read_text()) if cached.is_file() else evaluate(args.teacher, k, args.n, cached)
+        r = evaluate_cached(args.teacher, k, args.n, out / f"teacher_{k}.json")
         rows.append({**r, "model": "teacher (heun, CFG)"})
     common = ["--steps", str(args.iters), "--quiet", "--set", f"train.batch_size={args.batch}",
               "--set", f"train.lr={args.lr}", "--set", "train.sample_every=0",
@@ -86,7 +85,7 @@ def curve(run_dir: Path, steps: int, n: int) -> list[dict]:
     pts = []
     for snap in sorted((run_dir / "snapshots").glob("step_*")):
         step = int(snap.name.split("_")[1])
-        r = evaluate(str(snap), steps, n, snap / "metrics.json")
+        r = evaluate_cached(str(snap), steps, n, snap / "metrics.json")
         pts.append({"step": step, "seconds": times.get(step), **r})
     return pts
 
