@@ -110,3 +110,19 @@ def test_snapshots_are_loadable_ema_students(tmp_path):
     last = load_model(str(tmp_path / "snapshots" / "step_0000004"))
     for k, v in last.denoiser.state_dict().items():
         assert torch.equal(v, tr.ema.state_dict()[k]), k
+
+
+def test_critic_warmup_delays_the_student_only(tmp_path):
+    """ADM's critic_warmup: the critic (fake score + heads) trains from the first iteration, the student from the
+    k-th on; the student's weights stay put until then."""
+    cfg = tiny_config("adm", steps=5, ckpt_every=1)
+    cfg.method.critic_every = 1
+    cfg.method.critic_warmup = 3
+    tr = make_trainer(cfg, tmp_path)
+    student0 = state_of(tr.student)
+    tr.run(stop_after=3)
+    assert all(torch.equal(v, tr.student.state_dict()[k]) for k, v in student0.items())
+    tr.run(resume=True)
+    assert not all(torch.equal(v, tr.student.state_dict()[k]) for k, v in student0.items())
+    rows = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert [("loss/gan_g" in r, "loss/gan_d" in r) for r in rows] == [(False, True)] * 3 + [(True, True)] * 2

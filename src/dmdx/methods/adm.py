@@ -62,6 +62,7 @@ class ADMConfig:
     name: str = "adm"
     real_guidance: float | None = None  # None: the teacher's default CFG scale
     critic_every: int = 1  # the paper found 1:1 enough after ADP
+    critic_warmup: int = 0  # iterations of critic-only updates (fake score + heads) before the student's first
     dt: float = 1 / 64  # ODE step size (T/64 in one description of the paper)
     t_min: float = 0.02  # x_t times; t - dt is clamped at 0
     t_max: float = 0.98
@@ -79,6 +80,8 @@ class ADM(Method):
         super().__init__(cfg, ctx)
         if not 0 < cfg.dt <= 1:
             raise ValueError(f"dt must be in (0, 1], got {cfg.dt}")
+        if cfg.critic_warmup < 0:
+            raise ValueError(f"critic_warmup must be >= 0, got {cfg.critic_warmup}")
         self.fake_score = frozen_copy(ctx.teacher_net)
         self.disc = TeacherDiscriminator(ctx.teacher_net, ctx)
 
@@ -87,7 +90,8 @@ class ADM(Method):
 
     def phases(self):
         return [
-            Phase("student", ("student",), self.student_loss, every=self.cfg.critic_every),
+            Phase("student", ("student",), self.student_loss, every=self.cfg.critic_every,
+                  start=self.cfg.critic_warmup),
             Phase("critic", ("fake_score", "disc_heads"), self.critic_loss),
         ]
 

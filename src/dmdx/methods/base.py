@@ -26,12 +26,17 @@ LossFn = Callable[[], tuple[Tensor, dict[str, float]]]
 
 @dataclass
 class Phase:
-    """One update: ``loss()`` is minimised w.r.t. the networks in ``trains``, on every ``every``-th iteration."""
+    """One update: ``loss()`` is minimised w.r.t. the networks in ``trains``, on every ``every``-th iteration of
+    its stage, from the stage's iteration ``start`` on (a critic warm-up delays the student's phase)."""
 
     name: str
     trains: tuple[str, ...]
     loss: LossFn
     every: int = 1
+    start: int = 0
+
+    def runs_at(self, local_step: int) -> bool:
+        return local_step >= self.start and local_step % self.every == 0
 
 
 @dataclass

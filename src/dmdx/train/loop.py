@@ -199,7 +199,7 @@ class Trainer:
                     stage = self.build_stage(stage.index + 1)
                 local = step - stage.start
                 for phase in stage.method.phases():
-                    if local % phase.every == 0:
+                    if phase.runs_at(local):
                         for k, v in self.run_phase(stage, phase, step).items():
                             acc.setdefault(k, []).append(v)
                 step += 1
