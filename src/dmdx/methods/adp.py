@@ -53,6 +53,7 @@ class ADP(Method):
     name = "adp"
     Config = ADPConfig
     needs_pairs = True
+    uses_pixel_backbone = True
 
     def __init__(self, cfg: ADPConfig, ctx):
         super().__init__(cfg, ctx)

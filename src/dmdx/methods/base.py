@@ -175,6 +175,7 @@ class Method:
     name: ClassVar[str] = "base"
     Config: ClassVar[type]
     needs_pairs: ClassVar[bool] = False
+    uses_pixel_backbone: ClassVar[bool] = False  # ADP's pixel-space discriminator (image data only)
     needs_teacher: ClassVar[bool] = True
 
     def __init__(self, cfg, ctx: Context):

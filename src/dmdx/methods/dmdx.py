@@ -21,6 +21,7 @@ class DMDX(Method):
     name = "dmdx"
     Config = DMDXConfig
     needs_pairs = True
+    uses_pixel_backbone = True
 
     @classmethod
     def stages(cls, cfg: DMDXConfig, steps: int):

@@ -250,10 +250,10 @@ def build_run(cfg: RunConfig, run_dir: Path) -> tuple[Context, ModelInfo]:
         if list(pairs.x0.shape[1:]) != list(tinfo.shape):
             raise ValueError(f"pairs have shape {list(pairs.x0.shape[1:])}, the teacher {tinfo.shape}")
     pixel = None
-    if ds is not None and ds.kind == "image" and cfg.method.name in ("adp", "dmdx"):
+    if ds is not None and ds.kind == "image" and method.uses_pixel_backbone:
         from ..eval import get_pixel_backbone
 
-        pixel = get_pixel_backbone(data_name).to(dev)
+        pixel = get_pixel_backbone(data_name, progress=cfg.train.progress).to(dev)
     ctx = Context(teacher=teacher.denoiser, teacher_net=teacher_net, student=student, data=ds,
                   num_classes=tinfo.num_classes, shape=tuple(tinfo.shape), batch_size=cfg.train.batch_size,
                   device=dev, times=times, pairs=pairs, pixel_backbone=pixel, guidance=tinfo.guidance)
@@ -370,7 +370,7 @@ def build_pipeline_run(cfg: RunConfig, run_dir: Path) -> tuple[Context, ModelInf
         p = load_file(str(pairs_file))
         pairs = Pairs(p["noise"], p["x0"], p["labels"], cond_bank=bank)
     pixel = None
-    if cfg.method.name in ("adp", "dmdx") and rc.vision_encoder:
+    if method.uses_pixel_backbone and rc.vision_encoder:
         pixel = dfs.PixelBackbone(path, rc.vision_encoder).to(dev)
     ctx = Context(teacher=teacher_net, teacher_net=teacher_net, student=student, data=ds, num_classes=0,
                   shape=tuple(shape), batch_size=cfg.train.batch_size, device=dev, times=times, pairs=pairs,
