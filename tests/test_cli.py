@@ -62,6 +62,10 @@ def test_distill_dry_run_eval_and_errors(tmp_path, capsys):
     code, _, err = run(capsys, "distill", "--method", "dmd2", "--teacher", "gmm:unequal", "--out", out,
                        "--set", "method.critic_every=often", "--dry-run")
     assert code == 2 and "integer" in err
+    code, _, err = run(capsys, "distill", "--method", "dmdx", "--teacher", "gmm:unequal", "--out", out,
+                       "--set", 'train.lr_scale={"disc_head": 10}')
+    assert code == 2 and "['disc_head']" in err and "disc_heads" in err and "pixel_heads" in err
+    assert not (out / "config.json").exists()
     code, _, err = run(capsys, "distill", "--method", "dmd2", "--teacher", tmp_path / "nope", "--out", out)
     assert code == 2 and "not found" in err
     code, _, err = run(capsys, "distill", "--method", "dmd2", "--teacher", "gmm:ring9", "--out", out)

@@ -126,3 +126,21 @@ def test_critic_warmup_delays_the_student_only(tmp_path):
     assert not all(torch.equal(v, tr.student.state_dict()[k]) for k, v in student0.items())
     rows = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
     assert [("loss/gan_g" in r, "loss/gan_d" in r) for r in rows] == [(False, True)] * 3 + [(True, True)] * 2
+
+
+@pytest.mark.parametrize("method", ["dmd2", "dmd", "adm", "adp", "dmdx"])
+def test_declared_network_names_cover_the_trained_networks(method, tmp_path):
+    from dmdx.methods import get_method
+
+    cfg = tiny_config(method, steps=1)
+    tr = make_trainer(cfg, tmp_path)
+    declared = {"student"}.union(*(cls.network_names for cls, _, _ in tr.stages))
+    for i in range(len(tr.stages)):
+        assert set(tr.build_stage(i).trainables) <= declared
+    assert get_method(method).network_names or len(tr.stages) > 1
+
+
+def test_unknown_lr_scale_name_is_an_error(tmp_path):
+    cfg = tiny_config("adm", steps=1, lr_scale={"disc_head": 10})
+    with pytest.raises(ValueError, match=r"unknown networks \['disc_head'\].*'disc_heads', 'fake_score', 'student'"):
+        make_trainer(cfg, tmp_path)

@@ -166,7 +166,9 @@ def cmd_distill(args) -> int:
         raise ValueError("--teacher is required (a dmdx model folder or gmm:NAME)")
     if args.dry_run:
         from .models import load_model
+        from .train.loop import check_lr_scale
 
+        check_lr_scale(cfg.method, cfg.train)
         load_model(cfg.teacher)  # validates the teacher path
         print(json.dumps(to_dict(cfg), indent=2))
         return 0

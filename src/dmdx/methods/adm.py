@@ -74,6 +74,7 @@ class ADMConfig:
 
 class ADM(Method):
     name = "adm"
+    network_names = ("fake_score", "disc_heads")
     Config = ADMConfig
 
     def __init__(self, cfg: ADMConfig, ctx):

@@ -51,6 +51,7 @@ def adp_times(n: int, cubic: bool, device) -> Tensor:
 
 class ADP(Method):
     name = "adp"
+    network_names = ("latent_heads", "pixel_heads")
     Config = ADPConfig
     needs_pairs = True
     uses_pixel_backbone = True

@@ -44,6 +44,7 @@ def dm_loss(x: Tensor, x0_real: Tensor, x0_fake: Tensor) -> tuple[Tensor, Tensor
 
 class DMD2(Method):
     name = "dmd2"
+    network_names = ("fake_score", "gan_head")
     Config = DMD2Config
 
     def __init__(self, cfg: DMD2Config, ctx):

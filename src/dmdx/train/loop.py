@@ -55,6 +55,16 @@ def ema_decay(decay: float, n: int, warmup: bool = True) -> float:
     return min(decay, (1 + n) / (10 + n)) if warmup else decay
 
 
+def check_lr_scale(method_cfg, train: TrainConfig) -> None:
+    """``train.lr_scale`` may only name networks the method trains (a typo would otherwise be silently ignored)."""
+    stages = get_method(method_cfg.name).stages(method_cfg, train.steps)
+    known = {"student"}.union(*(cls.network_names for cls, _, _ in stages))
+    unknown = sorted(set(train.lr_scale) - known)
+    if unknown:
+        raise ValueError(f"train.lr_scale names unknown networks {unknown}; method {method_cfg.name!r} trains "
+                         f"{sorted(known)}")
+
+
 class Trainer:
     """Run ``method_cfg`` (a method config dataclass with a ``name``) for ``train.steps`` iterations."""
 
@@ -64,6 +74,7 @@ class Trainer:
         self.ctx = ctx
         self.export_info = export_info
         self.stages = get_method(method_cfg.name).stages(method_cfg, train.steps)
+        check_lr_scale(method_cfg, train)
         self.starts = [0]
         for _, _, n in self.stages[:-1]:
             self.starts.append(self.starts[-1] + n)

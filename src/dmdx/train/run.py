@@ -265,10 +265,11 @@ def build_run(cfg: RunConfig, run_dir: Path) -> tuple[Context, ModelInfo]:
 
 
 def distill(cfg: RunConfig, out: Path, resume: bool = False) -> Path:
-    from .loop import Trainer
+    from .loop import Trainer, check_lr_scale
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    check_lr_scale(cfg.method, cfg.train)  # before the slow set-up
     save_json(to_dict(cfg), out / CONFIG_JSON)
     ctx, info = build_run(cfg, out)
     return Trainer(out, cfg.method, cfg.train, ctx, info).run(resume=resume)
