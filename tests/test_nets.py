@@ -116,6 +116,20 @@ def test_conv_head_sizes():
         assert head(torch.randn(B, c, *hw)).shape == (B,)
 
 
+@pytest.mark.parametrize("c,shape,dims", [(32, (8, 8), 2), (64, (4, 4), 2), (8, (1, 1), 2), (256, (4, 4), 2),
+                                          (8, (2, 8, 8), 3)])
+def test_conv_head_output_depends_on_its_input(c, shape, dims):
+    """Regression: GroupNorm with one or two channels per group on the final 1x1 map made the logit a constant,
+    so the discriminator could not see its input (std across inputs was 4e-7)."""
+    torch.manual_seed(0)
+    head = ConvHead(c, shape, dims=dims)
+    x = torch.randn(16, c, *shape, requires_grad=True)
+    y = head(x)
+    assert y.std() > 1e-2
+    (g,) = torch.autograd.grad(y.sum(), x)
+    assert (g.flatten(1).norm(dim=1) > 1e-3).all()
+
+
 def test_conv_head_3d():
     torch.manual_seed(0)
     head = ConvHead(8, (2, 8, 8), dims=3)

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from ..denoiser import FeatureTap
-from .unet import group_norm
+from .unet import num_groups
 
 Tensor = torch.Tensor
 
@@ -28,13 +28,17 @@ class ConvHead(nn.Module):
         assert len(spatial) == dims, f"spatial {spatial} does not match dims={dims}"
         conv = nn.Conv2d if dims == 2 else nn.Conv3d
         pool = nn.AdaptiveAvgPool2d if dims == 2 else nn.AdaptiveAvgPool3d
-        hidden = hidden or in_channels
+        hidden = hidden or max(in_channels, 16)
+        # GroupNorm on the last, 1x1 map normalises each group over its channels alone: with one or two channels
+        # per group (32 groups of a 32- or 64-channel map) the output is constant and the head is blind to its
+        # input.  At least 16 channels per group (DMD2's 1280-channel head: 32 groups of 40) keeps it informative.
+        groups = num_groups(hidden, max_groups=max(1, min(32, hidden // 16)))
         layers: list[nn.Module] = []
         ch = in_channels
         while max(spatial) > 1:
             # k4 s2 p1 maps n >= 2 to floor(n / 2); axes already at 1 (e.g. a short time axis) get a k1 s1 p0 conv.
             k, s, p = zip(*[(4, 2, 1) if n > 1 else (1, 1, 0) for n in spatial])
-            layers += [conv(ch, hidden, k, stride=s, padding=p), group_norm(hidden), nn.SiLU()]
+            layers += [conv(ch, hidden, k, stride=s, padding=p), nn.GroupNorm(groups, hidden), nn.SiLU()]
             ch = hidden
             spatial = [n // 2 if n > 1 else 1 for n in spatial]
         layers += [pool(1), conv(ch, 1, 1)]
