@@ -175,8 +175,8 @@ class Method:
     name: ClassVar[str] = "base"
     Config: ClassVar[type]
     needs_pairs: ClassVar[bool] = False
-    uses_pixel_backbone: ClassVar[bool] = False
-    network_names: ClassVar[tuple[str, ...]] = ()  # every name ``networks()`` may return (checked by a test)  # ADP's pixel-space discriminator (image data only)
+    uses_pixel_backbone: ClassVar[bool] = False  # ADP's pixel-space discriminator (image data only)
+    network_names: ClassVar[tuple[str, ...]] = ()  # every name ``networks()`` may return (checked by a test)
     needs_teacher: ClassVar[bool] = True
 
     def __init__(self, cfg, ctx: Context):

@@ -55,10 +55,15 @@ def ema_decay(decay: float, n: int, warmup: bool = True) -> float:
     return min(decay, (1 + n) / (10 + n)) if warmup else decay
 
 
+def trained_network_names(method_cfg, steps: int) -> set[str]:
+    """Every network name a run of ``method_cfg`` trains, over all its stages."""
+    stages = get_method(method_cfg.name).stages(method_cfg, steps)
+    return {"student"}.union(*(cls.network_names for cls, _, _ in stages))
+
+
 def check_lr_scale(method_cfg, train: TrainConfig) -> None:
     """``train.lr_scale`` may only name networks the method trains (a typo would otherwise be silently ignored)."""
-    stages = get_method(method_cfg.name).stages(method_cfg, train.steps)
-    known = {"student"}.union(*(cls.network_names for cls, _, _ in stages))
+    known = trained_network_names(method_cfg, train.steps)
     unknown = sorted(set(train.lr_scale) - known)
     if unknown:
         raise ValueError(f"train.lr_scale names unknown networks {unknown}; method {method_cfg.name!r} trains "
@@ -74,7 +79,6 @@ class Trainer:
         self.ctx = ctx
         self.export_info = export_info
         self.stages = get_method(method_cfg.name).stages(method_cfg, train.steps)
-        check_lr_scale(method_cfg, train)
         self.starts = [0]
         for _, _, n in self.stages[:-1]:
             self.starts.append(self.starts[-1] + n)

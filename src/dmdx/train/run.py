@@ -218,7 +218,10 @@ def build_run(cfg: RunConfig, run_dir: Path) -> tuple[Context, ModelInfo]:
     from ..data import load_dataset
     from ..pairs import collect_pairs, load_pairs
 
+    from .loop import check_lr_scale
+
     method = get_method(cfg.method.name)
+    check_lr_scale(cfg.method, cfg.train)  # before the slow set-up
     dev = device_of(cfg.train.device)
     if not cfg.teacher:
         raise ValueError("--teacher is required (a dmdx model folder or gmm:NAME)")
@@ -269,7 +272,7 @@ def distill(cfg: RunConfig, out: Path, resume: bool = False) -> Path:
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    check_lr_scale(cfg.method, cfg.train)  # before the slow set-up
+    check_lr_scale(cfg.method, cfg.train)  # before a bad config is written (build_run checks it for other callers)
     save_json(to_dict(cfg), out / CONFIG_JSON)
     ctx, info = build_run(cfg, out)
     return Trainer(out, cfg.method, cfg.train, ctx, info).run(resume=resume)
