@@ -91,8 +91,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # -- commands ---------------------------------------------------------------------------------------------------
-def _load_overrides(cfg, args) -> None:
+def _load_overrides(cfg, args) -> set[str]:
+    """Apply --config, --set, --steps and --quiet to ``cfg``; returns the config keys the user set."""
     from .config import apply_overrides, set_path
+
+    keys: set[str] = set()
 
     if getattr(args, "config", None):
         path = Path(args.config)
@@ -112,13 +115,17 @@ def _load_overrides(cfg, args) -> None:
                     walk(sub, f"{prefix}{k}.", v)
                 else:
                     set_path(cfg, prefix + k, json.dumps(v) if isinstance(v, (list, dict)) else v)
+                    keys.add(prefix + k)
 
         walk(cfg, "", data)
     apply_overrides(cfg, args.overrides)
+    keys.update(item.split("=", 1)[0].strip() for item in args.overrides or [] if "=" in item)
     if args.steps is not None:
         cfg.train.steps = args.steps
+        keys.add("train.steps")
     if getattr(args, "quiet", False):
         cfg.train.progress = False
+    return keys
 
 
 def cmd_teacher_train(args) -> int:
@@ -148,8 +155,11 @@ def cmd_distill(args) -> int:
     from .config import to_dict
     from .train.run import build_run, default_run_config, distill, load_run_config
 
+    from .recipes import apply_recipe, format_settings, teacher_kind
+
     out = Path(args.out)
-    if args.resume and (out / "config.json").is_file():
+    resumed = args.resume and (out / "config.json").is_file()
+    if resumed:
         cfg = load_run_config(out)
         if cfg.method.name != args.method:
             raise ValueError(f"{out} is a {cfg.method.name!r} run; resume it with --method {cfg.method.name}")
@@ -161,9 +171,12 @@ def cmd_distill(args) -> int:
             cfg.pairs.path = args.pairs
         if args.prompts:
             cfg.real.prompts = args.prompts
-    _load_overrides(cfg, args)
+    user_keys = _load_overrides(cfg, args)
     if not cfg.teacher:
         raise ValueError("--teacher is required (a dmdx model folder or gmm:NAME)")
+    if not resumed:  # a resumed run's config.json already holds its resolved values
+        applied = apply_recipe(cfg, user_keys)
+        print(format_settings(teacher_kind(cfg.teacher), cfg.method.name, applied), file=sys.stderr)
     if args.dry_run:
         from .models import load_model
         from .train.loop import check_lr_scale

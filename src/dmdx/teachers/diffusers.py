@@ -81,6 +81,14 @@ def denoiser_component(path: Path) -> tuple[str, str]:
                      f"{', '.join(FAMILIES)}")
 
 
+def pipeline_kind(path: Path) -> str:
+    """The recipe kind of a pipeline folder: ``sd`` (SD1.5/SD2), ``sdxl``, ``sd3`` or ``flux``."""
+    comp, family = denoiser_component(path)
+    if family == "unet":
+        return "sdxl" if _config(path, comp).get("addition_embed_type") == "text_time" else "sd"
+    return family
+
+
 def _config(path: Path, component: str) -> dict:
     f = Path(path) / component / ("scheduler_config.json" if component == "scheduler" else "config.json")
     if not f.is_file():

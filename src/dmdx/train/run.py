@@ -72,6 +72,7 @@ class RunConfig:
     pairs: PairsConfig = field(default_factory=PairsConfig)
     real: RealModelConfig = field(default_factory=RealModelConfig)
     surrogate_steps: int = 1500  # analytic teachers: steps of the MLP fitted to the exact denoiser (see docs)
+    recipe: Literal["auto", "none"] = "auto"  # auto: defaults that fit the teacher's kind (dmdx.recipes); none: off
 
 
 @dataclass
