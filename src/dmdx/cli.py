@@ -19,6 +19,24 @@ def _add_common_train(p: argparse.ArgumentParser) -> None:
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
     p.add_argument("--dry-run", action="store_true", help="validate and print the resolved config, then exit")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--nproc", type=int, metavar="N", help="train on N processes of this machine: re-runs the command "
+                   "under torchrun --standalone --nproc_per_node N (see docs/scaling.md)")
+
+
+def torchrun_command(argv: list[str], nproc: int) -> list[str]:
+    """``argv`` (a dmdx command line) as a one-machine torchrun launch of ``python -m dmdx``, without --nproc."""
+    if nproc < 1:
+        raise ValueError(f"--nproc must be >= 1, got {nproc}")
+    rest, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a == "--nproc":
+            skip = True
+        elif not a.startswith("--nproc="):
+            rest.append(a)
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "-m", "dmdx",
+            *rest]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -287,7 +305,20 @@ def cmd_demo(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
+    if getattr(args, "nproc", None) is not None and not args.dry_run:
+        import os
+        import subprocess
+
+        try:
+            if "TORCHELASTIC_RUN_ID" in os.environ or int(os.environ.get("WORLD_SIZE", "1")) > 1:
+                raise ValueError("--nproc launches torchrun itself; under torchrun, leave it out")
+            cmd = torchrun_command(argv, args.nproc)
+        except ValueError as e:
+            print(f"dmdx {args.cmd}: error: {e}", file=sys.stderr)
+            return 2
+        return subprocess.call(cmd)
     handlers = {"demo": cmd_demo, "distill": cmd_distill, "pairs": cmd_pairs, "sample": cmd_sample,
                 "eval": cmd_eval, "export": cmd_export}
     try:

@@ -13,7 +13,9 @@ from typing import Any, Literal
 
 @dataclass
 class TrainConfig:
-    """What the training loop owns.  ``steps`` counts loop iterations; a phase with ``every=k`` runs on every k-th."""
+    """What the training loop owns.  ``steps`` counts loop iterations; a phase with ``every=k`` runs on every k-th.
+    ``batch_size`` is the global batch of one optimiser update: ``batch_size / (world size x grad_accum)`` samples
+    per rank and micro-step."""
 
     steps: int = 2000
     batch_size: int = 64
@@ -29,6 +31,9 @@ class TrainConfig:
     ema_decay: float = 0.999
     ema_warmup: bool = True  # decay min(ema_decay, (1+n)/(10+n)) over the student's n-th update of a stage
     bf16: bool = False
+    # torch.distributed (docs/scaling.md): none | ddp | fsdp | auto (ddp under torchrun with WORLD_SIZE > 1)
+    parallel: Literal["none", "ddp", "fsdp", "auto"] = "auto"
+    cpu_offload: bool = False  # FSDP2: keep sharded parameters, gradients and optimiser states in CPU memory
     seed: int = 0
     device: str = "auto"
     log_every: int = 10

@@ -77,6 +77,14 @@ class Context:
     pixel_backbone: nn.Module | None = None
     guidance: float = 1.0  # the teacher's default CFG scale, used when a method's real_guidance is None
     cond_bank: dict[str, Tensor] | None = None  # cached prompt embeddings [N, ...] of text-to-image teachers
+    # random choices every process of a distributed run must share (set by the training loop); default: local
+    shared_randint: Callable[[int], int] | None = None
+
+    def randint_shared(self, high: int) -> int:
+        """A random integer in [0, high), the same on every rank of a distributed run."""
+        if self.shared_randint is not None:
+            return self.shared_randint(high)
+        return int(torch.randint(high, ()))
 
     def real_guidance(self, value: float | None) -> float:
         return self.guidance if value is None else value
@@ -122,12 +130,12 @@ class Context:
     def student_x0(self, n: int, grad: bool = True) -> tuple[Tensor, Cond, float]:
         """A student sample for training, with DMD2's backward simulation for multi-step students.
 
-        One index k is drawn per call; the student runs k steps without gradients from fresh noise, the k-th x0
+        One index k is drawn per call (shared by all ranks, as in the reference); the student runs k steps without gradients from fresh noise, the k-th x0
         is re-noised to ``times[k]`` (pure noise for k = 0) and the student's prediction from there is returned
         (with gradients when ``grad``).  Returns (x0, cond, t_k).
         """
         cond = self.cond(n)
-        k = int(torch.randint(len(self.times), ())) if len(self.times) > 1 else 0
+        k = self.randint_shared(len(self.times)) if len(self.times) > 1 else 0
         with torch.no_grad():
             x_in = student_sample(self.student, self.schedule, self.noise(n), self.times, cond, stop_at=k)
         with torch.set_grad_enabled(grad):

@@ -1,9 +1,18 @@
 """Atomic, resumable checkpoints: ``run/checkpoints/step_0000500/`` written as ``.tmp`` then renamed.
 
-Each holds ``nets.safetensors`` (all trainable networks and the EMA, keys prefixed by network name),
-``optim.pt`` (optimiser states and RNG states: tensors and plain containers only, loaded with
-``weights_only=True``) and ``state.json`` (step, stage).  A run killed mid-write leaves a ``.tmp`` folder that is
-ignored; the previous checkpoint stays usable.
+Two formats, told apart by ``state.json``'s ``format``:
+
+- single-process runs (``train.parallel`` none) write ``nets.safetensors`` (all trainable networks and the EMA,
+  keys prefixed by network name), ``optim.pt`` (optimiser states and RNG states: tensors and plain containers
+  only, loaded with ``weights_only=True``) and ``state.json`` (step, stage): the format of every checkpoint
+  written before distributed training existed;
+- distributed runs (ddp, fsdp) write a ``torch.distributed.checkpoint`` (DCP) folder: every rank saves its shards
+  of the networks, the EMA and the optimiser states (``__R_0.distcp`` + ``.metadata``), its own RNG state
+  (``rng_R.pt``), and rank 0 writes ``state.json`` (``"format": "dcp"``, step, stage, update counts, world size).
+
+Either format resumes at any world size (DCP reshards on load; a single-process checkpoint is read whole by every
+rank).  All ranks write into ``step_X.tmp``; rank 0 renames it after a barrier, so a run killed mid-write leaves
+a ``.tmp`` folder that is ignored and the previous checkpoint stays usable.
 """
 
 from __future__ import annotations
@@ -49,11 +58,59 @@ def save_checkpoint(run_dir: Path, step: int, stage: int, nets: dict[str, torch.
     return final
 
 
+def save_dcp_checkpoint(run_dir: Path, step: int, state_dict: dict, meta: dict, world, keep: int = 2) -> Path:
+    """Write a DCP checkpoint collectively (every rank calls this with its own ``state_dict`` shards)."""
+    import torch.distributed.checkpoint as dcp
+
+    root = Path(run_dir) / CKPT_DIR
+    final = root / f"step_{step:07d}"
+    tmp = root / (final.name + ".tmp")
+    if world.main:
+        root.mkdir(parents=True, exist_ok=True)
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir()
+    world.barrier()
+    dcp.save(state_dict, checkpoint_id=str(tmp))
+    rng = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        rng["cuda"] = torch.cuda.get_rng_state()
+    torch.save(rng, tmp / f"rng_{world.rank}.pt")
+    world.barrier()  # every rank's shards and RNG are on disk
+    if world.main:
+        (tmp / "state.json").write_text(json.dumps({"format": "dcp", "step": step, **meta}) + "\n")
+        if final.exists():
+            shutil.rmtree(final)
+        tmp.rename(final)
+        for old in _step_dirs(run_dir)[:-keep] if keep > 0 else []:
+            shutil.rmtree(old, ignore_errors=True)
+    world.barrier()  # nobody reads or writes checkpoints before the rename
+    return final
+
+
+def load_dcp_state(path: Path, state_dict: dict) -> None:
+    """Fill ``state_dict`` (this rank's tensors, any sharding) in place from a DCP checkpoint folder."""
+    import torch.distributed.checkpoint as dcp
+
+    dcp.load(state_dict, checkpoint_id=str(path))
+
+
+def read_rng(path: Path, rank: int) -> dict | None:
+    """The RNG states rank ``rank`` saved in a DCP checkpoint, or None (a rank that did not exist then)."""
+    f = Path(path) / f"rng_{rank}.pt"
+    return torch.load(f, map_location="cpu", weights_only=True) if f.is_file() else None
+
+
 def read_checkpoint(path: Path) -> dict:
-    """Load one checkpoint folder; raises ValueError if it is incomplete or corrupt."""
+    """Load one checkpoint folder; raises ValueError if it is incomplete or corrupt.  A DCP checkpoint is only
+    checked and described (``format: dcp``); its tensors are loaded by the trainer into its own shards."""
     path = Path(path)
     try:
         state = json.loads((path / "state.json").read_text())
+        if state.get("format") == "dcp":
+            if not (path / ".metadata").is_file():
+                raise ValueError("no .metadata")
+            return {**state, "path": path}
         tensors = load_file(str(path / "nets.safetensors"))
         rest = torch.load(path / "optim.pt", map_location="cpu", weights_only=True)
     except Exception as e:  # any read failure means this checkpoint is unusable
@@ -62,7 +119,7 @@ def read_checkpoint(path: Path) -> dict:
     for key, v in tensors.items():
         name, sub = key.split(".", 1)
         nets.setdefault(name, {})[sub] = v
-    return {"step": state["step"], "stage": state["stage"], "nets": nets, "optim": rest["optim"],
+    return {"format": "single", "step": state["step"], "stage": state["stage"], "nets": nets, "optim": rest["optim"],
             "extra": rest["extra"], "path": path}
 
 

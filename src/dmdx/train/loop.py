@@ -1,5 +1,10 @@
 """The training loop shared by every method: optimisers, requires_grad, accumulation, clipping, warm-up, EMA,
-bf16 autocast, checkpoints, logging and sample grids.  It never looks at which method it runs."""
+bf16 autocast, checkpoints, logging and sample grids.  It never looks at which method it runs.
+
+Distributed runs (``train.parallel``, see ``dist.py`` and docs/scaling.md) keep this one loop: the trainable
+networks are replicated or sharded here, gradients averaged (ddp) or reduce-scattered by FSDP2, every rank checks
+that its loss is finite and all stop together, and logs, progress bar, sample grids, snapshots and the exported
+model come from rank 0."""
 
 from __future__ import annotations
 
@@ -19,7 +24,8 @@ from ..methods.base import Context, Method, Phase
 from ..models import ModelInfo, save_model
 from ..sampling import sample_ode, student_sample
 from ..viz import save_samples
-from .checkpoint import latest_checkpoint, save_checkpoint
+from . import dist
+from .checkpoint import latest_checkpoint, load_dcp_state, read_rng, save_checkpoint, save_dcp_checkpoint
 
 
 class NonFiniteLossError(RuntimeError):
@@ -73,25 +79,53 @@ def check_lr_scale(method_cfg, train: TrainConfig) -> None:
 class Trainer:
     """Run ``method_cfg`` (a method config dataclass with a ``name``) for ``train.steps`` iterations."""
 
-    def __init__(self, run_dir: Path, method_cfg, train: TrainConfig, ctx: Context, export_info: ModelInfo):
+    def __init__(self, run_dir: Path, method_cfg, train: TrainConfig, ctx: Context, export_info: ModelInfo,
+                 world: dist.World | None = None):
         self.run_dir = Path(run_dir)
         self.tc = train
         self.ctx = ctx
         self.export_info = export_info
+        self.world = world if world is not None else dist.setup(train.parallel, ctx.device)
+        # train.batch_size is the global batch; methods draw the per-rank micro-batch
+        ctx.batch_size = dist.per_rank_batch(train.batch_size, self.world.size, train.grad_accum)
+        if self.world.size > 1:
+            ctx.shared_randint = self.world.shared_randint
         self.stages = get_method(method_cfg.name).stages(method_cfg, train.steps)
         self.starts = [0]
         for _, _, n in self.stages[:-1]:
             self.starts.append(self.starts[-1] + n)
         self.student = ctx.student
-        self.ema = copy.deepcopy(self.student).requires_grad_(False)
+        self._prepared: set[int] = set()
+        self.world.broadcast_module(self.student)
+        self.ema = copy.deepcopy(self.student).requires_grad_(False)  # frozen copies before wrapping
+        self._plain: nn.Module | None = None  # fsdp: an unsharded CPU copy on rank 0 for sample grids
+        if self.fsdp and self.world.main and train.sample_every > 0:
+            self._plain = copy.deepcopy(self.student).requires_grad_(False).cpu()
+        self.prepare(self.student)
+        self.prepare(self.ema)
         self.updates: dict[str, int] = {}
         self.last_ckpt: Path | None = None
+
+    @property
+    def fsdp(self) -> bool:
+        return self.world.parallel == "fsdp"
+
+    def prepare(self, net: nn.Module) -> None:
+        """Replicate (rank 0's initial weights to every rank) and, for fsdp, shard a trainable network; once."""
+        if id(net) in self._prepared:
+            return
+        self._prepared.add(id(net))
+        self.world.broadcast_module(net)
+        if self.fsdp:
+            dist.shard(net, self.world, self.tc.bf16, self.tc.cpu_offload, self.ctx.device)
 
     # -- stages ----------------------------------------------------------------------------------------------
     def build_stage(self, index: int) -> Stage:
         cls, mcfg, _ = self.stages[index]
         method = cls(mcfg, self.ctx)
         trainables = {"student": self.student, **method.networks()}
+        for net in trainables.values():
+            self.prepare(net)
         tc = self.tc
         optims = {name: torch.optim.AdamW(net.parameters(), lr=self.base_lr(name), betas=tuple(tc.betas),
                                           weight_decay=tc.weight_decay)
@@ -114,11 +148,19 @@ class Trainer:
         for name in phase.trains:
             stage.optims[name].zero_grad(set_to_none=True)
         logs: dict[str, float] = {}
+        world = self.world
         for _ in range(tc.grad_accum):
             with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=tc.bf16):
                 loss, part = phase.loss()
-            if not torch.isfinite(loss):
+            finite = bool(torch.isfinite(loss))
+            bad = world.ranks_where(not finite) if world.size > 1 else []  # every rank agrees before any backward
+            if not finite or bad:
                 where = f"the last good checkpoint is {self.last_ckpt}" if self.last_ckpt else "no checkpoint was written yet"
+                if world.size > 1:  # the same message on every rank
+                    raise NonFiniteLossError(
+                        f"phase {phase.name!r} gave a non-finite loss on rank(s) {bad} of {world.size} at step "
+                        f"{step}; every rank stops ({where}). Try a lower learning rate (--set train.lr=...) or "
+                        "stronger clipping.")
                 raise NonFiniteLossError(
                     f"phase {phase.name!r} gave a non-finite loss ({loss.item()}) at step {step}; stopping ({where}). "
                     f"Terms: {part}. Try a lower learning rate (--set train.lr=...) or stronger clipping.")
@@ -128,8 +170,11 @@ class Trainer:
         for name in phase.trains:
             net = stage.trainables[name]
             params = [p for p in net.parameters() if p.grad is not None]
+            if world.parallel == "ddp":
+                world.average_gradients(params)  # once per phase, after all micro-steps (DDP's no_sync + sync)
             if tc.grad_clip > 0 and params:
-                logs[f"grad/{name}"] = float(torch.nn.utils.clip_grad_norm_(params, tc.grad_clip))
+                norm = torch.nn.utils.clip_grad_norm_(params, tc.grad_clip)
+                logs[f"grad/{name}"] = float(dist.full_tensor(norm))
             n = self.updates[name]
             for group in stage.optims[name].param_groups:
                 group["lr"] = self.base_lr(name) * (min(1.0, (n + 1) / tc.warmup) if tc.warmup > 0 else 1.0)
@@ -140,12 +185,38 @@ class Trainer:
         return logs
 
     # -- outputs ---------------------------------------------------------------------------------------------
-    def export(self) -> None:
-        save_model(self.run_dir, self.ema, self.export_info)
+    def ema_state(self) -> dict | None:
+        """The EMA backbone's full state (gathered from the shards under fsdp, a collective: call it on every
+        rank; rank 0 gets the tensors, the others an empty dict); None when ``self.ema`` is a full copy."""
+        if not self.fsdp:
+            return None
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        return get_model_state_dict(self.ema.backbone, options=StateDictOptions(full_state_dict=True,
+                                                                                cpu_offload=True))
+
+    def export(self, folder: Path | None = None) -> None:
+        """The EMA student as a model folder (``run_dir`` by default), written by rank 0."""
+        state = self.ema_state()
+        if self.world.main:
+            save_model(self.run_dir if folder is None else folder, self.ema, self.export_info, state=state)
+
+    def plain_ema(self) -> nn.Module | None:
+        """On rank 0, an unsharded EMA denoiser for sampling (collective under fsdp); None on other ranks."""
+        state = self.ema_state()
+        if not self.world.main:
+            return None
+        if state is None:
+            return self.ema
+        self._plain.backbone.load_state_dict(state)
+        return self._plain.to(self.ctx.device)
 
     @torch.no_grad()
     def save_sample_grid(self, step: int, noise: torch.Tensor, cond) -> None:
-        info, den = self.export_info, self.ema
+        den = self.plain_ema()
+        if den is None:
+            return
+        info = self.export_info
         if info.kind == "student":
             x = student_sample(den, den.schedule, noise, info.times or [1.0], cond,
                                generator=torch.Generator(device=noise.device).manual_seed(0))
@@ -153,8 +224,14 @@ class Trainer:
             x = sample_ode(lambda a, b, c: den(a, b, c, guidance=info.guidance), den.schedule, noise, 20, cond)
         (self.run_dir / "samples").mkdir(exist_ok=True)
         save_samples(x.cpu(), self.run_dir / "samples" / f"step_{step:07d}.png", title=f"step {step}")
+        if den is self._plain:
+            self._plain.cpu()
 
     def checkpoint(self, stage: Stage, step: int) -> None:
+        if self.world.distributed:
+            self.last_ckpt = self.save_dcp(stage, step)
+            self.export()
+            return
         extra = {"rng": torch.get_rng_state(), "updates": dict(self.updates)}
         if torch.cuda.is_available():
             extra["cuda_rng"] = torch.cuda.get_rng_state_all()
@@ -162,21 +239,87 @@ class Trainer:
                                          keep=self.tc.keep_ckpts)
         self.export()
 
-    def restore(self, ckpt: dict) -> Stage:
-        stage = self.build_stage(ckpt["stage"])
+    # -- distributed checkpoints (DCP) ----------------------------------------------------------------------
+    def _dcp_state(self, stage: Stage, optim_names) -> dict:
+        from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+
+        return {"nets": {name: get_model_state_dict(net) for name, net in self.ckpt_nets(stage).items()},
+                "optim": {name: get_optimizer_state_dict(stage.trainables[name], stage.optims[name])
+                          for name in optim_names}}
+
+    def save_dcp(self, stage: Stage, step: int) -> Path:
+        # an optimiser that never stepped has no state to save (DCP would make one by a zero-learning-rate step)
+        optim_names = sorted(name for name, opt in stage.optims.items() if opt.state)
+        meta = {"stage": stage.index, "nets": sorted(self.ckpt_nets(stage)), "optim": optim_names,
+                "updates": dict(self.updates), "world": self.world.size, "parallel": self.world.parallel}
+        return save_dcp_checkpoint(self.run_dir, step, self._dcp_state(stage, optim_names), meta, self.world,
+                                   keep=self.tc.keep_ckpts)
+
+    def _check_nets(self, ckpt: dict, stage: Stage) -> dict[str, nn.Module]:
         nets = self.ckpt_nets(stage)
         missing = set(nets) - set(ckpt["nets"])
         if missing:
             raise ValueError(f"checkpoint {ckpt['path']} lacks networks {sorted(missing)}: it was written by a "
                              "different method or config")
-        for name, net in nets.items():
-            net.load_state_dict(ckpt["nets"][name])
-        for name, opt in stage.optims.items():
-            opt.load_state_dict(ckpt["optim"][name])
+        return nets
+
+    def _fresh_rng(self, step: int) -> None:
+        """A rank the checkpoint has no RNG state for (resumed at a larger world size) starts a new stream."""
+        torch.manual_seed(self.tc.seed + self.world.rank + 1_000_003 * step)
+
+    def restore_dcp(self, ckpt: dict) -> Stage:
+        from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
+
+        stage = self.build_stage(ckpt["stage"])
+        self._check_nets(ckpt, stage)
+        for net in stage.trainables.values():  # DCP sizes an empty optimiser's state from the parameters' grads
+            net.requires_grad_(True)
+        state = self._dcp_state(stage, ckpt["optim"])
+        load_dcp_state(ckpt["path"], state)
+        for name, net in self.ckpt_nets(stage).items():
+            set_model_state_dict(net, state["nets"][name])
+        for name in ckpt["optim"]:
+            set_optimizer_state_dict(stage.trainables[name], stage.optims[name], state["optim"][name])
+        self.updates.update(ckpt["updates"])
+        rng = read_rng(ckpt["path"], self.world.rank)
+        if rng is None:
+            self._fresh_rng(ckpt["step"])
+        else:
+            torch.set_rng_state(rng["cpu"])
+            if "cuda" in rng and torch.cuda.is_available():
+                torch.cuda.set_rng_state(rng["cuda"])
+        self.last_ckpt = ckpt["path"]
+        return stage
+
+    def restore(self, ckpt: dict) -> Stage:
+        if ckpt.get("format") == "dcp":
+            return self.restore_dcp(ckpt)
+        stage = self.build_stage(ckpt["stage"])
+        nets = self._check_nets(ckpt, stage)
+        if self.fsdp:  # a single-process checkpoint, read whole by every rank and sharded
+            from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
+                                                                 set_optimizer_state_dict)
+
+            full = StateDictOptions(full_state_dict=True)
+            for name, net in nets.items():
+                set_model_state_dict(net, ckpt["nets"][name], options=full)
+            for name, opt in stage.optims.items():
+                net = stage.trainables[name]
+                if ckpt["optim"][name]["state"]:
+                    net.requires_grad_(True)
+                    set_optimizer_state_dict(net, opt, _fqn_optim_state(net, ckpt["optim"][name]), options=full)
+        else:
+            for name, net in nets.items():
+                net.load_state_dict(ckpt["nets"][name])
+            for name, opt in stage.optims.items():
+                opt.load_state_dict(ckpt["optim"][name])
         self.updates.update(ckpt["extra"]["updates"])
-        torch.set_rng_state(ckpt["extra"]["rng"])
-        if "cuda_rng" in ckpt["extra"] and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(ckpt["extra"]["cuda_rng"])
+        if self.world.rank == 0:
+            torch.set_rng_state(ckpt["extra"]["rng"])
+            if "cuda_rng" in ckpt["extra"] and torch.cuda.is_available():
+                torch.cuda.set_rng_state_all(ckpt["extra"]["cuda_rng"])
+        else:
+            self._fresh_rng(ckpt["step"])
         self.last_ckpt = ckpt["path"]
         return stage
 
@@ -184,9 +327,11 @@ class Trainer:
     def run(self, resume: bool = False, stop_after: int | None = None) -> Path:
         """Train to ``train.steps``; ``stop_after`` ends this call early after that many iterations (as a killed
         run would, but after a checkpoint when the step is a checkpoint step)."""
-        tc = self.tc
+        tc, world = self.tc, self.world
         self.run_dir.mkdir(parents=True, exist_ok=True)
         ckpt = latest_checkpoint(self.run_dir)
+        if ckpt is not None and dist.elastic_restart():
+            resume = True  # torchrun restarted the group after a lost rank: continue from the last checkpoint
         if ckpt is not None and not resume:
             raise ValueError(f"{self.run_dir} already holds checkpoints; pass --resume to continue that run or choose "
                              "another --out")
@@ -195,16 +340,18 @@ class Trainer:
         grid_noise = torch.randn((grid_n, *self.ctx.shape), generator=gen).to(self.ctx.device)
         grid_cond = ({"labels": (torch.arange(grid_n) % self.ctx.num_classes).to(self.ctx.device)}
                      if self.ctx.num_classes > 0 else None)
+        log_path = self.run_dir / "log.jsonl"
         if ckpt is not None:
             stage = self.restore(ckpt)
             step = ckpt["step"]
+            if world.main:
+                _trim_log(log_path, step)
         else:
-            torch.manual_seed(tc.seed)
+            torch.manual_seed(tc.seed + world.rank)  # each rank its own noise, labels, prompts
             stage = self.build_stage(0)
             step = 0
-        writer = _tensorboard(self.run_dir / "tb")
-        log_path = self.run_dir / "log.jsonl"
-        pbar = _progress(tc, step)
+        writer = _tensorboard(self.run_dir / "tb") if world.main else None
+        pbar = _progress(tc, step) if world.main else None
         acc: dict[str, list[float]] = {}
         t0 = time.perf_counter()
         end = tc.steps if stop_after is None else min(tc.steps, step + stop_after)
@@ -219,24 +366,25 @@ class Trainer:
                             acc.setdefault(k, []).append(v)
                 step += 1
                 if step % tc.log_every == 0 or step == tc.steps:
-                    row = {"step": step, "stage": stage.method.name,
-                           **{k: sum(v) / len(v) for k, v in acc.items()}, "time": time.perf_counter() - t0}
-                    with log_path.open("a") as f:
-                        f.write(json.dumps(row) + "\n")
-                    if writer is not None:
-                        for k, v in row.items():
-                            if isinstance(v, float) and k != "time":
-                                writer.add_scalar(k, v, step)
-                    if pbar is not None:
-                        pbar.set_postfix({k.split("/")[-1]: f"{v:.4g}" for k, v in row.items()
-                                          if k.startswith("loss/")}, refresh=False)
+                    means = world.mean_floats({k: sum(v) / len(v) for k, v in acc.items()})  # over ranks
                     acc.clear()
+                    if world.main:  # the one place that logs
+                        row = {"step": step, "stage": stage.method.name, **means, "time": time.perf_counter() - t0}
+                        with log_path.open("a") as f:
+                            f.write(json.dumps(row) + "\n")
+                        if writer is not None:
+                            for k, v in row.items():
+                                if isinstance(v, float) and k != "time":
+                                    writer.add_scalar(k, v, step)
+                        if pbar is not None:
+                            pbar.set_postfix({k.split("/")[-1]: f"{v:.4g}" for k, v in row.items()
+                                              if k.startswith("loss/")}, refresh=False)
                 if pbar is not None:
                     pbar.update(1)
                 if step % tc.ckpt_every == 0 or step == tc.steps:
                     self.checkpoint(stage, step)
                 if tc.snapshot_every > 0 and step % tc.snapshot_every == 0:
-                    save_model(self.run_dir / "snapshots" / f"step_{step:07d}", self.ema, self.export_info)
+                    self.export(self.run_dir / "snapshots" / f"step_{step:07d}")
                 if tc.sample_every > 0 and (step % tc.sample_every == 0 or step == tc.steps):
                     self.save_sample_grid(step, grid_noise, grid_cond)
         finally:
@@ -245,6 +393,24 @@ class Trainer:
             if writer is not None:
                 writer.close()
         return self.run_dir
+
+
+def _trim_log(log_path: Path, step: int) -> None:
+    """Drop log rows after the checkpoint a run resumes from (a killed run logged steps it will redo)."""
+    if not log_path.is_file():
+        return
+    rows = log_path.read_text().splitlines()
+    keep = [r for r in rows if r.strip() and json.loads(r).get("step", 0) <= step]
+    if len(keep) != len(rows):
+        log_path.write_text("".join(r + "\n" for r in keep))
+
+
+def _fqn_optim_state(net: nn.Module, osd: dict) -> dict:
+    """A ``torch.optim`` state dict keyed by parameter index (one optimiser over ``net.parameters()``) re-keyed by
+    parameter name, as ``torch.distributed.checkpoint.state_dict`` expects."""
+    names = [n for n, _ in net.named_parameters()]
+    return {"state": {names[i]: v for i, v in osd["state"].items()},
+            "param_groups": [{**g, "params": [names[i] for i in g["params"]]} for g in osd["param_groups"]]}
 
 
 def _progress(tc: TrainConfig, step: int):

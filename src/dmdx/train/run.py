@@ -19,6 +19,7 @@ from ..methods import get_method
 from ..methods.base import Context, frozen_copy
 from ..models import Model, ModelInfo, device_of, load_model, read_info
 from ..schedules import make_schedule
+from . import dist
 
 CONFIG_JSON = "config.json"
 
@@ -161,9 +162,11 @@ def train_teacher(cfg: TeacherConfig, out: Path, resume: bool = False) -> Path:
                      guidance=cfg.guidance if k else 1.0, solver=cfg.solver, steps=cfg.sample_steps)
     ctx = Context(teacher=None, teacher_net=None, student=den, data=ds, num_classes=k, shape=tuple(ds.shape),
                   batch_size=cfg.train.batch_size, device=dev)
+    world = dist.setup(cfg.train.parallel, dev)
     out.mkdir(parents=True, exist_ok=True)
-    save_json(to_dict(cfg), out / CONFIG_JSON)
-    return Trainer(out, cfg.method, cfg.train, ctx, info).run(resume=resume)
+    if world.main:
+        save_json(to_dict(cfg), out / CONFIG_JSON)
+    return Trainer(out, cfg.method, cfg.train, ctx, info, world=world).run(resume=resume)
 
 
 # -- distillation ----------------------------------------------------------------------------------------------
@@ -274,9 +277,12 @@ def distill(cfg: RunConfig, out: Path, resume: bool = False) -> Path:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     check_lr_scale(cfg.method, cfg.train)  # before a bad config is written (build_run checks it for other callers)
-    save_json(to_dict(cfg), out / CONFIG_JSON)
-    ctx, info = build_run(cfg, out)
-    return Trainer(out, cfg.method, cfg.train, ctx, info).run(resume=resume)
+    world = dist.setup(cfg.train.parallel, device_of(cfg.train.device))
+    if world.main:
+        save_json(to_dict(cfg), out / CONFIG_JSON)
+    with dist.rank_zero_first(world):  # rank 0 fills the caches (surrogate, pairs, prompts), the others read them
+        ctx, info = build_run(cfg, out)
+    return Trainer(out, cfg.method, cfg.train, ctx, info, world=world).run(resume=resume)
 
 
 # -- diffusers pipeline teachers -------------------------------------------------------------------------------
