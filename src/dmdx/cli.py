@@ -340,6 +340,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"dmdx {args.cmd}: {e}", file=sys.stderr)
             return 3
         raise
+    finally:
+        from .train import dist
+
+        dist.teardown()  # leave a torch.distributed group (if the command joined one)
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import json
 import time
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -95,14 +96,14 @@ class Trainer:
         for _, _, n in self.stages[:-1]:
             self.starts.append(self.starts[-1] + n)
         self.student = ctx.student
-        self._prepared: set[int] = set()
+        self._prepared: weakref.WeakSet[nn.Module] = weakref.WeakSet()
         self.world.broadcast_module(self.student)
         self.ema = copy.deepcopy(self.student).requires_grad_(False)  # frozen copies before wrapping
         self._plain: nn.Module | None = None  # fsdp: an unsharded CPU copy on rank 0 for sample grids
         if self.fsdp and self.world.main and train.sample_every > 0:
             self._plain = copy.deepcopy(self.student).requires_grad_(False).cpu()
-        self.prepare(self.student)
-        self.prepare(self.ema)
+        self.prepare(self.student, broadcast=False)
+        self.prepare(self.ema, broadcast=False)
         self.updates: dict[str, int] = {}
         self.last_ckpt: Path | None = None
 
@@ -110,12 +111,13 @@ class Trainer:
     def fsdp(self) -> bool:
         return self.world.parallel == "fsdp"
 
-    def prepare(self, net: nn.Module) -> None:
+    def prepare(self, net: nn.Module, broadcast: bool = True) -> None:
         """Replicate (rank 0's initial weights to every rank) and, for fsdp, shard a trainable network; once."""
-        if id(net) in self._prepared:
+        if net in self._prepared:
             return
-        self._prepared.add(id(net))
-        self.world.broadcast_module(net)
+        self._prepared.add(net)
+        if broadcast:
+            self.world.broadcast_module(net)
         if self.fsdp:
             dist.shard(net, self.world, self.tc.bf16, self.tc.cpu_offload, self.ctx.device)
 

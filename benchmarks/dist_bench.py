@@ -1,0 +1,95 @@
+"""Distributed benchmarks on CPU (benchmarks/distributed.md).
+
+``python benchmarks/dist_bench.py speed OUT``: iterations/s of DMD2 and DMDX on digits, 1 process x 2 threads vs
+2 processes x 1 thread (``dmdx distill --nproc 2``), from the runs' log.jsonl (training time only, set-up excluded).
+
+``torchrun --standalone --nproc_per_node 2 benchmarks/dist_bench.py memory OUT``: bytes per rank of the parameters,
+gradients and optimiser states of the student, fake score and teacher under ddp and fsdp (DMD2 on digits, after
+two iterations, measured from the tensors' local shards).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+TEACHER = str(Path(__file__).resolve().parents[1] / "src" / "dmdx" / "assets" / "teacher_digits")
+COMMON = ["--teacher", TEACHER, "--quiet", "--set", "train.sample_every=0", "--set", "train.ckpt_every=100000",
+          "--set", "train.log_every=5", "--set", "pairs.n=256", "--set", "pairs.steps=10", "--set",
+          "train.batch_size=32"]
+
+
+def its_per_s(run: Path) -> float:
+    rows = [json.loads(r) for r in (run / "log.jsonl").read_text().splitlines()]
+    a, b = rows[0], rows[-1]  # from the first logged step on (the first iterations warm up)
+    return (b["step"] - a["step"]) / (b["time"] - a["time"])
+
+
+def speed(out: Path, steps: int = 40) -> None:
+    rows = []
+    for method in ("dmd2", "dmdx"):
+        for label, threads, nproc in (("1 process x 2 threads", "2", None), ("2 processes x 1 thread", "1", 2)):
+            run = out / f"{method}_{nproc or 1}p"
+            cmd = [sys.executable, "-m", "dmdx", "distill", "--method", method, "--out", str(run), "--steps",
+                   str(steps), *COMMON, *([] if nproc is None else ["--nproc", str(nproc)])]
+            if run.exists():
+                import shutil
+
+                shutil.rmtree(run / "checkpoints", ignore_errors=True)
+                (run / "log.jsonl").unlink(missing_ok=True)
+            subprocess.run(cmd, check=True, env={**os.environ, "OMP_NUM_THREADS": threads})
+            rows.append({"method": method, "layout": label, "it/s": its_per_s(run)})
+            print(rows[-1], flush=True)
+    (out / "speed.json").write_text(json.dumps(rows, indent=2) + "\n")
+
+
+def memory(out: Path) -> None:
+    import torch
+
+    from dmdx.train import dist
+    from dmdx.train.loop import Trainer
+    from dmdx.train.run import build_run, default_run_config
+
+    rows = []
+    for mode in ("ddp", "fsdp"):
+        cfg = default_run_config("dmd2")
+        cfg.teacher = TEACHER
+        cfg.train.steps, cfg.train.batch_size, cfg.train.parallel = 2, 32, mode
+        cfg.train.progress, cfg.train.sample_every, cfg.train.ckpt_every = False, 0, 100000
+        run = out / f"mem_{mode}"
+        world = dist.setup(mode, torch.device("cpu"))
+        with dist.rank_zero_first(world):
+            ctx, info = build_run(cfg, run)
+        tr = Trainer(run, cfg.method, cfg.train, ctx, info, world=world)
+        stage = tr.build_stage(0)
+        for step in range(2):
+            for phase in stage.method.phases():
+                if phase.runs_at(step):
+                    tr.run_phase(stage, phase, step)
+        nets = {"student": stage.trainables["student"], "fake_score": stage.trainables["fake_score"],
+                "teacher": ctx.teacher_net}
+        for name, net in nets.items():
+            params = list(net.parameters())
+            opt = stage.optims.get(name)
+            states = [v for s in (opt.state.values() if opt else []) for v in s.values() if torch.is_tensor(v)]
+            rows.append({"mode": mode, "rank": world.rank, "network": name,
+                         "params_MB": dist.local_bytes(params) / 2**20,
+                         "grads_MB": dist.local_bytes([p.grad for p in params]) / 2**20,
+                         "optim_MB": dist.local_bytes(states) / 2**20})
+    every = [None] * world.size
+    torch.distributed.all_gather_object(every, rows)
+    if world.main:
+        flat = [r for rs in every for r in rs]
+        (out / "memory.json").write_text(json.dumps(flat, indent=2) + "\n")
+        for r in flat:
+            print(r)
+    dist.teardown()
+
+
+if __name__ == "__main__":
+    what, out = sys.argv[1], Path(sys.argv[2])
+    out.mkdir(parents=True, exist_ok=True)
+    speed(out) if what == "speed" else memory(out)

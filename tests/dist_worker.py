@@ -1,0 +1,124 @@
+"""One rank of the distributed tests (tests/test_dist.py launches two of these, under torchrun or directly).
+
+``python dist_worker.py main OUT P``: gradients of one DMD2 phase under ddp, a ddp and an fsdp run of the same
+seed, and the resume of the single-process run in P on two ranks.  ``nan OUT`` / ``kill OUT``: the dmdx CLI with a
+NaN injected on rank 1 / rank 1 SIGKILLed after its step-4 checkpoint on the first attempt.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+from pathlib import Path
+
+import torch
+
+from helpers import state_of, tiny_config
+
+
+def trainer(cfg, run_dir):
+    from dmdx.train import dist
+    from dmdx.train.loop import Trainer
+    from dmdx.train.run import build_run
+
+    world = dist.setup(cfg.train.parallel, torch.device("cpu"))
+    with dist.rank_zero_first(world):
+        ctx, info = build_run(cfg, Path(run_dir))
+    return Trainer(Path(run_dir), cfg.method, cfg.train, ctx, info, world=world)
+
+
+def capture_grads(tr, stage, phase, seed: int) -> dict:
+    grads = {}
+    for name in phase.trains:
+        def step(*_, _name=name):
+            net = tr.ckpt_nets(stage)[_name]
+            grads.update({f"{_name}.{k}": p.grad.detach().clone() for k, p in net.named_parameters()
+                          if p.grad is not None})
+        stage.optims[name].step = step
+    torch.manual_seed(seed)
+    tr.run_phase(stage, phase, 0)
+    return grads
+
+
+def full_states(tr) -> dict:
+    """Student and EMA as full tensors (gathered under fsdp), on every rank."""
+    out = {}
+    for name, net in (("student", tr.student), ("ema", tr.ema)):
+        out[name] = {k: (v.full_tensor() if hasattr(v, "full_tensor") else v).detach().clone()
+                     for k, v in net.state_dict().items()}
+    return out
+
+
+def main(out: Path, single_run: Path) -> None:
+    rank = int(os.environ["RANK"])
+    # 1. gradients of each DMD2 phase, averaged over two ranks (rank r draws with seed 100 + r)
+    cfg = tiny_config("dmd2", steps=4, grad_clip=0.0, parallel="ddp")
+    tr = trainer(cfg, out / "grads")
+    torch.manual_seed(cfg.train.seed + rank)
+    stage = tr.build_stage(0)
+    res = {}
+    for phase in stage.method.phases():
+        res[phase.name] = capture_grads(tr, stage, phase, 100 + rank)
+    torch.save(res, out / f"grads_{rank}.pt")
+    # 2. ddp and fsdp runs of one seed at world size 2 (checkpoints at 3 and 6)
+    for mode in ("ddp", "fsdp"):
+        cfg = tiny_config("dmd2", steps=6, ckpt_every=3, parallel=mode)
+        tr = trainer(cfg, out / mode)
+        tr.run()
+        states = full_states(tr)
+        if rank == 0:
+            torch.save(states, out / f"{mode}_final.pt")
+    # 3. a single-process run (old checkpoint format, step 3) resumed on two ranks, sharded
+    cfg = tiny_config("dmd2", steps=6, ckpt_every=3, parallel="fsdp")
+    tr = trainer(cfg, single_run)
+    tr.run(resume=True, stop_after=0)  # restore only
+    states = full_states(tr)
+    if rank == 0:
+        torch.save(states, out / "resumed_1to2_start.pt")
+    tr.run(resume=True)
+    states = full_states(tr)
+    if rank == 0:
+        torch.save(states, out / "resumed_1to2_final.pt")
+
+
+def cli(out: Path, mode: str) -> int:
+    from dmdx import cli as dmdx_cli
+    from dmdx.methods.dmd2 import DMD2
+    from dmdx.train.loop import Trainer
+
+    rank = int(os.environ["RANK"])
+    if os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") != "0":
+        (out.parent / f"{out.name}.restarted_{rank}").touch()
+    if mode == "nan" and rank == 1:
+        orig = DMD2.critic_loss
+        calls = [0]
+
+        def poisoned(self):
+            calls[0] += 1
+            loss, logs = orig(self)
+            return (loss * float("nan"), logs) if calls[0] >= 3 else (loss, logs)
+
+        DMD2.critic_loss = poisoned
+    if mode == "kill" and rank == 1 and os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0":
+        orig_ckpt = Trainer.checkpoint
+
+        def checkpoint(self, stage, step):
+            orig_ckpt(self, stage, step)
+            if step == 4:
+                os.kill(os.getpid(), signal.SIGKILL)
+
+        Trainer.checkpoint = checkpoint
+    args = ["distill", "--method", "dmd2", "--teacher", "gmm:ring8", "--out", str(out), "--quiet",
+            "--steps", "8", "--set", "recipe=none", "--set", "surrogate_steps=20", "--set", "train.batch_size=16",
+            "--set", "train.ckpt_every=2", "--set", "train.sample_every=0", "--set", "train.log_every=1",
+            "--set", "method.critic_every=2"]
+    return dmdx_cli.main(args)
+
+
+if __name__ == "__main__":
+    what, out = sys.argv[1], Path(sys.argv[2])
+    if what == "main":
+        main(out, Path(sys.argv[3]))
+    else:
+        sys.exit(cli(out, what))

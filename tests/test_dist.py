@@ -1,0 +1,216 @@
+"""Distributed training on CPU with gloo, two processes (tests/dist_worker.py is one rank)."""
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from dmdx.train.checkpoint import latest_checkpoint
+
+from helpers import make_trainer, state_of, tiny_config
+
+HERE = Path(__file__).parent
+WORKER = HERE / "dist_worker.py"
+
+
+def _env(**extra) -> dict:
+    src = str(HERE.parent / "src")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([src, str(HERE)]), **extra}
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_RESTART_COUNT"):
+        if k not in extra:
+            env.pop(k, None)
+    return env
+
+
+def _torchrun(*args, restarts: int = 0, timeout: float = 300) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           f"--max-restarts={restarts}", str(WORKER), *map(str, args)]
+    return subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=timeout)
+
+
+def _log_steps(run_dir: Path) -> list[int]:
+    return [json.loads(r)["step"] for r in (run_dir / "log.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def job(tmp_path_factory):
+    """One two-rank job for the gradient, ddp/fsdp and resume tests; a single-process run to step 3 first."""
+    root = tmp_path_factory.mktemp("dist")
+    single = root / "single"
+    cfg = tiny_config("dmd2", steps=6, ckpt_every=3)
+    tr = make_trainer(cfg, single)
+    tr.run(stop_after=3)
+    at3 = {"student": state_of(tr.student), "ema": state_of(tr.ema)}
+    out = root / "out"
+    out.mkdir()
+    p = _torchrun("main", out, single)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-6000:]
+    return {"root": root, "out": out, "single": single, "single_at3": at3}
+
+
+def _reference_grads(tmp_path) -> dict:
+    """Single process, per-rank batch of 8: the gradient of each phase for seeds 100 and 101, averaged; for mean
+    losses this is the gradient on the concatenated batch of 16."""
+    from dist_worker import capture_grads
+
+    cfg = tiny_config("dmd2", steps=4, grad_clip=0.0, batch_size=8)
+    tr = make_trainer(cfg, tmp_path)
+    torch.manual_seed(cfg.train.seed)
+    stage = tr.build_stage(0)
+    out = {}
+    for phase in stage.method.phases():
+        g = [capture_grads(tr, stage, phase, seed) for seed in (100, 101)]
+        out[phase.name] = {k: (g[0][k] + g[1][k]) / 2 for k in g[0]}
+    return out
+
+
+def test_ddp_gradients_equal_the_single_process_gradient_on_the_concatenated_batch(job, tmp_path):
+    g0 = torch.load(job["out"] / "grads_0.pt", weights_only=True)
+    g1 = torch.load(job["out"] / "grads_1.pt", weights_only=True)
+    ref = _reference_grads(tmp_path)
+    assert set(g0) == {"student", "critic"}
+    assert {k.split(".")[0] for k in g0["critic"]} == {"fake_score", "gan_head"}
+    for phase in g0:
+        assert set(g0[phase]) == set(ref[phase]) and ref[phase]
+        for k, v in ref[phase].items():
+            assert torch.equal(g0[phase][k], g1[phase][k]), (phase, k)  # every rank holds the same average
+            assert torch.allclose(g0[phase][k], v, rtol=1e-4, atol=1e-6), (phase, k)
+        nonzero = sum(float(v.abs().sum()) for v in ref[phase].values())
+        assert nonzero > 0
+
+
+def test_fsdp_and_ddp_reach_the_same_weights(job):
+    a = torch.load(job["out"] / "ddp_final.pt", weights_only=True)
+    b = torch.load(job["out"] / "fsdp_final.pt", weights_only=True)
+    init = make_trainer(tiny_config("dmd2"), job["root"] / "init").student.state_dict()
+    moved = 0.0
+    for net in ("student", "ema"):
+        for k, v in a[net].items():
+            assert torch.allclose(v, b[net][k], rtol=1e-4, atol=1e-5), (net, k)
+            moved += float((v - init[k]).abs().sum())
+    assert moved > 0  # the runs trained
+
+
+def test_the_exported_model_is_the_full_ema_from_rank_0(job):
+    from dmdx.models import load_model
+
+    final = torch.load(job["out"] / "fsdp_final.pt", weights_only=True)
+    model = load_model(str(job["out"] / "fsdp"))
+    for k, v in model.denoiser.state_dict().items():
+        assert torch.equal(v, final["ema"][k]), k
+    ck = latest_checkpoint(job["out"] / "fsdp")
+    assert ck["format"] == "dcp" and ck["step"] == 6 and ck["world"] == 2
+    assert sorted(p.name for p in ck["path"].iterdir() if p.name.startswith("rng_")) == ["rng_0.pt", "rng_1.pt"]
+
+
+def test_two_ranks_to_one_restores_exactly_and_continues(job, tmp_path):
+    src = job["out"] / "ddp"
+    final = torch.load(job["out"] / "ddp_final.pt", weights_only=True)
+    cfg = tiny_config("dmd2", steps=6, ckpt_every=3)
+    # the step-6 DCP checkpoint of two ranks, loaded by one process, is the two-rank run's final state
+    whole = tmp_path / "whole"
+    shutil.copytree(src, whole)
+    tr = make_trainer(cfg, whole)
+    assert tr.world.size == 1 and not tr.world.distributed
+    tr.run(resume=True)  # at step 6 already: restores, trains nothing
+    for net in ("student", "ema"):
+        for k, v in state_of(getattr(tr, net)).items():
+            assert torch.equal(v, final[net][k]), (net, k)
+    # from step 3 on one process: the log continues at step 4 and the losses stay where the two-rank run had them
+    part = tmp_path / "part"
+    shutil.copytree(src, part)
+    shutil.rmtree(part / "checkpoints" / "step_0000006")
+    make_trainer(cfg, part).run(resume=True)
+    assert _log_steps(part) == [1, 2, 3, 4, 5, 6]
+    assert latest_checkpoint(part)["format"] == "single"  # one process writes the single-process format
+    rows = [json.loads(r) for r in (part / "log.jsonl").read_text().splitlines()]
+    ref = [json.loads(r) for r in (src / "log.jsonl").read_text().splitlines()]
+    for key in ("loss/fake_dsm", "loss/gan_d"):
+        before = ref[2][key]
+        after = [r[key] for r in rows[3:] if key in r]
+        assert after and all(abs(v - before) < 0.5 * abs(before) for v in after), (key, before, after)
+
+
+def test_one_rank_to_two_restores_exactly_and_continues(job):
+    start = torch.load(job["out"] / "resumed_1to2_start.pt", weights_only=True)
+    for net in ("student", "ema"):
+        for k, v in job["single_at3"][net].items():
+            assert torch.equal(start[net][k], v), (net, k)  # old-format checkpoint sharded over two ranks
+    single = job["single"]
+    assert _log_steps(single) == [1, 2, 3, 4, 5, 6]
+    ck = latest_checkpoint(single)
+    assert ck["format"] == "dcp" and ck["step"] == 6 and ck["parallel"] == "fsdp"
+    end = torch.load(job["out"] / "resumed_1to2_final.pt", weights_only=True)
+    assert not torch.equal(end["student"]["backbone.inp.weight"], start["student"]["backbone.inp.weight"])
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_nan_on_one_rank_stops_every_rank_with_the_same_message(tmp_path):
+    port = str(_free_port())
+    procs = [subprocess.Popen([sys.executable, str(WORKER), "nan", str(tmp_path / "run")], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True,
+                              env=_env(RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
+                                       MASTER_PORT=port))
+             for r in range(2)]
+    t0 = time.monotonic()
+    outs = [p.communicate(timeout=240) for p in procs]
+    wall = time.monotonic() - t0
+    msgs = []
+    for p, (_, err) in zip(procs, outs):
+        assert p.returncode == 3, err[-3000:]
+        line = [ln for ln in err.splitlines() if "non-finite loss" in ln]
+        assert line, err[-3000:]
+        msgs.append(line[-1])
+    assert msgs[0] == msgs[1] and "on rank(s) [1] of 2" in msgs[0]
+    assert wall < 200
+    assert latest_checkpoint(tmp_path / "run")["step"] == 2  # the last good checkpoint stays
+
+
+def test_a_killed_rank_restarts_the_group_and_the_run_finishes(tmp_path):
+    run = tmp_path / "run"
+    p = _torchrun("kill", run, restarts=1)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-6000:]
+    assert (tmp_path / "run.restarted_0").is_file() and (tmp_path / "run.restarted_1").is_file()
+    assert _log_steps(run) == list(range(1, 9))
+    ck = latest_checkpoint(run)
+    assert ck["step"] == 8 and ck["format"] == "dcp"
+    assert (run / "model.json").is_file()
+
+
+def test_nproc_launches_torchrun_without_the_flag():
+    from dmdx.cli import torchrun_command
+
+    cmd = torchrun_command(["distill", "--method", "dmd2", "--nproc", "4", "--out", "r", "--nproc=3"], 4)
+    assert cmd[1:] == ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=4", "-m", "dmdx", "distill",
+                       "--method", "dmd2", "--out", "r"]
+    with pytest.raises(ValueError, match="--nproc"):
+        torchrun_command([], 0)
+    p = subprocess.run([sys.executable, "-m", "dmdx", "distill", "--help"], env=_env(), capture_output=True,
+                       text=True, timeout=120)
+    assert p.returncode == 0 and "--nproc" in p.stdout
+
+
+def test_global_batch_rule():
+    from dmdx.train.dist import per_rank_batch, resolve_parallel
+
+    assert per_rank_batch(64, 4, 2) == 8
+    assert per_rank_batch(64, 1, 1) == 64
+    with pytest.raises(ValueError, match="divisible by world size x grad_accum = 3 x 1"):
+        per_rank_batch(64, 3, 1)
+    assert resolve_parallel("auto", 1) == "none" and resolve_parallel("auto", 8) == "ddp"
+    with pytest.raises(ValueError, match="allowed|one of"):
+        resolve_parallel("zero3", 2)
+    with pytest.raises(ValueError, match="WORLD_SIZE=2"):
+        resolve_parallel("none", 2)
