@@ -20,6 +20,7 @@ from ..models import ModelInfo, save_model
 from ..sampling import sample_ode, student_sample
 from ..viz import save_samples
 from .checkpoint import latest_checkpoint, save_checkpoint
+from .health import Health
 
 
 class NonFiniteLossError(RuntimeError):
@@ -86,6 +87,7 @@ class Trainer:
         self.ema = copy.deepcopy(self.student).requires_grad_(False)
         self.updates: dict[str, int] = {}
         self.last_ckpt: Path | None = None
+        self.health = Health(self.run_dir, train, ctx)
 
     # -- stages ----------------------------------------------------------------------------------------------
     def build_stage(self, index: int) -> Stage:
@@ -221,6 +223,7 @@ class Trainer:
                 if step % tc.log_every == 0 or step == tc.steps:
                     row = {"step": step, "stage": stage.method.name,
                            **{k: sum(v) / len(v) for k, v in acc.items()}, "time": time.perf_counter() - t0}
+                    row.update(self.health(stage.method, step, pbar))
                     with log_path.open("a") as f:
                         f.write(json.dumps(row) + "\n")
                     if writer is not None:
@@ -228,8 +231,8 @@ class Trainer:
                             if isinstance(v, float) and k != "time":
                                 writer.add_scalar(k, v, step)
                     if pbar is not None:
-                        pbar.set_postfix({k.split("/")[-1]: f"{v:.4g}" for k, v in row.items()
-                                          if k.startswith("loss/")}, refresh=False)
+                        pbar.set_postfix({**{k.split("/")[-1]: f"{v:.4g}" for k, v in row.items()
+                                             if k.startswith("loss/")}, **self.health.postfix(row)}, refresh=False)
                     acc.clear()
                 if pbar is not None:
                     pbar.update(1)
