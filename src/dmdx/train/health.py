@@ -499,8 +499,9 @@ def plot_health(rows: list[dict], path: Path, ref: dict | None = None, alarm: fl
         ("diversity / teacher's", [k for k in keys if k.endswith("_ratio")], alarm),
         ("fake-score lag (fake / teacher error)", [k for k in keys if k == "health/fake_lag"], 1.0),
         ("DM gradient norm", [k for k in keys if k == "dm/grad_norm"], None),
-        ("small-sample quality", [k for k in keys if k in ("health/fd", "health/modes_covered",
-                                                           "health/max_weight_error", "health/class_acc")], None),
+        ("modes covered (small sample)", [k for k in keys if k == "health/modes_covered"], None),
+        ("small-sample quality", [k for k in keys if k in ("health/fd", "health/max_weight_error", "health/sw",
+                                                           "health/class_acc")], None),
     ]
     panels = [p for p in panels if p[1]]
     cols = 2 if len(panels) > 1 else 1
@@ -551,7 +552,9 @@ def inspect_run(run_dir: Path) -> tuple[str, bool, Path]:
             ref = json.loads((run_dir / REF_FILE).read_text())
         except json.JSONDecodeError:
             ref = None
-    method = (cfg.get("method") or {}).get("name", "?") if isinstance(cfg.get("method"), dict) else "?"
+    method = (cfg.get("method") or {}).get("name") if isinstance(cfg.get("method"), dict) else None
+    if not method:  # no config.json: the stages named in the log
+        method = " then ".join(dict.fromkeys(str(r.get("stage", "?")) for r in rows))
     lines = [f"run {run_dir}: method {method}, teacher {cfg.get('teacher', '?')}, {len(rows)} log rows to step "
              f"{rows[-1]['step']}" + (f" of {steps_total}" if steps_total else "")]
     if ref is not None:
