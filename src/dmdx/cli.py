@@ -77,6 +77,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompts", help="diffusers teachers: a text file, one prompt a line (real.prompts)")
     _add_common_train(p)
 
+    p = sub.add_parser("inspect", help="summarise a run's training-health signals, say whether it looks healthy, "
+                       "and write RUN/health.png")
+    p.add_argument("run", help="a run folder (the --out of 'dmdx distill' or 'dmdx teacher train')")
+
     p = sub.add_parser("export", help="export a student distilled from a diffusers pipeline")
     p.add_argument("--run", required=True, help="the distillation run folder")
     p.add_argument("--format", default="diffusers", choices=["diffusers", "lora"])
@@ -218,6 +222,14 @@ def cmd_export(args) -> int:
     return 0
 
 
+def cmd_inspect(args) -> int:
+    from .train.health import inspect_run
+
+    text, _, _ = inspect_run(Path(args.run))
+    print(text)
+    return 0
+
+
 def cmd_pairs(args) -> int:
     from .models import load_model
     from .pairs import collect_pairs
@@ -320,7 +332,7 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         return subprocess.call(cmd)
     handlers = {"demo": cmd_demo, "distill": cmd_distill, "pairs": cmd_pairs, "sample": cmd_sample,
-                "eval": cmd_eval, "export": cmd_export}
+                "eval": cmd_eval, "export": cmd_export, "inspect": cmd_inspect}
     try:
         if args.cmd == "teacher":
             return cmd_teacher_train(args)

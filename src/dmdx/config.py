@@ -41,6 +41,11 @@ class TrainConfig:
     keep_ckpts: int = 2
     sample_every: int = 500
     snapshot_every: int = 0  # >0: also save the EMA student as a model folder snapshots/step_XXXXXXX (for curves)
+    # training-health signals (dmdx.train.health; docs/methods.md, "Training health"), computed off the training RNG
+    health_n: int = 64  # student samples for diversity and fake-score lag at each log step (at most 2 batches); 0: off
+    health_every: int = 500  # steps between small-sample quality figures (mixture coverage, FD); 0: off
+    health_quality_n: int = 500  # samples per quality figure
+    health_alarm: float = 0.3  # collapse alarm below this fraction of the teacher's diversity
     progress: bool = True
 
 

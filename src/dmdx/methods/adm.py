@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from ..denoiser import Cond, FeatureTap
 from ..nets.heads import MultiHead
 from ..sampling import ode_step
-from .base import Method, Phase, dsm_loss, frozen_copy, uniform_t
+from .base import Method, Phase, critic_logs, dsm_loss, frozen_copy, uniform_t
 
 Tensor = torch.Tensor
 
@@ -132,4 +132,5 @@ class ADM(Method):
         fake = dsm_loss(self.fake_score, x, cond, cfg.fake_t_min)
         logs = {"loss/gan_d": d.item(), "loss/fake_dsm": fake.item(), "gan/d_real": d_real.mean().item(),
                 "gan/d_fake": d_fake.mean().item()}
+        logs.update(critic_logs(d_real, d_fake, "adm"))
         return cfg.gan_d_weight * d + fake, logs

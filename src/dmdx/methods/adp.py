@@ -14,7 +14,7 @@ import torch
 
 from ..nets.heads import MultiHead
 from .adm import TeacherDiscriminator, hinge_d, hinge_g
-from .base import Method, Phase, uniform_t
+from .base import Method, Phase, critic_logs, uniform_t
 
 Tensor = torch.Tensor
 
@@ -104,11 +104,14 @@ class ADP(Method):
         with torch.no_grad():
             x_hat, x0, cond = self.predict(grad=False)
             (f_t, r_t), t = self.renoise(x_hat, x0)
-        lat = hinge_d(self.latent(r_t, t, cond), self.latent(f_t, t, cond))
-        loss, logs = cfg.latent_weight * lat, {"loss/gan_d_latent": lat.item()}
+        d_real, d_fake = self.latent(r_t, t, cond), self.latent(f_t, t, cond)
+        lat = hinge_d(d_real, d_fake)
+        loss, logs = cfg.latent_weight * lat, {"loss/gan_d_latent": lat.item(), **critic_logs(d_real, d_fake, "latent")}
         if self.pixel is not None:
-            pix = hinge_d(self.pixel(x0), self.pixel(x_hat))
+            p_real, p_fake = self.pixel(x0), self.pixel(x_hat)
+            pix = hinge_d(p_real, p_fake)
             loss = loss + cfg.pixel_weight * pix
             logs["loss/gan_d_pixel"] = pix.item()
+            logs.update(critic_logs(p_real, p_fake, "pixel"))
         logs["loss/gan_d"] = loss.item()
         return loss, logs

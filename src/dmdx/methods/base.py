@@ -157,6 +157,44 @@ def dsm_loss(den: Denoiser, x0: Tensor, cond: Cond, t_min: float = 1e-3, t_max: 
     return F.mse_loss(den.predict(x_t, t, cond), target)
 
 
+def critic_logs(d_real: Tensor, d_fake: Tensor, prefix: str) -> dict[str, float]:
+    """Health signals of a critic from the logits of one update (real high, fake low; the decision threshold is 0).
+
+    ``critic/{prefix}/acc``: balanced sign accuracy ``0.5 * (P[d_real > 0] + P[d_fake < 0])`` (0.5 is chance);
+    ``critic/{prefix}/margin``: ``mean(d_real) - mean(d_fake)``.  Logits ``[B]`` or ``[B, heads]``; with several
+    heads, every head also gets its own pair (``critic/{prefix}/h{i}/acc``, ...).
+    """
+    r = d_real.detach().float().reshape(d_real.shape[0], -1)
+    f = d_fake.detach().float().reshape(d_fake.shape[0], -1)
+    acc = 0.5 * ((r > 0).float().mean(0) + (f < 0).float().mean(0))  # per head
+    margin = r.mean(0) - f.mean(0)
+    out = {f"critic/{prefix}/acc": acc.mean().item(), f"critic/{prefix}/margin": margin.mean().item()}
+    if r.shape[1] > 1:
+        for i in range(r.shape[1]):
+            out[f"critic/{prefix}/h{i}/acc"] = acc[i].item()
+            out[f"critic/{prefix}/h{i}/margin"] = margin[i].item()
+    return out
+
+
+@torch.no_grad()
+def fake_score_lag(fake_score: Denoiser, teacher: Denoiser, x0: Tensor, cond: Cond, generator: torch.Generator,
+                   t_min: float = 0.02, t_max: float = 0.98) -> float:
+    """The fake score's denoising loss on student samples over the teacher's on the same noised samples.
+
+    ``x0`` (student samples) is noised at ``t ~ U[t_min, t_max]`` with noise from ``generator`` (never the training
+    RNG); both networks predict x0 (no guidance) and the ratio of their mean squared errors in x0 is returned.
+    Below 1: the fake score knows the student's distribution better than the teacher does, as it should. About 1:
+    the student matches the teacher, or the fake score has learnt nothing about it. Above 1: the fake score is
+    worse at its one job than a network that never saw a student sample (it lags behind the student).
+    """
+    t = t_min + (t_max - t_min) * torch.rand(x0.shape[0], generator=generator, device=x0.device, dtype=torch.float64)
+    eps = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+    x_t = fake_score.schedule.add_noise(x0, eps, t)
+    err_fake = F.mse_loss(fake_score(x_t, t, cond).float(), x0.float())
+    err_teacher = F.mse_loss(teacher(x_t, t, cond).float(), x0.float())
+    return float(err_fake / err_teacher.clamp_min(1e-12))
+
+
 def drop_labels(den: Denoiser, cond: Cond, p: float) -> Cond:
     """Replace each label by the null class with probability p (classifier-free guidance training)."""
     if cond is None or p <= 0:
@@ -197,6 +235,14 @@ class Method:
 
     def phases(self) -> list[Phase]:
         raise NotImplementedError
+
+    def diagnostics(self, x0: Tensor, cond: Cond, generator: torch.Generator) -> dict[str, float]:
+        """Extra health signals on ``x0``, a small batch of fresh student samples (called under no_grad, networks in
+        eval mode, RNG only from ``generator``).  Default: the fake score's lag when the method has one."""
+        fake = getattr(self, "fake_score", None)
+        if fake is None or self.ctx.teacher is None:
+            return {}
+        return {"health/fake_lag": fake_score_lag(fake, self.ctx.teacher, x0, cond, generator)}
 
     @classmethod
     def stages(cls, cfg, steps: int) -> list[tuple[type["Method"], object, int]]:

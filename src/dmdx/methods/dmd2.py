@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from ..denoiser import Cond, FeatureTap
 from ..nets.heads import MultiHead, feature_shapes
-from .base import Method, Phase, dsm_loss, frozen_copy, uniform_t
+from .base import Method, Phase, critic_logs, dsm_loss, frozen_copy, uniform_t
 
 Tensor = torch.Tensor
 
@@ -124,5 +124,6 @@ class DMD2(Method):
             d_real = self.logits(real, rcond)
             d = (F.softplus(d_fake) + F.softplus(-d_real)).mean()
             logs.update({"loss/gan_d": d.item(), "gan/d_real": d_real.mean().item(), "gan/d_fake": d_fake.mean().item()})
+            logs.update(critic_logs(d_real, d_fake, "gan"))
             loss = loss + cfg.gan_d_weight * d
         return loss, logs

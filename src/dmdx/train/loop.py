@@ -27,6 +27,7 @@ from ..sampling import sample_ode, student_sample
 from ..viz import save_samples
 from . import dist
 from .checkpoint import latest_checkpoint, load_dcp_state, read_rng, save_checkpoint, save_dcp_checkpoint
+from .health import Health
 
 
 class NonFiniteLossError(RuntimeError):
@@ -106,6 +107,7 @@ class Trainer:
         self.prepare(self.ema, broadcast=False)
         self.updates: dict[str, int] = {}
         self.last_ckpt: Path | None = None
+        self.health = Health(self.run_dir, train, ctx, main=self.world.main)
 
     @property
     def fsdp(self) -> bool:
@@ -369,9 +371,12 @@ class Trainer:
                 step += 1
                 if step % tc.log_every == 0 or step == tc.steps:
                     means = world.mean_floats({k: sum(v) / len(v) for k, v in acc.items()})  # over ranks
+                    # every rank samples (FSDP's forward is collective); rank 0's signals are logged
+                    health = self.health(stage.method, step, pbar if world.main else None)
                     acc.clear()
                     if world.main:  # the one place that logs
-                        row = {"step": step, "stage": stage.method.name, **means, "time": time.perf_counter() - t0}
+                        row = {"step": step, "stage": stage.method.name, **means, **health,
+                               "time": time.perf_counter() - t0}
                         with log_path.open("a") as f:
                             f.write(json.dumps(row) + "\n")
                         if writer is not None:
@@ -379,8 +384,9 @@ class Trainer:
                                 if isinstance(v, float) and k != "time":
                                     writer.add_scalar(k, v, step)
                         if pbar is not None:
-                            pbar.set_postfix({k.split("/")[-1]: f"{v:.4g}" for k, v in row.items()
-                                              if k.startswith("loss/")}, refresh=False)
+                            pbar.set_postfix({**{k.split("/")[-1]: f"{v:.4g}" for k, v in row.items()
+                                                 if k.startswith("loss/")}, **self.health.postfix(row)},
+                                             refresh=False)
                 if pbar is not None:
                     pbar.update(1)
                 if step % tc.ckpt_every == 0 or step == tc.steps:

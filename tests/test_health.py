@@ -1,0 +1,153 @@
+"""Training-health signals (dmdx.train.health): critic accuracy and margin, diversity against the teacher's, the
+collapse alarm, the fake-score lag, ``dmdx inspect``; and that none of it touches training."""
+
+import json
+
+import pytest
+import torch
+from torch import nn
+
+from dmdx.cli import main
+from dmdx.denoiser import Denoiser
+from dmdx.methods.base import critic_logs, fake_score_lag
+from dmdx.sampling import time_grid
+from dmdx.train.health import Health, diagnose, diversity, inspect_run
+
+from helpers import make_trainer, state_of, tiny_config
+
+
+def test_critic_logs_on_hand_made_logits():
+    d_real = torch.tensor([2.0, 1.0, -1.0, 3.0])
+    d_fake = torch.tensor([-1.0, -2.0, 0.5, -3.0])
+    logs = critic_logs(d_real, d_fake, "gan")
+    assert logs == {"critic/gan/acc": pytest.approx(0.75), "critic/gan/margin": pytest.approx(1.25 + 1.375)}
+    # two heads: head 0 separates perfectly, head 1 is at chance and inverted on average
+    d_real = torch.tensor([[1.0, -1.0], [2.0, -1.0]])
+    d_fake = torch.tensor([[-1.0, 1.0], [-3.0, -1.0]])
+    logs = critic_logs(d_real, d_fake, "adm")
+    assert logs["critic/adm/h0/acc"] == 1.0 and logs["critic/adm/h1/acc"] == 0.25
+    assert logs["critic/adm/h0/margin"] == pytest.approx(3.5) and logs["critic/adm/h1/margin"] == pytest.approx(-1.0)
+    assert logs["critic/adm/acc"] == pytest.approx(0.625) and logs["critic/adm/margin"] == pytest.approx(1.25)
+
+
+def test_fake_score_lag_against_exact_denoisers(tmp_path):
+    """A fake score equal to the teacher lags by exactly 1; one that is the exact denoiser of the student's
+    distribution (a point mass: x0 is that point whatever x_t) has zero error, lag 0."""
+    from dmdx.models import gmm_model
+
+    teacher = gmm_model("ring8").denoiser
+    point = Denoiser(ConstantBackbone(2), teacher.schedule, "x0")
+    x0 = torch.full((16, 2), 0.7)
+    g = torch.Generator().manual_seed(0)
+    assert fake_score_lag(teacher, teacher, x0, None, g) == pytest.approx(1.0)
+    with torch.no_grad():
+        assert fake_score_lag(point, teacher, x0, None, g) == 0.0
+
+
+def test_diversity_and_class_spread():
+    x = torch.tensor([[0.0, 0.0], [3.0, 4.0], [0.0, 0.0], [3.0, 4.0]])
+    assert diversity(x)["diversity"] == pytest.approx(5 * 4 / 6)  # 4 of the 6 pairs are 5 apart
+    # grouped so that each class holds one point twice: the spread within classes is 0 (per-class collapse)
+    d = diversity(x, torch.tensor([0, 1, 0, 1]))
+    assert d["class_spread"] == 0.0 and d["diversity"] > 3
+
+
+class ConstantBackbone(nn.Module):
+    """A student forced to a point: its x0 prediction is the same vector for every input."""
+
+    feature_layers = ()
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.point = nn.Parameter(torch.full((dim,), 0.7))
+
+    def forward(self, x, time, cond):
+        return self.point.expand_as(x)
+
+
+def _ring8_context(student, times):
+    from dmdx.data import load_dataset
+    from dmdx.methods.base import Context
+    from dmdx.models import gmm_model
+
+    teacher = gmm_model("ring8").denoiser
+    return Context(teacher=teacher, teacher_net=teacher, student=student or teacher, data=load_dataset("ring8", "train"),
+                   num_classes=0, shape=(2,), batch_size=16, device=torch.device("cpu"), times=times)
+
+
+def test_collapse_raises_the_alarm_once_and_a_healthy_sampler_does_not(tmp_path):
+    from dmdx.config import TrainConfig
+    from dmdx.methods.base import Method
+
+    # healthy: the exact teacher itself as a 20-step stochastic student
+    ctx = _ring8_context(None, time_grid(20)[:-1])
+    method = Method(None, ctx)
+    health = Health(tmp_path, TrainConfig(batch_size=16), ctx)
+    rng = torch.get_rng_state()
+    row = health(method, 1)
+    assert torch.equal(rng, torch.get_rng_state())  # off the training RNG stream
+    assert 0.8 < row["health/diversity_ratio"] < 1.25 and "health/alarm" not in row
+    assert health.postfix(row)["div"].endswith("x")
+    ref = json.loads((tmp_path / "health_ref.json").read_text())
+    assert ref["diversity"] > 1 and ref["n"] == 32  # health_n 64, capped at two batches of 16
+    # collapsed: every sample on one point
+    ctx.student, ctx.times = Denoiser(ConstantBackbone(2), ctx.schedule, "x0"), [1.0]
+    method.fake_score = ctx.teacher  # the generic diagnostics hook: a method with a fake score reports its lag
+    row = health(method, 2)
+    assert row["health/diversity"] < 1e-6 and row["health/diversity_ratio"] < 1e-6
+    assert row["health/alarm"].startswith("collapse: diversity 0x the teacher's")
+    assert row["health/fake_lag"] == pytest.approx(1.0)
+    assert "health/alarm" not in health(method, 3)  # once per occurrence
+    ctx.student, ctx.times = ctx.teacher, time_grid(20)[:-1]
+    assert health(method, 4)["health/alarm"].startswith("recovered")
+
+
+def test_health_signals_leave_training_bit_identical(tmp_path):
+    """A run with every health signal (quality figure included) trains exactly as one with none."""
+    from dmdx.train.loop import Trainer
+    from dmdx.train.run import build_run
+
+    on = tiny_config("dmd2", steps=4, health_every=2, health_quality_n=64)
+    off = tiny_config("dmd2", steps=4, health_n=0)
+    ctx, info = build_run(on, tmp_path / "on")  # one set-up for both runs (the student is reset in between)
+    start = state_of(ctx.student)
+    a = Trainer(tmp_path / "on", on.method, on.train, ctx, info)
+    a.run()
+    trained = state_of(ctx.student)
+    ctx.student.load_state_dict(start)
+    Trainer(tmp_path / "off", off.method, off.train, ctx, info).run()
+    for k, v in trained.items():
+        assert torch.equal(v, ctx.student.state_dict()[k]), k
+    rows = [json.loads(line) for line in (tmp_path / "on" / "log.jsonl").read_text().splitlines()]
+    keys = set().union(*rows)
+    assert {"health/diversity", "health/diversity_ratio", "health/fake_lag", "dm/grad_norm", "critic/gan/acc",
+            "critic/gan/margin"} <= keys
+    assert [("health/modes_covered" in r) for r in rows] == [False, True, False, True]
+    assert rows[1]["health/max_weight_error"] >= 0
+    assert not any(k.startswith("health/") for r in
+                   (json.loads(line) for line in (tmp_path / "off" / "log.jsonl").read_text().splitlines()) for k in r)
+    ref = json.loads((tmp_path / "on" / "health_ref.json").read_text())
+    assert ref["quality"]["modes_covered"] == 8  # the exact teacher covers ring8
+    # inspect on this tiny run: a verdict and the PNG
+    code = main(["inspect", str(tmp_path / "on")])
+    assert code == 0 and (tmp_path / "on" / "health.png").stat().st_size > 1000
+
+
+def test_inspect_reports_collapse_and_a_blind_critic(tmp_path, capsys):
+    rows = [{"step": 10 * (i + 1), "stage": "adm", "loss/gan_d": 2.0, "critic/adm/acc": 0.5, "critic/adm/margin": 0.0,
+             "health/diversity_ratio": max(1.0 - 0.2 * i, 0.05), "health/fake_lag": 0.9} for i in range(10)]
+    rows[5]["health/alarm"] = "collapse: diversity 0.05x the teacher's"
+    (tmp_path / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "config.json").write_text(json.dumps({"method": {"name": "adm"}, "train": {"steps": 100}}))
+    text, healthy, png = inspect_run(tmp_path)
+    assert not healthy and png.is_file()
+    assert "UNHEALTHY" in text and "collapse: diversity 0.05x" in text and "'adm' never beat chance" in text
+    assert "health/diversity_ratio" in text and "down" in text  # the table's trend column
+    problems, _ = diagnose(rows[:2], None, 100, 0.3)
+    assert not any("collapse" in p for p in problems)  # 1.0 -> 0.8: no collapse yet
+
+
+def test_inspect_on_a_folder_that_is_not_a_run(tmp_path, capsys):
+    assert main(["inspect", str(tmp_path)]) == 2
+    assert "not a dmdx run folder" in capsys.readouterr().err
+    assert main(["inspect", str(tmp_path / "missing")]) == 2
