@@ -1,8 +1,12 @@
 """Seconds per distillation iteration and peak memory, per tiny random diffusers family and method (CPU).
 
-    OMP_NUM_THREADS=1 python benchmarks/diffusers_bench.py > benchmarks/diffusers.md
+    OMP_NUM_THREADS=1 python benchmarks/diffusers_bench.py            # prints the markdown table rows
 
-Each (family, method) runs in a fresh process so that ru_maxrss is that run's peak resident memory.
+Each (family, method) runs in a fresh process so that ru_maxrss is that run's peak resident memory.  The run is set
+up as ``dmdx distill --method M --teacher PIPE --prompts p.txt --data IMGS`` does: the default config with the
+family's recipe applied and the default bfloat16 teacher; only the budget is changed (``train.batch_size=2``,
+7 iterations: 1 warm-up, 6 timed, so every phase of DMD2's 10:1 / 5:1 critic ratio is in the mean pro rata).
+Teacher pairs are collected before the timing starts (their n follows the budget, 14 pairs, 50 Heun steps).
 """
 
 from __future__ import annotations
@@ -15,44 +19,59 @@ import tempfile
 import time
 from pathlib import Path
 
+FAMILIES = ("sd", "sd_v", "sdxl", "sd3", "flux")
+METHODS = ("dmd", "dmd2", "adm", "adp", "dmdx")
+TIMED = 6
 
-def one(family: str, method: str, root: Path) -> dict:
+
+def one(family: str, method: str, root: Path, bf16: bool) -> dict:
+    import numpy as np
     import torch
+    from PIL import Image
 
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-    from helpers import make_trainer, tiny_config
-
+    from dmdx.recipes import apply_recipe
     from dmdx.teachers.tiny import make_tiny_pipeline
+    from dmdx.train.loop import Trainer
+    from dmdx.train.run import build_run, default_run_config
 
     torch.set_num_threads(1)
     pipe = make_tiny_pipeline(family, root / family)
     (root / "p.txt").write_text("a red cat\na blue dog\n")
-    cfg = tiny_config(method, teacher=str(pipe), steps=6, batch_size=2)
-    cfg.real.prompts, cfg.real.teacher_dtype = str(root / "p.txt"), "float32"
-    cfg.pairs.n, cfg.pairs.steps, cfg.pairs.solver = 4, 2, "euler"
-    cfg.student.times = [1.0]
-    if method == "dmd2":
-        cfg.method.gan = False  # no --data here: DM + fake-score DSM only
-    tr = make_trainer(cfg, root / "run")
+    (root / "imgs").mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(4):
+        Image.fromarray((rng.random((16, 16, 3)) * 255).astype("uint8")).save(root / "imgs" / f"{i}.png")
+    cfg = default_run_config(method)
+    cfg.teacher, cfg.data, cfg.real.prompts = str(pipe), str(root / "imgs"), str(root / "p.txt")
+    cfg.train.steps, cfg.train.batch_size, cfg.train.progress = TIMED + 1, 2, False
+    cfg.train.sample_every = 0
+    cfg.train.bf16 = bf16
+    apply_recipe(cfg, {"train.steps", "train.batch_size", "train.sample_every", "train.bf16"})
+    ctx, info = build_run(cfg, root / "run")
+    tr = Trainer(root / "run", cfg.method, cfg.train, ctx, info)
     tr.run(stop_after=1)  # warm-up iteration (first calls allocate)
     t = time.perf_counter()
     tr.run(resume=True)
-    secs = (time.perf_counter() - t) / 5
+    secs = (time.perf_counter() - t) / TIMED
     return {"family": family, "method": method, "s_per_iter": secs,
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
 
 if __name__ == "__main__":
-    if len(sys.argv) == 3:
+    if len(sys.argv) == 4:
         with tempfile.TemporaryDirectory() as d:
-            print(json.dumps(one(sys.argv[1], sys.argv[2], Path(d))))
+            print(json.dumps(one(sys.argv[1], sys.argv[2], Path(d), sys.argv[3] == "bf16")))
         sys.exit(0)
-    print("| family | method | s / iteration | peak RSS (MB) |\n|---|---|---|---|")
-    for fam in ("sd", "sdxl", "sd3", "flux"):
-        for method in ("dmd2", "adm", "dmdx"):
-            out = subprocess.run([sys.executable, __file__, fam, method], capture_output=True, text=True)
-            if out.returncode:
-                print(f"| {fam} | {method} | failed | {out.stderr.strip().splitlines()[-1][:80]} |")
-                continue
-            r = json.loads(out.stdout.strip().splitlines()[-1])
-            print(f"| {fam} | {method} | {r['s_per_iter']:.3f} | {r['peak_rss_mb']:.0f} |", flush=True)
+    print("| family | method | s / iteration | peak RSS (MB) | s / iteration, train.bf16 | peak RSS (MB), train.bf16 |")
+    print("|---|---|---|---|---|---|")
+    for fam in FAMILIES:
+        for method in METHODS:
+            cells = []
+            for mode in ("fp32", "bf16"):
+                out = subprocess.run([sys.executable, __file__, fam, method, mode], capture_output=True, text=True)
+                if out.returncode:
+                    cells += ["failed", out.stderr.strip().splitlines()[-1][:60]]
+                    continue
+                r = json.loads(out.stdout.strip().splitlines()[-1])
+                cells += [f"{r['s_per_iter']:.3f}", f"{r['peak_rss_mb']:.0f}"]
+            print(f"| {fam} | {method} | " + " | ".join(cells) + " |", flush=True)

@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 # The teacher kinds a recipe can be keyed by.
 TEACHER_KINDS = ("gmm", "vector", "image", "sd", "sdxl", "sd3", "flux")
@@ -27,6 +27,8 @@ class Setting:
     key: str  # a --set path, e.g. "method.critic_every"
     value: Any  # a JSON value (parsed with the field's type, like --set)
     source: str  # where the value comes from: "DMD2 reference (SD1.5)", "ours: benchmarks/RESULTS.md, ..."
+    # applies only when this holds for the config after the user's --config / --set (e.g. LoRA on or off)
+    when: Callable[[Any], bool] | None = None
 
 
 # (teacher kind, method name) -> settings.  The method "*" applies to every method (listed before the method's own).
@@ -78,7 +80,7 @@ def apply_recipe(cfg, user_keys: set[str] = frozenset()) -> list[Setting]:
         return []
     applied = []
     for s in recipe(teacher_kind(cfg.teacher), cfg.method.name):
-        if _covered(s.key, set(user_keys)):
+        if _covered(s.key, set(user_keys)) or (s.when is not None and not s.when(cfg)):
             continue
         value = json.dumps(s.value) if isinstance(s.value, (list, dict)) else s.value
         set_path(cfg, s.key, value)
@@ -92,3 +94,64 @@ def format_settings(kind: str | None, method: str, settings: list[Setting]) -> s
     lines = [f"recipe for teacher kind {kind!r}, method {method!r} (--set recipe=none for the method's defaults):"]
     lines += [f"  {s.key} = {json.dumps(s.value)}    # {s.source}" for s in settings]
     return "\n".join(lines)
+
+
+# -- diffusers pipeline teachers (docs/real-models.md, "Recipes", has every value with its source) ---------------
+REF = "DMD2 reference"
+UNET_LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2",
+                     "conv1", "conv2", "conv_shortcut", "downsamplers.0.conv", "upsamplers.0.conv", "time_emb_proj"]
+# attention (image and text streams) and feed-forward layers of the MMDiT blocks (diffusers' SD3 / Flux LoRA
+# training scripts target the attention projections; the feed-forward layers follow the UNet list's choice)
+SD3_LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out",
+                    "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2"]
+FLUX_LORA_TARGETS = [*SD3_LORA_TARGETS, "proj_mlp"]  # + the single-stream blocks' MLP input
+
+
+def _lora_on(cfg) -> bool:
+    return cfg.real.student_lora.rank > 0
+
+
+def _lora_off(cfg) -> bool:
+    return cfg.real.student_lora.rank <= 0
+
+
+def _pipeline_common(full_lr: float, full_src: str, targets: list[str], targets_src: str) -> list[Setting]:
+    """What every method gets on a pipeline teacher: learning rate (full fine-tuning or LoRA), warm-up, LoRA shape."""
+    return [
+        Setting("train.lr", full_lr, full_src, when=_lora_off),
+        Setting("train.lr", 5e-5, f"{REF} (SDXL LoRA: 5e-5; student LoRA on)", when=_lora_on),
+        Setting("train.warmup", 500, f"{REF} (500-step constant-with-warm-up schedule)"),
+        Setting("real.student_lora.alpha", 8.0, f"{REF} (LoRA rank 64, alpha 8; used when real.student_lora.rank > 0)"),
+        Setting("real.student_lora.targets", targets, targets_src),
+        Setting("real.fake_lora.targets", targets, targets_src + " (fake score, when real.fake_lora.rank > 0)"),
+    ]
+
+
+RECIPES.update({
+    ("sd", "*"): _pipeline_common(1e-5, f"{REF} (SD1.5 full fine-tuning, first stage: 1e-5)", UNET_LORA_TARGETS,
+                                  f"{REF} (LoRA on convs, attention, feed-forward, projections, time embedding)"),
+    ("sd", "dmd2"): [
+        Setting("method.real_guidance", 1.75, f"{REF} (SD1.5: real guidance 1.75)"),
+        Setting("method.critic_every", 10, f"{REF} (SD1.5: critic ratio 10)"),
+        Setting("method.gan_g_weight", 1e-3, f"{REF} (SD1.5: GAN generator weight 1e-3)"),
+    ],
+    ("sdxl", "*"): [
+        *_pipeline_common(5e-7, f"{REF} (SDXL full fine-tuning: 5e-7)", UNET_LORA_TARGETS,
+                          f"{REF} (LoRA on convs, attention, feed-forward, projections, time embedding)"),
+        Setting("real.guidance", 8.0, f"{REF} (SDXL: real guidance 8)"),
+    ],
+    ("sdxl", "dmd2"): [
+        Setting("method.critic_every", 5, f"{REF} (SDXL: critic ratio 5)"),
+        Setting("method.gan_g_weight", 5e-3, f"{REF} (SDXL: GAN generator weight 5e-3)"),
+        Setting("method.gan_d_weight", 1e-2, f"{REF} (SDXL: GAN critic weight 1e-2)"),
+    ],
+    ("sd3", "*"): [
+        *_pipeline_common(1e-5, f"{REF}'s full fine-tuning range 5e-7..1e-5 (no SD3 recipe there): its top",
+                          SD3_LORA_TARGETS, "attention + feed-forward of the MMDiT blocks (ours)"),
+        Setting("student.times", [1.0, 0.75, 0.5, 0.25],
+                "ADM paper (SD3 students are 4-step); times in t, shifted to sigmas 1, .9, .75, .5 by the "
+                "schedule's shift 3 (DMD2 issue #62)"),
+    ],
+    ("flux", "*"): _pipeline_common(1e-5, f"{REF}'s full fine-tuning range 5e-7..1e-5 (no Flux recipe there): its top",
+                                    FLUX_LORA_TARGETS, "attention + feed-forward of the MMDiT blocks (ours)"),
+})

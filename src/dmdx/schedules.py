@@ -68,6 +68,11 @@ class Schedule:
         """Scale applied to x_t before the backbone (EDM preconditioning); 1 elsewhere."""
         return torch.ones_like(torch.as_tensor(t, dtype=torch.float64))
 
+    def training_time(self, t: Tensor) -> Tensor:
+        """Times drawn for a training loss (DM, fake-score, GAN, ADM, ADP terms), as the backbone was trained on
+        them: continuous here; discrete-time schedules snap them to their step grid."""
+        return t
+
     def model_time(self, t: Tensor) -> Tensor:
         """The backbone's time input for continuous t, as ``time_input`` says."""
         t = torch.as_tensor(t, dtype=torch.float64)
@@ -128,6 +133,12 @@ class VPDiscrete(Schedule):
         table = self._log_ab.to(t.device)
         slope = table[lo + 1] - table[lo]
         return table[lo] + (u - lo) * slope, slope * (T - 1)
+
+    def training_time(self, t):
+        """Snapped to the integer steps ``round(t (T - 1)) / (T - 1)``: a discrete-time UNet was only trained on
+        integer timesteps, and the DMD2 reference draws its training timesteps with ``randint``."""
+        T1 = self.num_train_timesteps - 1
+        return torch.round(torch.as_tensor(t, dtype=torch.float64) * T1) / T1
 
     def alpha(self, t):
         return torch.exp(0.5 * self._interp(t)[0])

@@ -86,16 +86,8 @@ def parse_folder_spec(spec: str) -> tuple[Path, tuple[int, int] | None]:
     return Path(spec).expanduser(), None
 
 
-def load_folder(spec: str) -> tuple[str, Tensor, Tensor | None]:
-    """``("image", x, labels)`` from a folder of images (spec ``PATH`` or ``PATH@SIZE``, see parse_folder_spec).
-
-    If the folder has sub-folders holding images, each one is a class (sorted by name; images directly in the
-    folder are then ignored); otherwise the images are unlabelled.  All images become grey (1 channel) when every
-    image is grey, else RGB; alpha is dropped.  Without a resize all images must share one size.
-    """
-    from PIL import Image
-
-    root, size = parse_folder_spec(spec)
+def _image_files(root: Path) -> tuple[list[tuple[Path, int]], list[Path]]:
+    """(image file, class index or -1) in load order, and the class folders (empty when unlabelled)."""
     if not root.is_dir():
         raise FileNotFoundError(f"image folder not found: {root}")
 
@@ -109,6 +101,32 @@ def load_folder(spec: str) -> tuple[str, Tensor, Tensor | None]:
         files = [(p, -1) for p in images_in(root)]
     if not files:
         raise ValueError(f"{root}: no images ({', '.join(IMAGE_SUFFIXES)}) in the folder or its sub-folders")
+    return files, classes
+
+
+def folder_captions(spec: str) -> list[str | None]:
+    """The caption of each image of a folder, in :func:`load_folder`'s order: the text of ``name.txt`` next to
+    ``name.png`` (stripped; the common captioned-folder layout), None where there is no such file or it is empty."""
+    root, _ = parse_folder_spec(spec)
+    out: list[str | None] = []
+    for p, _ in _image_files(root)[0]:
+        txt = p.with_suffix(".txt")
+        text = txt.read_text(encoding="utf-8").strip() if txt.is_file() else ""
+        out.append(text or None)
+    return out
+
+
+def load_folder(spec: str) -> tuple[str, Tensor, Tensor | None]:
+    """``("image", x, labels)`` from a folder of images (spec ``PATH`` or ``PATH@SIZE``, see parse_folder_spec).
+
+    If the folder has sub-folders holding images, each one is a class (sorted by name; images directly in the
+    folder are then ignored); otherwise the images are unlabelled.  All images become grey (1 channel) when every
+    image is grey, else RGB; alpha is dropped.  Without a resize all images must share one size.
+    """
+    from PIL import Image
+
+    root, size = parse_folder_spec(spec)
+    files, classes = _image_files(root)
     pil = []
     for p, _ in files:
         with Image.open(p) as im:

@@ -98,8 +98,8 @@ class ADM(Method):
 
     def noised(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         cfg = self.cfg
-        t = uniform_t(x.shape[0], cfg.t_min, cfg.t_max, x.device)
-        s = (t - cfg.dt).clamp(min=0.0)
+        t = uniform_t(x.shape[0], cfg.t_min, cfg.t_max, x.device, self.ctx.schedule)
+        s = self.ctx.schedule.training_time((t - cfg.dt).clamp(min=0.0))
         return self.ctx.schedule.add_noise(x, torch.randn_like(x), t), t, s
 
     def fake_step(self, x_t, t, s, cond):

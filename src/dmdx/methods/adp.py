@@ -76,14 +76,14 @@ class ADP(Method):
     def predict(self, grad: bool):
         ctx = self.ctx
         noise, x0, cond = ctx.pairs.batch(ctx.batch_size, ctx.device)
-        t = adp_times(x0.shape[0], self.cfg.cubic, ctx.device)
+        t = ctx.schedule.training_time(adp_times(x0.shape[0], self.cfg.cubic, ctx.device))
         x_in = ctx.schedule.add_noise(x0, noise, t)
         with torch.set_grad_enabled(grad):
             return ctx.student(x_in, t, cond), x0, cond
 
     def renoise(self, *xs: Tensor):
         """Re-noise each tensor with its own noise at one shared uniform time per sample."""
-        t = uniform_t(xs[0].shape[0], self.cfg.d_t_min, self.cfg.d_t_max, xs[0].device)
+        t = uniform_t(xs[0].shape[0], self.cfg.d_t_min, self.cfg.d_t_max, xs[0].device, self.ctx.schedule)
         return [self.ctx.schedule.add_noise(x, torch.randn_like(x), t) for x in xs], t
 
     def student_loss(self):

@@ -77,6 +77,9 @@ class Context:
     pixel_backbone: nn.Module | None = None
     guidance: float = 1.0  # the teacher's default CFG scale, used when a method's real_guidance is None
     cond_bank: dict[str, Tensor] | None = None  # cached prompt embeddings [N, ...] of text-to-image teachers
+    # captioned real images (name.png + name.txt): row of each image's caption in caption_bank, -1 if uncaptioned
+    caption_rows: Tensor | None = None
+    caption_bank: dict[str, Tensor] | None = None
     # random choices every process of a distributed run must share (set by the training loop); default: local
     shared_randint: Callable[[int], int] | None = None
 
@@ -125,6 +128,11 @@ class Context:
             cond = {"labels": ds.labels[idx].to(self.device)}
         elif self.cond_bank is not None:  # uncaptioned images: paired with random prompts
             cond = self._bank_rows(n)
+            if self.caption_rows is not None:  # captioned images: their own caption
+                rows = self.caption_rows[idx]
+                has = (rows >= 0).to(self.device)
+                cap = {k: v[rows.clamp(min=0)].to(self.device) for k, v in self.caption_bank.items()}
+                cond = {k: torch.where(_bcast(has, v), cap[k], v) for k, v in cond.items()}
         return x, cond
 
     def student_x0(self, n: int, grad: bool = True) -> tuple[Tensor, Cond, float]:
@@ -143,13 +151,16 @@ class Context:
         return x0, cond, self.times[k]
 
 
-def uniform_t(n: int, lo: float, hi: float, device) -> Tensor:
-    return lo + (hi - lo) * torch.rand(n, device=device, dtype=torch.float64)
+def uniform_t(n: int, lo: float, hi: float, device, schedule=None) -> Tensor:
+    """``n`` training times uniform in [lo, hi] (float64), through ``schedule.training_time`` when given (every
+    loss passes its schedule: discrete-time schedules snap the times to their steps there)."""
+    t = lo + (hi - lo) * torch.rand(n, device=device, dtype=torch.float64)
+    return t if schedule is None else schedule.training_time(t)
 
 
 def dsm_loss(den: Denoiser, x0: Tensor, cond: Cond, t_min: float = 1e-3, t_max: float = 1.0) -> Tensor:
     """Denoising score matching in the backbone's own prediction kind: ``|pred(x_t, t) - target|^2``, t ~ U."""
-    t = uniform_t(x0.shape[0], t_min, t_max, x0.device)
+    t = uniform_t(x0.shape[0], t_min, t_max, x0.device, den.schedule)
     eps = torch.randn_like(x0)
     x_t = den.schedule.add_noise(x0, eps, t)
     a, s = den.schedule.alpha_sigma(t)

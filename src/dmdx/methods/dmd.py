@@ -9,6 +9,20 @@ import torch.nn.functional as F
 from .dmd2 import DMD2, DMD2Config
 
 
+LPIPS_MIN_SIZE = 64  # LPIPS was calibrated on 64x64 patches; its VGG needs at least 16x16 (four 2x poolings)
+
+
+def lpips_input(x):
+    """Images in [-1, 1] as LPIPS takes them: grey repeated to RGB, sides below 64 upsampled (bilinear) to 64."""
+    if x.shape[1] == 1:
+        x = x.expand(-1, 3, -1, -1)
+    h, w = x.shape[-2:]
+    if min(h, w) < LPIPS_MIN_SIZE:
+        k = LPIPS_MIN_SIZE / min(h, w)
+        x = F.interpolate(x, size=(round(h * k), round(w * k)), mode="bilinear", align_corners=False)
+    return x
+
+
 @dataclass
 class DMDConfig(DMD2Config):
     name: str = "dmd"
@@ -31,6 +45,10 @@ class DMD(DMD2):
         if cfg.reg_loss == "lpips":
             if not ctx.is_image:
                 raise ValueError("reg_loss=lpips needs image data")
+            if ctx.shape[0] not in (1, 3):
+                raise ValueError(f"reg_loss=lpips compares RGB or grey images, but this teacher works on "
+                                 f"{ctx.shape[0]}-channel latents (LPIPS through the VAE decoder is not "
+                                 "implemented); use reg_loss=mse")
             try:
                 import lpips  # noqa: F401
             except ImportError:
@@ -44,8 +62,7 @@ class DMD(DMD2):
         noise, x0, pcond = ctx.pairs.batch(ctx.batch_size, ctx.device)
         pred = ctx.student(ctx.schedule.prior(noise), ctx.times[0], pcond)
         if self.lpips is not None:
-            rgb = (lambda v: v.expand(-1, 3, -1, -1) if v.shape[1] == 1 else v)
-            reg = self.lpips(rgb(pred), rgb(x0)).mean()
+            reg = self.lpips(lpips_input(pred), lpips_input(x0)).mean()
         else:
             reg = F.mse_loss(pred, x0)
         return self.cfg.reg_weight * reg, {"loss/reg": reg.item()}

@@ -78,17 +78,21 @@ class DMD2(Method):
     # -- pieces ----------------------------------------------------------------------------------------------
     def dm_term(self, x: Tensor, cond: Cond) -> tuple[Tensor, dict]:
         cfg, ctx = self.cfg, self.ctx
-        t = uniform_t(x.shape[0], cfg.dm_t_min, cfg.dm_t_max, x.device)
+        t = uniform_t(x.shape[0], cfg.dm_t_min, cfg.dm_t_max, x.device, ctx.schedule)
         x_t = ctx.schedule.add_noise(x.detach(), torch.randn_like(x), t)
         with torch.no_grad():
+            # the real score runs in the teacher's dtype (bf16 by default); the fake score's prediction in float32
+            # even under train.bf16 autocast, as the DMD2 reference does on purpose (the DM gradient is the small
+            # difference of the two predictions)
             x0_real = ctx.teacher(x_t, t, cond, guidance=ctx.real_guidance(cfg.real_guidance))
-            x0_fake = self.fake_score(x_t, t, cond)
+            with torch.autocast(x.device.type, enabled=False):
+                x0_fake = self.fake_score(x_t, t, cond)
         loss, grad = dm_loss(x, x0_real, x0_fake)
         return loss, {"loss/dm": loss.item(), "dm/grad_norm": grad.flatten(1).norm(dim=1).mean().item()}
 
     def logits(self, x0: Tensor, cond: Cond) -> Tensor:
         """GAN classifier on the fake score's bottleneck, after re-noising x0 at t ~ U[0, gan_t_max)."""
-        t = uniform_t(x0.shape[0], 0.0, self.cfg.gan_t_max, x0.device)
+        t = uniform_t(x0.shape[0], 0.0, self.cfg.gan_t_max, x0.device, self.ctx.schedule)
         x_t = self.ctx.schedule.add_noise(x0, torch.randn_like(x0), t)
         with FeatureTap(self.fake_score.backbone, [self.bottleneck]) as tap:
             self.fake_score.predict(x_t, t, cond)

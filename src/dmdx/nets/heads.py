@@ -87,7 +87,10 @@ class MultiHead(nn.Module):
 
     def forward(self, features: Sequence[Tensor]) -> Tensor:
         assert len(features) == len(self.heads), f"{len(features)} features for {len(self.heads)} heads"
-        return torch.stack([head(f) for head, f in zip(self.heads, features)], dim=1)
+        # Features come in the backbone's dtype (bf16 for the default pipeline teacher); the heads train in float32
+        # (bf16 autocast, when on, still casts inside each op).  The cast keeps gradients flowing to the input.
+        dtype = next(self.parameters()).dtype
+        return torch.stack([head(f.to(dtype)) for head, f in zip(self.heads, features)], dim=1)
 
 
 @torch.no_grad()

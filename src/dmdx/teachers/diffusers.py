@@ -108,6 +108,10 @@ def flux_mu(seq_len: int, sched: dict) -> float:
     return seq_len * m + (y1 - m * x1)
 
 
+FLOW_UNSUPPORTED = ("shift_terminal", "use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas",
+                    "invert_sigmas")
+
+
 def schedule_from_folder(path: Path, shape: tuple[int, int, int]) -> tuple[Schedule, str]:
     """(schedule, prediction kind) from the pipeline's scheduler config, for latents of ``shape``."""
     sched = _config(path, "scheduler")
@@ -115,6 +119,9 @@ def schedule_from_folder(path: Path, shape: tuple[int, int, int]) -> tuple[Sched
     if family == "unet":
         if sched.get("rescale_betas_zero_snr"):
             raise ValueError(f"{path}: rescale_betas_zero_snr schedules are not supported (alpha(1) = 0)")
+        if sched.get("trained_betas") is not None:
+            raise ValueError(f"{path}: scheduler_config.json sets trained_betas (an explicit beta table), which dmdx "
+                             "does not read; supported: beta_schedule linear or scaled_linear with beta_start/beta_end")
         kind = sched.get("prediction_type", "epsilon")
         pred = {"epsilon": "epsilon", "v_prediction": "v"}.get(kind)
         if pred is None:
@@ -128,9 +135,20 @@ def schedule_from_folder(path: Path, shape: tuple[int, int, int]) -> tuple[Sched
     if sched.get("_class_name") != "FlowMatchEulerDiscreteScheduler":
         raise ValueError(f"{path}: a {family} teacher needs FlowMatchEulerDiscreteScheduler, got "
                          f"{sched.get('_class_name')!r}")
+    # keys that change the sigmas away from the shifted line dmdx implements (FlowMatching): refused, not ignored
+    unsupported = {k: sched[k] for k in FLOW_UNSUPPORTED if sched.get(k)}
+    if unsupported:
+        raise ValueError(f"{path}: scheduler_config.json sets {unsupported}; dmdx supports only the shifted flow "
+                         "schedule (shift, or use_dynamic_shifting with time_shift_type exponential or linear), "
+                         f"not {', '.join(FLOW_UNSUPPORTED)}")
+    shift_type = sched.get("time_shift_type", "exponential")
+    if shift_type not in ("exponential", "linear"):
+        raise ValueError(f"{path}: unsupported time_shift_type {shift_type!r}; supported: exponential, linear")
     if sched.get("use_dynamic_shifting"):
         c, h, w = shape
-        shift = math.exp(flux_mu((h // 2) * (w // 2), sched))
+        mu = flux_mu((h // 2) * (w // 2), sched)
+        # diffusers' time_shift: exponential e^mu / (e^mu + 1/t - 1), linear mu / (mu + 1/t - 1): a shift of e^mu or mu
+        shift = math.exp(mu) if shift_type == "exponential" else mu
     else:
         shift = float(sched.get("shift", 1.0))
     return FlowMatching(shift=shift, time_input="t1000" if family == "sd3" else "t"), "flow"

@@ -26,12 +26,19 @@ CONFIG_JSON = "config.json"
 
 @dataclass
 class PairsConfig:
-    """Teacher ODE pairs for DMD / ADP / DMDX: an existing folder, or collected into RUN/pairs."""
+    """Teacher ODE pairs for DMD / ADP / DMDX: an existing folder, or collected into RUN/pairs (resumable)."""
 
     path: str | None = None
-    n: int = 2000
+    # None: as many pairs as the run draws, train.steps * train.batch_size, capped at 2000 (so a short run does not
+    # wait for pairs it never uses; pairs are drawn with replacement)
+    n: int | None = None
     steps: int = 50
     solver: str = "heun"
+    guidance: float | None = None  # CFG of the teacher's ODE; None: the method's real_guidance, else the teacher's
+    batch_size: int | None = None  # pairs integrated at once; None: 1000 (built-in teachers), train.batch_size (pipelines)
+
+    def resolved_n(self, train: TrainConfig) -> int:
+        return self.n if self.n is not None else max(1, min(2000, train.steps * train.batch_size))
 
 
 @dataclass
@@ -220,7 +227,6 @@ def _teacher_net(teacher: Model, cfg: RunConfig, run_dir: Path, dev) -> Denoiser
 def build_run(cfg: RunConfig, run_dir: Path) -> tuple[Context, ModelInfo]:
     """Load the teacher and data, make the student, collect or load pairs; validate before training."""
     from ..data import load_dataset
-    from ..pairs import collect_pairs, load_pairs
 
     from .loop import check_lr_scale
 
@@ -248,12 +254,7 @@ def build_run(cfg: RunConfig, run_dir: Path) -> tuple[Context, ModelInfo]:
     student = frozen_copy(teacher_net, trainable=True).train()
     pairs = None
     if method.needs_pairs:
-        if cfg.pairs.path:
-            pairs = load_pairs(Path(cfg.pairs.path))
-        else:
-            folder = collect_pairs(teacher, run_dir / "pairs", cfg.pairs.n, cfg.pairs.steps, cfg.pairs.solver,
-                                   seed=cfg.train.seed, device=dev, progress=cfg.train.progress)
-            pairs = load_pairs(folder)
+        pairs = _pairs(cfg, teacher, run_dir, dev)
         if list(pairs.x0.shape[1:]) != list(tinfo.shape):
             raise ValueError(f"pairs have shape {list(pairs.x0.shape[1:])}, the teacher {tinfo.shape}")
     pixel = None
@@ -285,7 +286,6 @@ def distill(cfg: RunConfig, out: Path, resume: bool = False) -> Path:
     return Trainer(out, cfg.method, cfg.train, ctx, info, world=world).run(resume=resume)
 
 
-# -- diffusers pipeline teachers -------------------------------------------------------------------------------
 def _real_guidance(cfg: RunConfig, default: float) -> float:
     m = cfg.method
     sub = getattr(m, "adm", m)  # DMDX: the ADM stage's
@@ -293,14 +293,32 @@ def _real_guidance(cfg: RunConfig, default: float) -> float:
     return default if value is None else value
 
 
+def _pairs(cfg: RunConfig, teacher: Model, run_dir: Path, dev, cond_bank=None, meta_extra=None, batch_size=None,
+           shard_size: int = 1000):
+    """The run's teacher pairs: ``pairs.path``, or collected (resumably) into RUN/pairs at the run's guidance."""
+    from ..pairs import check_pairs, collect_pairs, load_pairs
+
+    pc = cfg.pairs
+    guidance = pc.guidance if pc.guidance is not None else _real_guidance(cfg, teacher.info.guidance)
+    if pc.path:
+        folder = Path(pc.path)
+    else:
+        folder = collect_pairs(teacher, run_dir / "pairs", pc.resolved_n(cfg.train), pc.steps, pc.solver, guidance,
+                               seed=cfg.train.seed, shard_size=shard_size, device=dev, progress=cfg.train.progress,
+                               batch_size=pc.batch_size or batch_size, cond_bank=cond_bank, meta_extra=meta_extra)
+    check_pairs(folder, guidance, teacher.info.shape)
+    return load_pairs(folder, cond_bank)
+
+
+# -- diffusers pipeline teachers -------------------------------------------------------------------------------
+
+
 def build_pipeline_run(cfg: RunConfig, run_dir: Path) -> tuple[Context, ModelInfo]:
     """Teacher, cached prompt embeddings, cached VAE latents, student (maybe LoRA), pairs; checked before training."""
     import copy
 
     from ..data import Dataset
-    from ..data.files import load_folder
-    from ..methods.base import Pairs
-    from ..sampling import sample_ode
+    from ..data.files import folder_captions, load_folder
     from ..teachers import diffusers as dfs
 
     rc = cfg.real
@@ -327,22 +345,33 @@ def build_pipeline_run(cfg: RunConfig, run_dir: Path) -> tuple[Context, ModelInf
     vs = dfs.vae_scale_factor(path)
     px = (shape[1] * vs, shape[2] * vs)
     ds = None
+    caption_rows = caption_bank = None
     if cfg.data:
+        from safetensors.torch import load_file, save_file
+
         lat_file = run_dir / "latents.safetensors"
         if not lat_file.is_file():
-            from safetensors.torch import save_file
-
             spec = cfg.data if "@" in cfg.data else f"{cfg.data}@{px[0]}x{px[1]}"
             _, images, _ = load_folder(spec)
             if tuple(images.shape[-2:]) != px or images.shape[1] != 3:
                 raise ValueError(f"data {cfg.data!r} has images of shape {list(images.shape[1:])}; the teacher "
                                  f"works at 3x{px[0]}x{px[1]} pixels (real.resolution)")
-            save_file({"x": dfs.encode_images(path, images)}, str(lat_file))
-        from safetensors.torch import load_file
-
-        ds = Dataset(name=str(cfg.data), kind="image", x=load_file(str(lat_file))["x"])
+            tensors = {"x": dfs.encode_images(path, images)}
+            # captioned folders (name.png + name.txt): each image's caption, encoded once (unique captions)
+            captions = folder_captions(spec)
+            unique = sorted({c for c in captions if c is not None})
+            if unique:
+                cap_bank, _ = dfs.encode_prompts(path, unique, shape)
+                tensors["caption_rows"] = torch.tensor([unique.index(c) if c is not None else -1 for c in captions])
+                tensors.update({f"caption.{k}": v.contiguous() for k, v in cap_bank.items()})
+            save_file(tensors, str(lat_file))
+        lat = load_file(str(lat_file))
+        ds = Dataset(name=str(cfg.data), kind="image", x=lat["x"])
         if tuple(ds.shape) != tuple(shape):
             raise ValueError(f"cached latents {lat_file} have shape {list(ds.shape)}, the teacher {list(shape)}")
+        if "caption_rows" in lat:
+            caption_rows = lat["caption_rows"]
+            caption_bank = {k[8:]: v for k, v in lat.items() if k.startswith("caption.")}
     times = [float(t) for t in cfg.student.times]
     if not times or any(not 0 < t <= 1 for t in times) or any(a <= b for a, b in zip(times, times[1:])):
         raise ValueError(f"student.times must be decreasing values in (0, 1], got {times}")
@@ -358,34 +387,20 @@ def build_pipeline_run(cfg: RunConfig, run_dir: Path) -> tuple[Context, ModelInf
     teacher_net.backbone.copy_options = {"lora": rc.fake_lora.spec(), "grad_checkpointing": rc.grad_checkpointing}
     pairs = None
     if method.needs_pairs:
-        pairs_file = run_dir / "pairs.safetensors"
-        if not pairs_file.is_file():
-            from safetensors.torch import save_file
+        from ..pairs import prompts_fingerprint
 
-            g = torch.Generator().manual_seed(cfg.train.seed)
-            n_bank = len(next(iter(bank.values())))
-            noise = torch.randn((cfg.pairs.n, *shape), generator=g)
-            rows = torch.randint(n_bank, (cfg.pairs.n,), generator=g)
-            outs = []
-            for i in range(0, cfg.pairs.n, 8):
-                c = {k: v[rows[i:i + 8]].to(dev) for k, v in bank.items()}
-
-                def fn(x, t, c_, _g=tinfo.guidance):
-                    return teacher_net(x, t, c_, guidance=_g)
-
-                outs.append(sample_ode(fn, sched, noise[i:i + 8].to(dev), cfg.pairs.steps, c,
-                                       solver=cfg.pairs.solver).cpu())
-            save_file({"noise": noise, "x0": torch.cat(outs).float().contiguous(), "labels": rows}, str(pairs_file))
-        from safetensors.torch import load_file
-
-        p = load_file(str(pairs_file))
-        pairs = Pairs(p["noise"], p["x0"], p["labels"], cond_bank=bank)
+        meta = {"teacher": str(path), "teacher_dtype": rc.teacher_dtype,
+                "prompts": prompts_fingerprint(dfs.read_prompts(rc.prompts))}
+        batch = cfg.pairs.batch_size or cfg.train.batch_size  # what fits for training fits for no-grad sampling
+        pairs = _pairs(cfg, teacher, run_dir, dev, cond_bank=bank, meta_extra=meta, batch_size=batch,
+                       shard_size=max(64, batch))
     pixel = None
     if method.uses_pixel_backbone and rc.vision_encoder:
         pixel = dfs.PixelBackbone(path, rc.vision_encoder).to(dev)
     ctx = Context(teacher=teacher_net, teacher_net=teacher_net, student=student, data=ds, num_classes=0,
                   shape=tuple(shape), batch_size=cfg.train.batch_size, device=dev, times=times, pairs=pairs,
-                  pixel_backbone=pixel, guidance=tinfo.guidance, cond_bank=bank)
+                  pixel_backbone=pixel, guidance=tinfo.guidance, cond_bank=bank, caption_rows=caption_rows,
+                  caption_bank=caption_bank)
     info = ModelInfo(kind="student", backbone={"name": tinfo.backbone["name"], "config": dict(student.backbone.config)},
                      schedule=sched.to_dict(), prediction=teacher_net.prediction, shape=list(shape), data=cfg.data,
                      guidance=1.0, steps=len(times), times=times,
