@@ -61,8 +61,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("export", help="export a student distilled from a diffusers pipeline")
     p.add_argument("--run", required=True, help="the distillation run folder")
-    p.add_argument("--format", default="diffusers", choices=["diffusers", "lora"])
-    p.add_argument("--out", required=True, help="output folder (a pipeline folder, or LoRA weights)")
+    p.add_argument("--format", default="diffusers", choices=["diffusers", "lora", "comfyui"],
+                   help="diffusers: a pipeline folder; lora: diffusers-format LoRA folder (+ its scheduler); "
+                   "comfyui: one kohya-style LoRA .safetensors file (SD1.5/SD2/SDXL)")
+    p.add_argument("--out", required=True, help="output folder (diffusers, lora) or FILE.safetensors (comfyui)")
 
     p = sub.add_parser("pairs", help="collect teacher ODE pairs (noise, sample, label)")
     p.add_argument("--teacher", required=True)
@@ -191,12 +193,18 @@ def cmd_distill(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from .export import export_run, sampling_args
+    from .export import export_run, sampling_args, usage
     from .models import read_info
 
     out = export_run(Path(args.run), Path(args.out), args.format)
-    call = ", ".join(f"{k}={v!r}" for k, v in sampling_args(read_info(Path(args.run))).items())
-    print(f"{args.format} export written to {out}; generate with pipe(prompt, {call})")
+    info = read_info(Path(args.run))
+    print(f"{args.format} export written to {out}; sample the student with its own sampler:\n")
+    print(usage(info, args.format, args.out))
+    if args.format == "comfyui":
+        a = sampling_args(info)
+        print(f"\nComfyUI: LoraLoader on the base checkpoint, KSampler sampler 'lcm', steps "
+              f"{a['num_inference_steps']}, cfg 1.0 (the student's timesteps {a['timesteps']}; not verified in "
+              "ComfyUI itself)")
     return 0
 
 

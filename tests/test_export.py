@@ -1,0 +1,158 @@
+"""Exports of pipeline students: the documented calls, run as written, reproduce the dmdx student.
+
+The LoRA students are trained for one step, then their LoRA up-weights are set to random values (a fresh LoRA is
+the identity, and one step barely moves it), so that a LoRA that is not loaded, or loaded onto the wrong
+modules, changes the images far beyond the tolerance.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("diffusers")
+pytest.importorskip("peft")
+
+from helpers import make_trainer, tiny_config  # noqa: E402
+
+from dmdx.teachers import diffusers as dfs  # noqa: E402
+from dmdx.teachers.tiny import make_tiny_pipeline  # noqa: E402
+
+DOCS = Path(__file__).resolve().parents[1] / "docs" / "real-models.md"
+FAMILIES = ("sd", "sdxl", "sd3", "flux")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def pndm_pipeline(folder: Path) -> Path:
+    """A tiny SD pipeline with SD1.5's own scheduler (PNDM), which has no ``timesteps=`` argument."""
+    from diffusers import PNDMScheduler
+
+    make_tiny_pipeline("sd", folder)
+    cfg = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
+    PNDMScheduler.from_config(cfg, skip_prk_steps=True, steps_offset=1).save_pretrained(str(folder / "scheduler"))
+    index = json.loads((folder / "model_index.json").read_text())
+    index["scheduler"] = ["diffusers", "PNDMScheduler"]
+    (folder / "model_index.json").write_text(json.dumps(index))
+    return folder
+
+
+def lora_student(pipe: Path, root: Path, times=(1.0, 0.5)) -> Path:
+    from safetensors.torch import load_file, save_file
+
+    (root / "prompts.txt").write_text("a red cat\na blue dog\n")
+    cfg = tiny_config("dmd2", teacher=str(pipe), steps=1, batch_size=2)
+    cfg.real.prompts = str(root / "prompts.txt")
+    cfg.real.teacher_dtype = "float32"
+    cfg.real.student_lora.rank = 4
+    cfg.real.fake_lora.rank = 4
+    cfg.method.gan = False
+    cfg.student.times = list(times)
+    run = make_trainer(cfg, root / "run").run()
+    state = load_file(str(run / "model.safetensors"))
+    g = torch.Generator().manual_seed(0)
+    for k, v in state.items():
+        if "lora_B" in k:
+            state[k] = 0.3 * torch.randn(v.shape, generator=g)
+    save_file(state, str(run / "model.safetensors"))
+    return run
+
+
+@pytest.fixture(scope="module")
+def students(tmp_path_factory):
+    root = tmp_path_factory.mktemp("export")
+    out = {}
+    for fam in FAMILIES:
+        pipe = pndm_pipeline(root / "pipe_sd") if fam == "sd" else make_tiny_pipeline(fam, root / f"pipe_{fam}")
+        (root / fam).mkdir()
+        out[fam] = lora_student(pipe, root / fam, times=(1.0,) if fam == "flux" else (1.0, 0.5))
+    return out
+
+
+def run_usage(code: str) -> dict:
+    """Execute the printed / documented lines as written; returns their namespace (pipe, args, image)."""
+    ns: dict = {}
+    exec(compile(code, "<usage>", "exec"), ns)  # noqa: S102 - our own generated snippet
+    return ns
+
+
+def student_reference(run: Path, pipe, args: dict, prompt: str):
+    """(dmdx student sample, the same call on the loaded pipeline) for the same start latents and re-noise seed."""
+    from dmdx.models import load_model
+    from dmdx.sampling import student_sample
+
+    m = load_model(run)
+    den, info = m.denoiser, m.info
+    fam = info.extra["family"]
+    bank, _ = dfs.encode_prompts(Path(info.extra["pipeline"]), [prompt], tuple(info.shape))
+    noise = torch.randn(1, *info.shape, generator=torch.Generator().manual_seed(1))
+    vp = fam == "unet"
+    torch.manual_seed(5)  # SD3 / Flux pipelines re-noise from the global RNG
+    ref = student_sample(den, den.schedule, noise, info.times, bank,
+                         generator=torch.Generator().manual_seed(5) if vp else None)
+    latents = den.schedule.prior(noise)
+    kw = dict(latents=dfs.pack(latents) if fam == "flux" else latents, output_type="latent")
+    if fam == "flux":
+        kw["height"] = kw["width"] = 16
+    torch.manual_seed(5)
+    got = pipe(prompt, generator=torch.Generator().manual_seed(5), **kw, **args).images
+    if fam == "flux":
+        got = dfs.unpack(got, 8, 8)
+    return ref, got
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_lora_usage_reproduces_student(students, tmp_path, family):
+    from dmdx.export import export_run, usage
+    from dmdx.models import read_info
+
+    run = students[family]
+    info = read_info(run)
+    out = export_run(run, tmp_path / "lora", "lora")
+    assert (out / "scheduler_config.json").is_file()
+    code = usage(info, "lora", out, prompt="a red cat")
+    ns = run_usage(code)  # the lines as printed: base pipeline, load LoRA, swap scheduler, call with the args
+    assert ns["image"].size[0] > 0  # a PIL image at the pipeline's default size
+    ref, got = student_reference(run, ns["pipe"], ns["args"], "a red cat")
+    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4 * ref.abs().max().item())
+    # without the LoRA the images differ by far more than the tolerance (so the check above can fail)
+    ns["pipe"].unload_lora_weights()
+    _, bare = student_reference(run, ns["pipe"], ns["args"], "a red cat")
+    assert (bare - ref).abs().max() > 1e-2 * ref.abs().max()
+
+
+def test_base_scheduler_cannot_run_the_student(students):
+    """Why the LoRA ships a scheduler: SD1.5's PNDM refuses the student's timesteps."""
+    from diffusers import DiffusionPipeline
+
+    from dmdx.export import sampling_args
+    from dmdx.models import read_info
+
+    info = read_info(students["sd"])
+    pipe = DiffusionPipeline.from_pretrained(info.extra["pipeline"])
+    with pytest.raises(ValueError, match="timestep"):
+        pipe("a red cat", output_type="latent", **sampling_args(info))
+
+
+def test_docs_show_the_printed_usage():
+    """docs/real-models.md holds the lines `dmdx export` prints (for its example paths)."""
+    from dmdx.export import usage
+    from dmdx.models import ModelInfo
+
+    text = re.sub(r"^  ", "", DOCS.read_text(), flags=re.M)  # code blocks inside list items are indented
+    info = ModelInfo(kind="student", backbone={"name": "sd_unet", "config": {}}, schedule={}, prediction="epsilon",
+                     shape=[4, 64, 64], times=[1.0, 0.5], extra={"family": "unet", "pipeline": "./sd15"})
+    for fmt, out in (("diffusers", "sd15-student"), ("lora", "sd15-lora")):
+        assert usage(info, fmt, out) in text, fmt
+    code = re.findall(r"```python\n(.*?)```", text, re.S)
+    assert any(usage(info, "lora", "sd15-lora") in c for c in code)
