@@ -156,3 +156,36 @@ def test_docs_show_the_printed_usage():
         assert usage(info, fmt, out) in text, fmt
     code = re.findall(r"```python\n(.*?)```", text, re.S)
     assert any(usage(info, "lora", "sd15-lora") in c for c in code)
+
+
+@pytest.mark.parametrize("family", ["sd", "sdxl"])
+def test_comfyui_file_loads_through_kohya_converter(students, tmp_path, family):
+    from safetensors import safe_open
+
+    from dmdx.export import export_run, usage
+    from dmdx.models import read_info
+
+    run = students[family]
+    info = read_info(run)
+    f = export_run(run, tmp_path / "student.safetensors", "comfyui")
+    with safe_open(str(f), "pt") as h:
+        keys, meta = list(h.keys()), h.metadata()
+    assert keys and all(k.startswith("lora_unet_") and k.endswith((".lora_down.weight", ".lora_up.weight", ".alpha"))
+                        for k in keys)
+    assert meta["ss_network_dim"] == "4" and json.loads(meta["dmdx_student"])["num_inference_steps"] == 2
+    kohya = run_usage(usage(info, "comfyui", f, prompt="a red cat"))
+    ref, got = student_reference(run, kohya["pipe"], kohya["args"], "a red cat")
+    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4 * ref.abs().max().item())
+    lora = run_usage(usage(info, "lora", export_run(run, tmp_path / "lora", "lora"), prompt="a red cat"))
+    a = torch.tensor(__import__("numpy").asarray(kohya["image"]), dtype=torch.float32)
+    b = torch.tensor(__import__("numpy").asarray(lora["image"]), dtype=torch.float32)
+    assert (a - b).abs().max() <= 1  # the same PNG pixels as the diffusers-format LoRA (up to rounding)
+
+
+def test_comfyui_refuses_flow_families(students, tmp_path):
+    from dmdx.export import export_run
+
+    with pytest.raises(ValueError, match="supports SD1.5/SD2/SDXL"):
+        export_run(students["sd3"], tmp_path / "x.safetensors", "comfyui")
+    with pytest.raises(ValueError, match=r"one \.safetensors file"):
+        export_run(students["sd"], tmp_path / "x", "comfyui")

@@ -122,8 +122,9 @@ def _kohya_back(key: str) -> str:
 
 def kohya_state_dict(diffusers_lora: dict[str, torch.Tensor], alpha: float, prefix: str = "lora_unet_"
                      ) -> dict[str, torch.Tensor]:
-    """diffusers-format LoRA weights (``unet.<module>.lora_A.weight`` / ``lora_B``) -> kohya keys
-    (``lora_unet_<module with _>.lora_down.weight`` / ``.lora_up.weight`` / ``.alpha``).
+    """diffusers-format LoRA weights (``<module>.lora.down.weight`` / ``.lora.up.weight``, as
+    :func:`dmdx.teachers.diffusers.lora_state_dict` gives them) -> kohya keys (``lora_unet_<module with _>``
+    ``.lora_down.weight`` / ``.lora_up.weight`` / ``.alpha``).
 
     Every name is checked against diffusers' own kohya -> diffusers key converter, so what is written loads back
     onto the same modules (``pipe.load_lora_weights(FILE)``); a module name that would not round-trip is refused.
@@ -132,17 +133,18 @@ def kohya_state_dict(diffusers_lora: dict[str, torch.Tensor], alpha: float, pref
 
     out: dict[str, torch.Tensor] = {}
     for key, w in diffusers_lora.items():
-        if ".lora_A." not in key:
+        if not key.endswith(".lora.down.weight"):
             continue
-        module = key.split(".", 1)[1].rsplit(".lora_A.", 1)[0]  # drop the "unet." prefix
+        module = key.removesuffix(".lora.down.weight")
         name = prefix + module.replace(".", "_")
         if _kohya_back(_convert_unet_lora_key(name + ".lora_down.weight")) != module:
             raise ValueError(f"LoRA module {module!r} has no kohya name that diffusers maps back to it; "
                              "train with other real.student_lora.targets or use --format lora")
-        up = diffusers_lora[key.replace(".lora_A.", ".lora_B.")]
         out[name + ".lora_down.weight"] = w.detach().float().contiguous()
-        out[name + ".lora_up.weight"] = up.detach().float().contiguous()
+        out[name + ".lora_up.weight"] = diffusers_lora[module + ".lora.up.weight"].detach().float().contiguous()
         out[name + ".alpha"] = torch.tensor(float(alpha))
+    if not out:
+        raise ValueError("no LoRA weights to export")
     return out
 
 
@@ -184,8 +186,7 @@ def export_run(run: str | Path, out: str | Path, fmt: Literal["diffusers", "lora
             return out
         from safetensors.torch import save_file
 
-        state = kohya_state_dict({f"{comp}.{k}": v for k, v in dfs.lora_state_dict(bb.model).items()},
-                                 lora["alpha"])
+        state = kohya_state_dict(dfs.lora_state_dict(bb.model), lora["alpha"])
         meta = {"ss_network_module": "networks.lora", "ss_network_dim": str(lora["rank"]),
                 "ss_network_alpha": str(lora["alpha"]), "dmdx_student": json.dumps(sampling_args(info))}
         out.parent.mkdir(parents=True, exist_ok=True)
