@@ -17,10 +17,7 @@ import torch
 pytest.importorskip("diffusers")
 pytest.importorskip("peft")
 
-from helpers import make_trainer, tiny_config  # noqa: E402
-
 from dmdx.teachers import diffusers as dfs  # noqa: E402
-from dmdx.teachers.tiny import make_tiny_pipeline  # noqa: E402
 
 DOCS = Path(__file__).resolve().parents[1] / "docs" / "real-models.md"
 FAMILIES = ("sd", "sdxl", "sd3", "flux")
@@ -34,49 +31,9 @@ def one_thread():
     torch.set_num_threads(n)
 
 
-def pndm_pipeline(folder: Path) -> Path:
-    """A tiny SD pipeline with SD1.5's own scheduler (PNDM), which has no ``timesteps=`` argument."""
-    from diffusers import PNDMScheduler
-
-    make_tiny_pipeline("sd", folder)
-    cfg = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
-    PNDMScheduler.from_config(cfg, skip_prk_steps=True, steps_offset=1).save_pretrained(str(folder / "scheduler"))
-    index = json.loads((folder / "model_index.json").read_text())
-    index["scheduler"] = ["diffusers", "PNDMScheduler"]
-    (folder / "model_index.json").write_text(json.dumps(index))
-    return folder
-
-
-def lora_student(pipe: Path, root: Path, times=(1.0, 0.5)) -> Path:
-    from safetensors.torch import load_file, save_file
-
-    (root / "prompts.txt").write_text("a red cat\na blue dog\n")
-    cfg = tiny_config("dmd2", teacher=str(pipe), steps=1, batch_size=2)
-    cfg.real.prompts = str(root / "prompts.txt")
-    cfg.real.teacher_dtype = "float32"
-    cfg.real.student_lora.rank = 4
-    cfg.real.fake_lora.rank = 4
-    cfg.method.gan = False
-    cfg.student.times = list(times)
-    run = make_trainer(cfg, root / "run").run()
-    state = load_file(str(run / "model.safetensors"))
-    g = torch.Generator().manual_seed(0)
-    for k, v in state.items():
-        if "lora_B" in k:
-            state[k] = 0.3 * torch.randn(v.shape, generator=g)
-    save_file(state, str(run / "model.safetensors"))
-    return run
-
-
 @pytest.fixture(scope="module")
-def students(tmp_path_factory):
-    root = tmp_path_factory.mktemp("export")
-    out = {}
-    for fam in FAMILIES:
-        pipe = pndm_pipeline(root / "pipe_sd") if fam == "sd" else make_tiny_pipeline(fam, root / f"pipe_{fam}")
-        (root / fam).mkdir()
-        out[fam] = lora_student(pipe, root / fam, times=(1.0,) if fam == "flux" else (1.0, 0.5))
-    return out
+def students(pipeline_students):
+    return {fam: pipeline_students(fam) for fam in FAMILIES}
 
 
 def run_usage(code: str) -> dict:
