@@ -21,3 +21,23 @@ def dmdx_home(tmp_path_factory):
 @pytest.fixture(autouse=True)
 def _home(dmdx_home, monkeypatch):
     monkeypatch.setenv("DMDX_HOME", dmdx_home)
+
+
+@pytest.fixture(scope="session")
+def pipeline_students(tmp_path_factory):
+    """``get(family)``: a one-step-trained LoRA student of a tiny pipeline (SD with SD1.5's PNDM scheduler), its
+    LoRA up-weights randomised; built once per session on first use (tests/test_export.py, test_pipeline_eval.py)."""
+    from helpers import lora_student, pndm_pipeline
+    from dmdx.teachers.tiny import make_tiny_pipeline
+
+    root = tmp_path_factory.mktemp("pipeline_students")
+    cache: dict = {}
+
+    def get(family: str):
+        if family not in cache:
+            pipe = pndm_pipeline(root / "pipe_sd") if family == "sd" else make_tiny_pipeline(family, root / f"pipe_{family}")
+            (root / family).mkdir()
+            cache[family] = lora_student(pipe, root / family, times=(1.0,) if family == "flux" else (1.0, 0.5))
+        return cache[family]
+
+    return get

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
@@ -31,3 +32,40 @@ def make_trainer(cfg: RunConfig, run_dir: Path) -> Trainer:
 
 def state_of(module: torch.nn.Module) -> dict:
     return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+# -- tiny pipeline students (tests/test_export.py, tests/test_pipeline_eval.py) ---------------------------------
+def pndm_pipeline(folder: Path) -> Path:
+    """A tiny SD pipeline with SD1.5's own scheduler (PNDM), which has no ``timesteps=`` argument."""
+    from diffusers import PNDMScheduler
+
+    from dmdx.teachers.tiny import make_tiny_pipeline
+
+    make_tiny_pipeline("sd", folder)
+    cfg = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
+    PNDMScheduler.from_config(cfg, skip_prk_steps=True, steps_offset=1).save_pretrained(str(folder / "scheduler"))
+    index = json.loads((folder / "model_index.json").read_text())
+    index["scheduler"] = ["diffusers", "PNDMScheduler"]
+    (folder / "model_index.json").write_text(json.dumps(index))
+    return folder
+
+
+def lora_student(pipe: Path, root: Path, times=(1.0, 0.5)) -> Path:
+    from safetensors.torch import load_file, save_file
+
+    (root / "prompts.txt").write_text("a red cat\na blue dog\n")
+    cfg = tiny_config("dmd2", teacher=str(pipe), steps=1, batch_size=2)
+    cfg.real.prompts = str(root / "prompts.txt")
+    cfg.real.teacher_dtype = "float32"
+    cfg.real.student_lora.rank = 4
+    cfg.real.fake_lora.rank = 4
+    cfg.method.gan = False
+    cfg.student.times = list(times)
+    run = make_trainer(cfg, root / "run").run()
+    state = load_file(str(run / "model.safetensors"))
+    g = torch.Generator().manual_seed(0)
+    for k, v in state.items():
+        if "lora_B" in k:
+            state[k] = 0.3 * torch.randn(v.shape, generator=g)
+    save_file(state, str(run / "model.safetensors"))
+    return run

@@ -83,8 +83,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("export", help="export a student distilled from a diffusers pipeline")
     p.add_argument("--run", required=True, help="the distillation run folder")
-    p.add_argument("--format", default="diffusers", choices=["diffusers", "lora"])
-    p.add_argument("--out", required=True, help="output folder (a pipeline folder, or LoRA weights)")
+    p.add_argument("--format", default="diffusers", choices=["diffusers", "lora", "comfyui"],
+                   help="diffusers: a pipeline folder; lora: diffusers-format LoRA folder (+ its scheduler); "
+                   "comfyui: one kohya-style LoRA .safetensors file (SD1.5/SD2/SDXL)")
+    p.add_argument("--out", required=True, help="output folder (diffusers, lora) or FILE.safetensors (comfyui)")
 
     p = sub.add_parser("pairs", help="collect teacher ODE pairs (noise, sample, label)")
     p.add_argument("--teacher", required=True)
@@ -98,17 +100,38 @@ def build_parser() -> argparse.ArgumentParser:
     for name, helptext in (("sample", "draw samples from a teacher or student"),
                            ("eval", "evaluate a teacher or student")):
         p = sub.add_parser(name, help=helptext)
-        p.add_argument("--model", required=True, help="a dmdx model or run folder, or gmm:NAME")
-        p.add_argument("--steps", type=int, help="sampling steps (default: the model's: 1 for one-step students)")
-        p.add_argument("--n", type=int, default=64 if name == "sample" else 2000)
-        p.add_argument("--seed", type=int, default=0)
+        p.add_argument("--model", required=True, help="a dmdx model or run folder, a diffusers pipeline folder, or "
+                       "gmm:NAME")
+        p.add_argument("--steps", type=int, help="sampling steps (default: the model's: 1 for one-step students; "
+                       "pipeline teachers: their pipeline's usual count, 50 SD/SDXL, 28 SD3/Flux)")
+        p.add_argument("--n", type=int, default=64 if name == "sample" else 2000,
+                       help="samples (built-in models; pipeline models draw --per-prompt images per prompt)")
+        p.add_argument("--seed", type=int, default=0, help="pipeline models: image k of a prompt uses seed + k")
         p.add_argument("--guidance", type=float, help="CFG scale (teachers; default: the model's)")
         p.add_argument("--solver", choices=list(SOLVERS), help="teacher ODE solver (default: the model's)")
         p.add_argument("--device", default="auto")
+        p.add_argument("--prompts", help="pipeline models: a text file, one prompt a line")
+        p.add_argument("--per-prompt", type=int, default=1 if name == "sample" else 2,
+                       help="pipeline models: images per prompt (seeds seed .. seed + K - 1)")
+        p.add_argument("--batch-size", type=int, default=4, help="pipeline models: images per batch")
         if name == "sample":
-            p.add_argument("--out", required=True, help=".png for a grid / scatter plot, .npz for raw samples")
+            p.add_argument("--out", required=True, help="built-in models: .png for a grid / scatter plot, .npz for "
+                           "raw samples; pipeline models: a folder for the PNGs and grid.png")
         else:
             p.add_argument("--json", help="also write the metrics to this JSON file")
+            p.add_argument("--clip", metavar="DIR", help="CLIP score with this local transformers CLIPModel folder")
+            p.add_argument("--pickscore", metavar="DIR", help="PickScore with this local CLIPModel folder "
+                           "(yuvalkirstain/PickScore_v1 with its processor files)")
+            p.add_argument("--ref", metavar="DIR", help="reference images for FID / KID (needs --inception)")
+            p.add_argument("--inception", metavar="FILE", help="the FID Inception TorchScript file "
+                           "(inception-2015-12-05.pt)")
+            p.add_argument("--lpips", metavar="FILE", help="AlexNet LPIPS weights (lpips package state dict) for "
+                           "the per-prompt diversity across seeds")
+            p.add_argument("--kid-subset-size", type=int, default=1000)
+            p.add_argument("--teacher-steps", type=int, help="students: time the teacher at this many steps for "
+                           "the speed-up (default: its usual count; 0: skip)")
+            p.add_argument("--hpsv2", metavar="PATH", help="not supported (see docs/real-models.md, Known gaps)")
+            p.add_argument("--imagereward", metavar="PATH", help="not supported (see docs/real-models.md)")
     return ap
 
 
@@ -213,12 +236,18 @@ def cmd_distill(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from .export import export_run, sampling_args
+    from .export import export_run, sampling_args, usage
     from .models import read_info
 
     out = export_run(Path(args.run), Path(args.out), args.format)
-    call = ", ".join(f"{k}={v!r}" for k, v in sampling_args(read_info(Path(args.run))).items())
-    print(f"{args.format} export written to {out}; generate with pipe(prompt, {call})")
+    info = read_info(Path(args.run))
+    print(f"{args.format} export written to {out}; sample the student with its own sampler:\n")
+    print(usage(info, args.format, args.out))
+    if args.format == "comfyui":
+        a = sampling_args(info)
+        print(f"\nComfyUI: LoraLoader on the base checkpoint, KSampler sampler 'lcm', steps "
+              f"{a['num_inference_steps']}, cfg 1.0 (the student's timesteps {a['timesteps']}; not verified in "
+              "ComfyUI itself)")
     return 0
 
 
@@ -246,6 +275,28 @@ def _device(name: str) -> torch.device:
     return device_of(name)
 
 
+def _is_pipeline_model(spec: str) -> bool:
+    from .models import read_info
+    from .teachers import diffusers as dfs
+
+    if spec.startswith("gmm:"):
+        return False
+    if dfs.is_pipeline_folder(spec):
+        return True
+    p = Path(spec)
+    return p.is_dir() and (p / "model.json").is_file() and "pipeline" in read_info(p).extra
+
+
+def _pipeline_prompts(args) -> list[str]:
+    from .teachers.diffusers import read_prompts
+
+    if not args.prompts:
+        raise ValueError(f"{args.model} is a text-to-image model: pass --prompts FILE (one prompt a line)")
+    if args.solver:
+        raise ValueError("--solver is for built-in teachers; pipeline teachers sample with their own solver")
+    return read_prompts(args.prompts)
+
+
 def cmd_sample(args) -> int:
     import numpy as np
 
@@ -253,9 +304,23 @@ def cmd_sample(args) -> int:
     from .viz import save_samples
 
     out = Path(args.out)
+    dev = _device(args.device)
+    if _is_pipeline_model(args.model):
+        from .eval.pipelines import generate_images, save_images
+
+        prompts = _pipeline_prompts(args)
+        if out.suffix.lower() in (".png", ".npz"):
+            raise ValueError(f"--out is a folder for a text-to-image model (PNG per image + grid.png), got {out.name!r}")
+        m = load_model(args.model, dev)
+        s = generate_images(m, prompts, args.per_prompt, args.seed, args.steps, args.guidance, args.batch_size, dev)
+        paths = save_images(s, out)
+        print(f"{len(paths)} images ({s.steps} steps, {s.nfe} network evaluations each, "
+              f"{1000 * s.seconds_per_image:.1f} ms/image) -> {out}/ (grid.png, images.json)")
+        return 0
+    if args.prompts:
+        raise ValueError("--prompts is for text-to-image (diffusers pipeline) models")
     if out.suffix.lower() not in (".png", ".npz"):
         raise ValueError(f"--out must end in .png (grid / scatter) or .npz (raw samples), got {out.name!r}")
-    dev = _device(args.device)
     m = load_model(args.model, dev)
     s = generate(m, args.n, args.steps, seed=args.seed, guidance=args.guidance, solver=args.solver, device=dev)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -288,15 +353,49 @@ def cmd_eval(args) -> int:
     from .models import load_model
 
     dev = _device(args.device)
-    m = load_model(args.model, dev)
-    row = evaluate(m, args.steps, args.n, args.seed, args.guidance, dev)
-    row = {"model": args.model, **row}
-    cols = [k for k in row if not isinstance(row[k], (list, dict))]
-    print(format_table([row], cols))
+    if _is_pipeline_model(args.model):
+        rows = _eval_pipeline(args, dev)
+    else:
+        if args.prompts or args.clip or args.pickscore or args.ref or args.lpips:
+            raise ValueError("--prompts/--clip/--pickscore/--ref/--lpips are for text-to-image (diffusers pipeline) "
+                             "models")
+        m = load_model(args.model, dev)
+        row = evaluate(m, args.steps, args.n, args.seed, args.guidance, dev)
+        rows = [{"model": args.model, **row}]
+    cols = [k for k in rows[0] if not isinstance(rows[0][k], (list, dict))]
+    cols += [k for r in rows[1:] for k in r if k not in cols]
+    print(format_table(rows, cols))
     if args.json:
-        Path(args.json).write_text(json.dumps(row, indent=2) + "\n")
+        Path(args.json).write_text(json.dumps(rows[0] if len(rows) == 1 else rows, indent=2) + "\n")
         print(f"metrics written to {args.json}")
     return 0
+
+
+def _eval_pipeline(args, dev) -> list[dict]:
+    from .eval.pipelines import (LPIPS, CLIPScorer, Scorers, check_unsupported, evaluate_pipeline, load_image_folder,
+                                 load_inception)
+    from .models import load_model
+
+    check_unsupported(hpsv2=args.hpsv2, imagereward=args.imagereward)
+    prompts = _pipeline_prompts(args)
+    if args.inception and not args.ref:
+        raise ValueError("--inception is used for FID/KID against --ref DIR; pass --ref too")
+    sc = Scorers(kid_subset_size=args.kid_subset_size)
+    if args.ref:  # check every local file before the (long) sampling
+        sc.inception = load_inception(args.inception, dev)
+        sc.reference = load_image_folder(args.ref)
+    if args.clip:
+        sc.clip = CLIPScorer(args.clip, dev)
+    if args.pickscore:
+        sc.pickscore = CLIPScorer(args.pickscore, dev)
+    if args.lpips:
+        sc.lpips = LPIPS.from_file(args.lpips, dev)
+    m = load_model(args.model, dev)
+    teacher = None
+    if m.info.kind == "student" and args.teacher_steps != 0:
+        teacher = load_model(m.info.extra["pipeline"], dev)
+    return evaluate_pipeline(m, prompts, sc, args.per_prompt, args.seed, args.steps, args.guidance, teacher,
+                             args.teacher_steps, args.batch_size, dev, name=args.model)
 
 
 def cmd_data_list(args) -> int:

@@ -105,9 +105,12 @@ def sample_ode(
 
 def student_sample(
     student: DenoiseFn, schedule: Schedule, noise: Tensor, times: Sequence[float], cond: Cond = None,
-    generator: torch.Generator | None = None, stop_at: int | None = None,
+    generator: torch.Generator | Sequence[torch.Generator] | None = None, stop_at: int | None = None,
 ) -> Tensor:
     """Few-step student sampling: x0 = G(x, t_k); re-noise x0 to t_{k+1} with fresh noise; repeat.
+
+    ``generator`` draws the fresh noise; a sequence of generators (one per sample) makes each sample depend on its
+    own seed only, whatever the batch it is drawn in.
 
     The first input is ``schedule.prior(noise)`` fed at ``times[0]`` (which may be below 1, as DMD2's one-step
     SDXL student at 399/1000).  With ``stop_at = k`` the loop stops *before* evaluating step k and returns the
@@ -121,6 +124,10 @@ def student_sample(
     for k in range(last):
         x0 = student(x, _as_batch(times[k], x), cond)
         if k + 1 < len(times):
-            fresh = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+            if isinstance(generator, (list, tuple)):
+                fresh = torch.stack([torch.randn(x.shape[1:], generator=g, dtype=x.dtype) for g in generator])
+                fresh = fresh.to(x.device)
+            else:
+                fresh = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
             x = schedule.add_noise(x0, fresh, times[k + 1])
     return x if stop_at is not None else x0
