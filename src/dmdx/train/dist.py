@@ -177,7 +177,15 @@ def setup(parallel: str = "auto", device: torch.device | None = None) -> World:
     if not dist.is_initialized():
         backend = "nccl" if cuda else "gloo"
         timeout = datetime.timedelta(minutes=float(os.environ.get("DMDX_DIST_TIMEOUT_MIN", "60")))
-        if "MASTER_ADDR" in os.environ:
+        attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT")
+        if attempt is not None and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+            # torchrun's store outlives a restart of the workers: a prefix per attempt keeps a restarted group from
+            # reading the addresses the previous attempt's (dead) workers published there
+            base = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), size, is_master=False,
+                                 timeout=timeout)
+            dist.init_process_group(backend, store=dist.PrefixStore(f"dmdx/attempt_{attempt}", base),
+                                    rank=int(os.environ["RANK"]), world_size=size, timeout=timeout)
+        elif "MASTER_ADDR" in os.environ:
             dist.init_process_group(backend, timeout=timeout)
         else:  # one process, no launcher: a group of one (FSDP2 on a single device)
             dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
