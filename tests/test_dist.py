@@ -236,3 +236,27 @@ def test_global_batch_rule():
         resolve_parallel("zero3", 2)
     with pytest.raises(ValueError, match="WORLD_SIZE=2"):
         resolve_parallel("none", 2)
+
+
+def test_fsdp_in_one_process_with_cpu_offload_bf16_sample_grids_and_snapshots(tmp_path, surrogate):
+    """FSDP2 without a launcher (a group of one), CPU offload and the bf16 mixed-precision policy; sample grids and
+    snapshots come from the gathered EMA."""
+    from dmdx.models import load_model
+    from dmdx.train import dist
+
+    cfg = tiny_config("dmd2", steps=2, parallel="fsdp", cpu_offload=True, bf16=True, ckpt_every=2, sample_every=2,
+                      snapshot_every=2)
+    try:
+        tr = make_trainer(cfg, _seeded(tmp_path, surrogate))
+        assert tr.world.parallel == "fsdp" and tr.world.size == 1 and dist.is_sharded(tr.student)
+        tr.run()
+        assert (tmp_path / "samples" / "step_0000002.png").is_file()
+        snap = load_model(str(tmp_path / "snapshots" / "step_0000002"))
+        full = tr.ema_state()
+        for k, v in snap.denoiser.backbone.state_dict().items():
+            assert torch.equal(v, full[k]), k
+        assert latest_checkpoint(tmp_path)["format"] == "dcp"
+        rows = [json.loads(r) for r in (tmp_path / "log.jsonl").read_text().splitlines()]
+        assert all(torch.isfinite(torch.tensor(v)) for r in rows for k, v in r.items() if k.startswith("loss/"))
+    finally:
+        dist.teardown()

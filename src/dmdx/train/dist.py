@@ -160,11 +160,14 @@ def setup(parallel: str = "auto", device: torch.device | None = None) -> World:
     """Join (or create) the process group for ``parallel``; idempotent.  torchrun's environment (RANK, WORLD_SIZE,
     LOCAL_RANK, MASTER_ADDR/PORT) defines the group; ``fsdp``/``ddp`` without it make a group of one process."""
     global _WORLD
-    if _WORLD is not None:
-        if resolve_parallel(parallel, _WORLD.size) != _WORLD.parallel and _WORLD.distributed:
-            _WORLD = World(_WORLD.rank, _WORLD.size, _WORLD.local_rank, resolve_parallel(parallel, _WORLD.size))
-        return _WORLD
     dist = torch.distributed
+    if _WORLD is not None:
+        mode = resolve_parallel(parallel, _WORLD.size)
+        if mode == _WORLD.parallel:
+            return _WORLD
+        if dist.is_initialized():  # the group exists: another mode on it (or the plain path in a group of one)
+            _WORLD = World(_WORLD.rank, _WORLD.size, _WORLD.local_rank, mode) if mode != "none" else World()
+            return _WORLD
     size = dist.get_world_size() if dist.is_initialized() else env_world_size()
     mode = resolve_parallel(parallel, size)
     if mode == "none":
@@ -261,6 +264,15 @@ def shard(net: nn.Module, world: World, bf16: bool, cpu_offload: bool, device: t
     loose = [n for n, p in net.named_parameters() if not isinstance(p, DTensor)]
     assert not loose, f"parameters outside the FSDP units: {loose}"
     return net
+
+
+def reshard(net: nn.Module) -> None:
+    """Free the gathered parameters of a sharded network.  FSDP2 keeps the root unit's parameters gathered after
+    a forward (expecting the backward), so a forward without backward (the student's samples for the critic)
+    would otherwise leave the full network on every rank until its next backward."""
+    root = net.backbone if hasattr(net, "backbone") and isinstance(net.backbone, nn.Module) else net
+    if hasattr(root, "reshard"):
+        root.reshard()
 
 
 def is_sharded(net: nn.Module) -> bool:
