@@ -18,8 +18,8 @@ from pathlib import Path
 
 TEACHER = str(Path(__file__).resolve().parents[1] / "src" / "dmdx" / "assets" / "teacher_digits")
 COMMON = ["--teacher", TEACHER, "--quiet", "--set", "train.sample_every=0", "--set", "train.ckpt_every=100000",
-          "--set", "train.log_every=5", "--set", "pairs.n=256", "--set", "pairs.steps=10", "--set",
-          "train.batch_size=32"]
+          "--set", "train.log_every=2", "--set", "pairs.n=256", "--set", "pairs.steps=10", "--set",
+          "train.batch_size=16"]
 
 
 def its_per_s(run: Path) -> float:
@@ -28,7 +28,7 @@ def its_per_s(run: Path) -> float:
     return (b["step"] - a["step"]) / (b["time"] - a["time"])
 
 
-def speed(out: Path, steps: int = 40) -> None:
+def speed(out: Path, steps: int = 12) -> None:
     rows = []
     for method in ("dmd2", "dmdx"):
         for label, threads, nproc in (("1 process x 2 threads", "2", None), ("2 processes x 1 thread", "1", 2)):
@@ -70,7 +70,7 @@ def memory(out: Path) -> None:
                 if phase.runs_at(step):
                     tr.run_phase(stage, phase, step)
         nets = {"student": stage.trainables["student"], "fake_score": stage.trainables["fake_score"],
-                "teacher": ctx.teacher_net}
+                "gan_head": stage.trainables["gan_head"], "ema": tr.ema, "teacher": ctx.teacher_net}
         for name, net in nets.items():
             params = list(net.parameters())
             opt = stage.optims.get(name)

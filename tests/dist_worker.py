@@ -1,20 +1,30 @@
 """One rank of the distributed tests (tests/test_dist.py launches two of these, under torchrun or directly).
 
-``python dist_worker.py main OUT P``: gradients of one DMD2 phase under ddp, a ddp and an fsdp run of the same
-seed, and the resume of the single-process run in P on two ranks.  ``nan OUT`` / ``kill OUT``: the dmdx CLI with a
-NaN injected on rank 1 / rank 1 SIGKILLed after its step-4 checkpoint on the first attempt.
+``python dist_worker.py main OUT P``: gradients of each DMD2 phase under ddp, a ddp and an fsdp run of the same
+seed, the resume of the single-process run in P on two ranks, then ``dmdx distill`` with a NaN injected on rank 1
+(the process exits with the CLI's status).  ``kill OUT``: ``dmdx distill`` with rank 1 SIGKILLed after its
+step-4 checkpoint on torchrun's first attempt.  A folder ``surrogate`` next to OUT is copied into every run
+folder (the analytic teacher's fitted MLP, a cache that is otherwise fitted again for each run).
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import sys
+import time
 from pathlib import Path
 
 import torch
 
 from helpers import state_of, tiny_config
+
+
+def seed_dir(run_dir: Path, surrogate: Path) -> Path:
+    if surrogate.is_dir() and not (run_dir / "surrogate").exists():
+        shutil.copytree(surrogate, run_dir / "surrogate")
+    return run_dir
 
 
 def trainer(cfg, run_dir):
@@ -24,7 +34,7 @@ def trainer(cfg, run_dir):
 
     world = dist.setup(cfg.train.parallel, torch.device("cpu"))
     with dist.rank_zero_first(world):
-        ctx, info = build_run(cfg, Path(run_dir))
+        ctx, info = build_run(cfg, seed_dir(Path(run_dir), Path(run_dir).parent.parent / "surrogate"))
     return Trainer(Path(run_dir), cfg.method, cfg.train, ctx, info, world=world)
 
 
@@ -50,7 +60,7 @@ def full_states(tr) -> dict:
     return out
 
 
-def main(out: Path, single_run: Path) -> None:
+def main(out: Path, single_run: Path) -> int:
     rank = int(os.environ["RANK"])
     # 1. gradients of each DMD2 phase, averaged over two ranks (rank r draws with seed 100 + r)
     cfg = tiny_config("dmd2", steps=4, grad_clip=0.0, parallel="ddp")
@@ -80,6 +90,8 @@ def main(out: Path, single_run: Path) -> None:
     states = full_states(tr)
     if rank == 0:
         torch.save(states, out / "resumed_1to2_final.pt")
+    # 4. a NaN on rank 1 only, through the CLI
+    return cli(out / "nan", "nan")
 
 
 def cli(out: Path, mode: str) -> int:
@@ -88,6 +100,8 @@ def cli(out: Path, mode: str) -> int:
     from dmdx.train.loop import Trainer
 
     rank = int(os.environ["RANK"])
+    if rank == 0:
+        seed_dir(out, out.parent.parent / "surrogate")
     if os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") != "0":
         (out.parent / f"{out.name}.restarted_{rank}").touch()
     if mode == "nan" and rank == 1:
@@ -97,7 +111,10 @@ def cli(out: Path, mode: str) -> int:
         def poisoned(self):
             calls[0] += 1
             loss, logs = orig(self)
-            return (loss * float("nan"), logs) if calls[0] >= 3 else (loss, logs)
+            if calls[0] >= 3:
+                (out.parent / "nan_at").write_text(str(time.time()))
+                return loss * float("nan"), logs
+            return loss, logs
 
         DMD2.critic_loss = poisoned
     if mode == "kill" and rank == 1 and os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0":
@@ -113,12 +130,14 @@ def cli(out: Path, mode: str) -> int:
             "--steps", "8", "--set", "recipe=none", "--set", "surrogate_steps=20", "--set", "train.batch_size=16",
             "--set", "train.ckpt_every=2", "--set", "train.sample_every=0", "--set", "train.log_every=1",
             "--set", "method.critic_every=2"]
-    return dmdx_cli.main(args)
+    code = dmdx_cli.main(args)
+    (out.parent / f"exit_{rank}").write_text(str(time.time()))
+    return code
 
 
 if __name__ == "__main__":
     what, out = sys.argv[1], Path(sys.argv[2])
     if what == "main":
-        main(out, Path(sys.argv[3]))
+        sys.exit(main(out, Path(sys.argv[3])))
     else:
         sys.exit(cli(out, what))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -221,7 +222,8 @@ def cmd_distill(args) -> int:
         raise ValueError("--teacher is required (a dmdx model folder or gmm:NAME)")
     if not resumed:  # a resumed run's config.json already holds its resolved values
         applied = apply_recipe(cfg, user_keys)
-        print(format_settings(teacher_kind(cfg.teacher), cfg.method.name, applied), file=sys.stderr)
+        if os.environ.get("RANK", "0") == "0":  # once, not from every torchrun rank
+            print(format_settings(teacher_kind(cfg.teacher), cfg.method.name, applied), file=sys.stderr)
     if args.dry_run:
         from .models import load_model
         from .train.loop import check_lr_scale
@@ -419,7 +421,6 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
     if getattr(args, "nproc", None) is not None and not args.dry_run:
-        import os
         import subprocess
 
         try:

@@ -160,11 +160,14 @@ def setup(parallel: str = "auto", device: torch.device | None = None) -> World:
     """Join (or create) the process group for ``parallel``; idempotent.  torchrun's environment (RANK, WORLD_SIZE,
     LOCAL_RANK, MASTER_ADDR/PORT) defines the group; ``fsdp``/``ddp`` without it make a group of one process."""
     global _WORLD
-    if _WORLD is not None:
-        if resolve_parallel(parallel, _WORLD.size) != _WORLD.parallel and _WORLD.distributed:
-            _WORLD = World(_WORLD.rank, _WORLD.size, _WORLD.local_rank, resolve_parallel(parallel, _WORLD.size))
-        return _WORLD
     dist = torch.distributed
+    if _WORLD is not None:
+        mode = resolve_parallel(parallel, _WORLD.size)
+        if mode == _WORLD.parallel:
+            return _WORLD
+        if dist.is_initialized():  # the group exists: another mode on it (or the plain path in a group of one)
+            _WORLD = World(_WORLD.rank, _WORLD.size, _WORLD.local_rank, mode) if mode != "none" else World()
+            return _WORLD
     size = dist.get_world_size() if dist.is_initialized() else env_world_size()
     mode = resolve_parallel(parallel, size)
     if mode == "none":
@@ -177,7 +180,15 @@ def setup(parallel: str = "auto", device: torch.device | None = None) -> World:
     if not dist.is_initialized():
         backend = "nccl" if cuda else "gloo"
         timeout = datetime.timedelta(minutes=float(os.environ.get("DMDX_DIST_TIMEOUT_MIN", "60")))
-        if "MASTER_ADDR" in os.environ:
+        attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT")
+        if attempt is not None and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+            # torchrun's store outlives a restart of the workers: a prefix per attempt keeps a restarted group from
+            # reading the addresses the previous attempt's (dead) workers published there
+            base = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), size, is_master=False,
+                                 timeout=timeout)
+            dist.init_process_group(backend, store=dist.PrefixStore(f"dmdx/attempt_{attempt}", base),
+                                    rank=int(os.environ["RANK"]), world_size=size, timeout=timeout)
+        elif "MASTER_ADDR" in os.environ:
             dist.init_process_group(backend, timeout=timeout)
         else:  # one process, no launcher: a group of one (FSDP2 on a single device)
             dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
@@ -253,6 +264,15 @@ def shard(net: nn.Module, world: World, bf16: bool, cpu_offload: bool, device: t
     loose = [n for n, p in net.named_parameters() if not isinstance(p, DTensor)]
     assert not loose, f"parameters outside the FSDP units: {loose}"
     return net
+
+
+def reshard(net: nn.Module) -> None:
+    """Free the gathered parameters of a sharded network.  FSDP2 keeps the root unit's parameters gathered after
+    a forward (expecting the backward), so a forward without backward (the student's samples for the critic)
+    would otherwise leave the full network on every rank until its next backward."""
+    root = net.backbone if hasattr(net, "backbone") and isinstance(net.backbone, nn.Module) else net
+    if hasattr(root, "reshard"):
+        root.reshard()
 
 
 def is_sharded(net: nn.Module) -> bool:

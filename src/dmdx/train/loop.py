@@ -186,6 +186,9 @@ class Trainer:
             self.updates[name] = n + 1
             if name == "student":
                 update_ema(self.ema, self.student, ema_decay(tc.ema_decay, n, tc.ema_warmup))
+        if self.fsdp:
+            for net in stage.trainables.values():
+                dist.reshard(net)
         return logs
 
     # -- outputs ---------------------------------------------------------------------------------------------
