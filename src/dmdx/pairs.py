@@ -69,7 +69,8 @@ def collect_pairs(model: Model, out: Path, n: int, steps: int = 50, solver: str 
 
         done = n - sum(min(shard_size, n - i * shard_size) for i in todo)
         bar = tqdm(total=n, initial=done, unit="pair", dynamic_ncols=True, mininterval=1.0,
-                   desc=f"teacher pairs ({nfe(solver, steps)} NFE each, guidance {guidance:g}; stop and rerun to resume)")
+                   desc=f"teacher pairs ({nfe(solver, steps)} NFE each, guidance {guidance:g}; "
+                        "stop and rerun to resume)")
     for i in todo:
         m = min(shard_size, n - i * shard_size)
         g = torch.Generator().manual_seed(seed * 100003 + i)

@@ -240,6 +240,13 @@ class Method:
         self.cfg = cfg
         self.ctx = ctx
 
+    @classmethod
+    def check(cls, cfg, shape: tuple[int, ...]) -> None:
+        """Refuse a config that cannot work on samples of ``shape``, before the slow set-up (pairs, networks)."""
+        for sub, c, _ in cls.stages(cfg, 2):
+            if sub is not cls:
+                sub.check(c, shape)
+
     def networks(self) -> dict[str, nn.Module]:
         """Trainable networks other than the student, by name (checkpointed and optimised by the loop)."""
         return {}

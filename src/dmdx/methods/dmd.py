@@ -37,23 +37,30 @@ class DMD(DMD2):
     Config = DMDConfig
     needs_pairs = True
 
-    def __init__(self, cfg: DMDConfig, ctx):
-        super().__init__(cfg, ctx)
+    @classmethod
+    def check(cls, cfg: DMDConfig, shape) -> None:
         if cfg.reg_loss not in ("mse", "lpips"):
             raise ValueError(f"unknown reg_loss {cfg.reg_loss!r}; allowed: mse, lpips")
-        self.lpips = None
         if cfg.reg_loss == "lpips":
-            if not ctx.is_image:
+            if len(shape) != 3:
                 raise ValueError("reg_loss=lpips needs image data")
-            if ctx.shape[0] not in (1, 3):
+            if shape[0] not in (1, 3):
                 raise ValueError(f"reg_loss=lpips compares RGB or grey images, but this teacher works on "
-                                 f"{ctx.shape[0]}-channel latents (LPIPS through the VAE decoder is not "
+                                 f"{shape[0]}-channel latents (LPIPS through the VAE decoder is not "
                                  "implemented); use reg_loss=mse")
             try:
                 import lpips  # noqa: F401
             except ImportError:
                 raise ValueError("reg_loss=lpips needs the lpips package (pip install lpips) and its weights "
                                  "installed locally") from None
+
+    def __init__(self, cfg: DMDConfig, ctx):
+        super().__init__(cfg, ctx)
+        self.check(cfg, ctx.shape)
+        self.lpips = None
+        if cfg.reg_loss == "lpips":
+            import lpips
+
             self.lpips = lpips.LPIPS(net="vgg", pretrained=True).to(ctx.device).eval().requires_grad_(False)
 
     def student_extra(self, x, cond):

@@ -35,7 +35,7 @@ class PairsConfig:
     steps: int = 50
     solver: str = "heun"
     guidance: float | None = None  # CFG of the teacher's ODE; None: the method's real_guidance, else the teacher's
-    batch_size: int | None = None  # pairs integrated at once; None: 1000 (built-in teachers), train.batch_size (pipelines)
+    batch_size: int | None = None  # integrated at once; None: 1000 (built-in teachers), train.batch_size (pipelines)
 
     def resolved_n(self, train: TrainConfig) -> int:
         return self.n if self.n is not None else max(1, min(2000, train.steps * train.batch_size))
@@ -241,6 +241,7 @@ def build_run(cfg: RunConfig, run_dir: Path) -> tuple[Context, ModelInfo]:
         return build_pipeline_run(cfg, Path(run_dir))
     teacher = load_model(cfg.teacher, dev)
     tinfo = teacher.info
+    method.check(cfg.method, tuple(tinfo.shape))
     data_name = cfg.data or tinfo.data
     ds = load_dataset(data_name, "train") if data_name else None
     if ds is not None and list(ds.shape) != list(tinfo.shape):
@@ -311,14 +312,49 @@ def _pairs(cfg: RunConfig, teacher: Model, run_dir: Path, dev, cond_bank=None, m
 
 
 # -- diffusers pipeline teachers -------------------------------------------------------------------------------
+def _pipeline_data(cfg: RunConfig, path: Path, shape, run_dir: Path):
+    """(latent Dataset, caption row per image or None, caption embeddings or None), cached in RUN/latents.safetensors.
+
+    Images are resized to the training resolution and VAE-encoded once; a captioned folder (``name.png`` +
+    ``name.txt``) also gets each unique caption encoded once, and every image the row of its caption (-1: none).
+    """
+    from safetensors.torch import load_file, save_file
+
+    from ..data import Dataset
+    from ..data.files import folder_captions, load_folder
+    from ..teachers import diffusers as dfs
+
+    vs = dfs.vae_scale_factor(path)
+    px = (shape[1] * vs, shape[2] * vs)
+    lat_file = run_dir / "latents.safetensors"
+    if not lat_file.is_file():
+        spec = cfg.data if "@" in cfg.data else f"{cfg.data}@{px[0]}x{px[1]}"
+        _, images, _ = load_folder(spec)
+        if tuple(images.shape[-2:]) != px or images.shape[1] != 3:
+            raise ValueError(f"data {cfg.data!r} has images of shape {list(images.shape[1:])}; the teacher "
+                             f"works at 3x{px[0]}x{px[1]} pixels (real.resolution)")
+        tensors = {"x": dfs.encode_images(path, images)}
+        captions = folder_captions(spec)
+        unique = sorted({c for c in captions if c is not None})
+        if unique:
+            row = {c: i for i, c in enumerate(unique)}
+            cap_bank, _ = dfs.encode_prompts(path, unique, shape)
+            tensors["caption_rows"] = torch.tensor([row.get(c, -1) for c in captions])
+            tensors.update({f"caption.{k}": v.contiguous() for k, v in cap_bank.items()})
+        save_file(tensors, str(lat_file))
+    lat = load_file(str(lat_file))
+    ds = Dataset(name=str(cfg.data), kind="image", x=lat["x"])
+    if tuple(ds.shape) != tuple(shape):
+        raise ValueError(f"cached latents {lat_file} have shape {list(ds.shape)}, the teacher {list(shape)}")
+    if "caption_rows" not in lat:
+        return ds, None, None
+    return ds, lat["caption_rows"], {k[8:]: v for k, v in lat.items() if k.startswith("caption.")}
 
 
 def build_pipeline_run(cfg: RunConfig, run_dir: Path) -> tuple[Context, ModelInfo]:
     """Teacher, cached prompt embeddings, cached VAE latents, student (maybe LoRA), pairs; checked before training."""
     import copy
 
-    from ..data import Dataset
-    from ..data.files import folder_captions, load_folder
     from ..teachers import diffusers as dfs
 
     rc = cfg.real
@@ -328,6 +364,7 @@ def build_pipeline_run(cfg: RunConfig, run_dir: Path) -> tuple[Context, ModelInf
     comp, family = dfs.denoiser_component(path)
     shape = dfs.latent_shape(path, rc.resolution)
     dfs.check_shape(path, shape)
+    method.check(cfg.method, tuple(shape))
     if not rc.prompts:
         raise ValueError("a diffusers teacher needs --prompts FILE (one prompt a line)")
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -342,36 +379,7 @@ def build_pipeline_run(cfg: RunConfig, run_dir: Path) -> tuple[Context, ModelInf
     if family == "flux" and teacher.denoiser.backbone.guidance_distilled and _real_guidance(cfg, 1.0) != 1.0:
         raise ValueError("this Flux teacher is guidance-distilled: it has no real classifier-free guidance; set "
                          "real_guidance to 1 and choose the guidance embedding with real.flux_guidance")
-    vs = dfs.vae_scale_factor(path)
-    px = (shape[1] * vs, shape[2] * vs)
-    ds = None
-    caption_rows = caption_bank = None
-    if cfg.data:
-        from safetensors.torch import load_file, save_file
-
-        lat_file = run_dir / "latents.safetensors"
-        if not lat_file.is_file():
-            spec = cfg.data if "@" in cfg.data else f"{cfg.data}@{px[0]}x{px[1]}"
-            _, images, _ = load_folder(spec)
-            if tuple(images.shape[-2:]) != px or images.shape[1] != 3:
-                raise ValueError(f"data {cfg.data!r} has images of shape {list(images.shape[1:])}; the teacher "
-                                 f"works at 3x{px[0]}x{px[1]} pixels (real.resolution)")
-            tensors = {"x": dfs.encode_images(path, images)}
-            # captioned folders (name.png + name.txt): each image's caption, encoded once (unique captions)
-            captions = folder_captions(spec)
-            unique = sorted({c for c in captions if c is not None})
-            if unique:
-                cap_bank, _ = dfs.encode_prompts(path, unique, shape)
-                tensors["caption_rows"] = torch.tensor([unique.index(c) if c is not None else -1 for c in captions])
-                tensors.update({f"caption.{k}": v.contiguous() for k, v in cap_bank.items()})
-            save_file(tensors, str(lat_file))
-        lat = load_file(str(lat_file))
-        ds = Dataset(name=str(cfg.data), kind="image", x=lat["x"])
-        if tuple(ds.shape) != tuple(shape):
-            raise ValueError(f"cached latents {lat_file} have shape {list(ds.shape)}, the teacher {list(shape)}")
-        if "caption_rows" in lat:
-            caption_rows = lat["caption_rows"]
-            caption_bank = {k[8:]: v for k, v in lat.items() if k.startswith("caption.")}
+    ds, caption_rows, caption_bank = _pipeline_data(cfg, path, shape, run_dir) if cfg.data else (None, None, None)
     times = [float(t) for t in cfg.student.times]
     if not times or any(not 0 < t <= 1 for t in times) or any(a <= b for a, b in zip(times, times[1:])):
         raise ValueError(f"student.times must be decreasing values in (0, 1], got {times}")
