@@ -102,6 +102,9 @@ def generate_images(model, prompts: Sequence[str], per_prompt: int = 1, seed: in
     else:
         steps = steps or usual_steps(info)
         guidance = info.guidance if guidance is None else guidance
+    if guidance != 1.0 and getattr(model.denoiser.backbone, "guidance_distilled", False):
+        raise ValueError("a guidance-distilled Flux model has no real classifier-free guidance: its guidance is the "
+                         "fixed embedding real.flux_guidance; leave --guidance unset (1)")
     bank, _ = dfs.encode_prompts(pipe_dir, prompts, shape)
     den = model.denoiser
     jobs = [(p, s) for p in range(len(prompts)) for s in range(seed, seed + per_prompt)]
@@ -127,8 +130,7 @@ def generate_images(model, prompts: Sequence[str], per_prompt: int = 1, seed: in
         lat.append(z.float().cpu())
     z = torch.cat(lat)
     images = decode_latents(pipe_dir, z, batch_size) if decode else z
-    cfg = guidance != 1.0 and not getattr(den.backbone, "guidance_distilled", False)
-    nfe = steps if student else steps * (2 if cfg else 1)  # euler: one pass a step; CFG runs two
+    nfe = steps * (2 if guidance != 1.0 else 1)  # one pass a step (Euler, the student loop); CFG runs two
     return ImageSamples(images, [prompts[p] for p, _ in jobs], [p for p, _ in jobs], [s for _, s in jobs], steps,
                         nfe, guidance, secs / len(jobs))
 
@@ -449,15 +451,17 @@ def evaluate_pipeline(model, prompts: Sequence[str], scorers: Scorers, per_promp
                       teacher_steps: int | None = None, batch_size: int = 4, device="cpu", name: str = "model"
                       ) -> list[dict]:
     """Rows of the table: the model with its metrics, then (for a student, when ``teacher`` is given) the teacher
-    at its usual step count timed on the first prompt, with the model's speed-up against it."""
+    at its usual step count with its CFG, timed on one batch of the same size (no metrics), and the speed-up of
+    each row against it (the ratio of milliseconds per image)."""
     s = generate_images(model, prompts, per_prompt, seed, steps, guidance, batch_size, device)
     row = {"model": name, "kind": model.info.kind, "steps": s.steps, "nfe": s.nfe, "images": len(s.seeds),
            "ms_per_image": 1000 * s.seconds_per_image, "guidance": s.guidance, **score_images(s, scorers)}
     rows = [row]
     if teacher is not None:
         t_steps = teacher_steps or usual_steps(teacher.info)
-        ts = generate_images(teacher, prompts[:1], 1, seed, t_steps, None, 1, device, decode=False)
-        rows.append({"model": "teacher", "kind": "teacher", "steps": ts.steps, "nfe": ts.nfe, "images": 1,
+        n = min(batch_size, len(s.seeds))  # one batch of the same size as the model's, for a fair time
+        ts = generate_images(teacher, (list(prompts) * n)[:n], 1, seed, t_steps, None, n, device, decode=False)
+        rows.append({"model": "teacher", "kind": "teacher", "steps": ts.steps, "nfe": ts.nfe, "images": n,
                      "ms_per_image": 1000 * ts.seconds_per_image, "guidance": ts.guidance})
         for r in rows:
             r["speedup"] = ts.seconds_per_image / max(r["ms_per_image"] / 1000, 1e-12)
