@@ -342,7 +342,7 @@ def cmd_eval(args) -> int:
 
 
 def _eval_pipeline(args, dev) -> list[dict]:
-    from .eval.pipelines import (LPIPS, CLIPScorer, Scorers, check_unsupported, evaluate_pipeline, load_image_folder,
+    from .eval.pipelines import (LPIPS, CLIPScorer, Scorers, check_unsupported, evaluate_pipeline, image_files,
                                  load_inception)
     from .models import load_model
 
@@ -353,7 +353,7 @@ def _eval_pipeline(args, dev) -> list[dict]:
     sc = Scorers(kid_subset_size=args.kid_subset_size)
     if args.ref:  # check every local file before the (long) sampling
         sc.inception = load_inception(args.inception, dev)
-        sc.reference = load_image_folder(args.ref)
+        sc.reference = image_files(args.ref)
     if args.clip:
         sc.clip = CLIPScorer(args.clip, dev)
     if args.pickscore:
