@@ -280,7 +280,8 @@ def cmd_sample(args) -> int:
 
         prompts = _pipeline_prompts(args)
         if out.suffix.lower() in (".png", ".npz"):
-            raise ValueError(f"--out is a folder for a text-to-image model (PNG per image + grid.png), got {out.name!r}")
+            raise ValueError(f"--out is a folder for a text-to-image model (PNG per image + grid.png), got "
+                             f"{out.name!r}")
         m = load_model(args.model, dev)
         s = generate_images(m, prompts, args.per_prompt, args.seed, args.steps, args.guidance, args.batch_size, dev)
         paths = save_images(s, out)
