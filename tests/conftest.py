@@ -35,7 +35,8 @@ def pipeline_students(tmp_path_factory):
 
     def get(family: str):
         if family not in cache:
-            pipe = pndm_pipeline(root / "pipe_sd") if family == "sd" else make_tiny_pipeline(family, root / f"pipe_{family}")
+            folder = root / f"pipe_{family}"
+            pipe = pndm_pipeline(folder) if family == "sd" else make_tiny_pipeline(family, folder)
             (root / family).mkdir()
             cache[family] = lora_student(pipe, root / family, times=(1.0,) if family == "flux" else (1.0, 0.5))
         return cache[family]

@@ -227,3 +227,15 @@ def test_eval_errors(student, files, tmp_path, capsys):
     assert cli(*base, "--clip", tmp_path / "nope") == 2
     assert "CLIP model folder not found" in capsys.readouterr().err
     assert cli("eval", "--model", "gmm:ring8", "--clip", files["clip"], "--n", 10) == 2
+
+
+def test_eval_cli_teacher(student, files, tmp_path):
+    from dmdx.models import read_info
+
+    js = tmp_path / "t.json"
+    teacher = read_info(student).extra["pipeline"]
+    assert cli("eval", "--model", teacher, "--prompts", files["prompts"], "--per-prompt", 1, "--steps", 2,
+               "--clip", files["clip"], "--json", js) == 0
+    row = json.loads(js.read_text())
+    assert row["kind"] == "teacher" and row["nfe"] == 4 and row["speedup"] == 1.0 and row["images"] == 2
+    assert 0 <= row["clip_score"] <= 100

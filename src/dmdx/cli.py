@@ -312,7 +312,8 @@ def cmd_sample(args) -> int:
 
         prompts = _pipeline_prompts(args)
         if out.suffix.lower() in (".png", ".npz"):
-            raise ValueError(f"--out is a folder for a text-to-image model (PNG per image + grid.png), got {out.name!r}")
+            raise ValueError(f"--out is a folder for a text-to-image model (PNG per image + grid.png), got "
+                             f"{out.name!r}")
         m = load_model(args.model, dev)
         s = generate_images(m, prompts, args.per_prompt, args.seed, args.steps, args.guidance, args.batch_size, dev)
         paths = save_images(s, out)
@@ -374,7 +375,7 @@ def cmd_eval(args) -> int:
 
 
 def _eval_pipeline(args, dev) -> list[dict]:
-    from .eval.pipelines import (LPIPS, CLIPScorer, Scorers, check_unsupported, evaluate_pipeline, load_image_folder,
+    from .eval.pipelines import (LPIPS, CLIPScorer, Scorers, check_unsupported, evaluate_pipeline, image_files,
                                  load_inception)
     from .models import load_model
 
@@ -385,7 +386,7 @@ def _eval_pipeline(args, dev) -> list[dict]:
     sc = Scorers(kid_subset_size=args.kid_subset_size)
     if args.ref:  # check every local file before the (long) sampling
         sc.inception = load_inception(args.inception, dev)
-        sc.reference = load_image_folder(args.ref)
+        sc.reference = image_files(args.ref)
     if args.clip:
         sc.clip = CLIPScorer(args.clip, dev)
     if args.pickscore:

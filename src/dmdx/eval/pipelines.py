@@ -102,6 +102,9 @@ def generate_images(model, prompts: Sequence[str], per_prompt: int = 1, seed: in
     else:
         steps = steps or usual_steps(info)
         guidance = info.guidance if guidance is None else guidance
+    if guidance != 1.0 and getattr(model.denoiser.backbone, "guidance_distilled", False):
+        raise ValueError("a guidance-distilled Flux model has no real classifier-free guidance: its guidance is the "
+                         "fixed embedding real.flux_guidance; leave --guidance unset (1)")
     bank, _ = dfs.encode_prompts(pipe_dir, prompts, shape)
     den = model.denoiser
     jobs = [(p, s) for p in range(len(prompts)) for s in range(seed, seed + per_prompt)]
@@ -126,19 +129,19 @@ def generate_images(model, prompts: Sequence[str], per_prompt: int = 1, seed: in
         secs += time.perf_counter() - start
         lat.append(z.float().cpu())
     z = torch.cat(lat)
-    images = decode_latents(pipe_dir, z, batch_size) if decode else z
-    cfg = guidance != 1.0 and not getattr(den.backbone, "guidance_distilled", False)
-    nfe = steps if student else steps * (2 if cfg else 1)  # euler: one pass a step; CFG runs two
+    images = decode_latents(pipe_dir, z, batch_size, device) if decode else z
+    nfe = steps * (2 if guidance != 1.0 else 1)  # one pass a step (Euler, the student loop); CFG runs two
     return ImageSamples(images, [prompts[p] for p, _ in jobs], [p for p, _ in jobs], [s for _, s in jobs], steps,
                         nfe, guidance, secs / len(jobs))
 
 
 @torch.no_grad()
-def decode_latents(pipe_dir: Path, z: Tensor, batch_size: int = 4) -> Tensor:
+def decode_latents(pipe_dir: Path, z: Tensor, batch_size: int = 4, device="cpu") -> Tensor:
+    """Scaled latents -> images in [-1, 1] with the pipeline's VAE (float32), on CPU."""
     from ..teachers import diffusers as dfs
 
-    vae = dfs.VAEDecoder(Path(pipe_dir))
-    return torch.cat([vae(z[i:i + batch_size]).clamp(-1, 1) for i in range(0, len(z), batch_size)])
+    vae = dfs.VAEDecoder(Path(pipe_dir)).to(device)
+    return torch.cat([vae(z[i:i + batch_size].to(device)).clamp(-1, 1).cpu() for i in range(0, len(z), batch_size)])
 
 
 def to_uint8(images: Tensor) -> Tensor:
@@ -170,18 +173,23 @@ def save_images(samples: ImageSamples, out: Path) -> list[Path]:
     return paths
 
 
-def load_image_folder(folder: str | Path, limit: int | None = None) -> list[Tensor]:
-    """Images of a folder (sorted by name) as uint8 [3, H, W] tensors; sizes may differ."""
-    from PIL import Image
-
+def image_files(folder: str | Path) -> list[Path]:
+    """The image files of a folder, sorted by name."""
     folder = Path(folder).expanduser()
     if not folder.is_dir():
         raise FileNotFoundError(f"reference image folder not found: {folder}")
     files = sorted(f for f in folder.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES)
     if not files:
         raise ValueError(f"{folder} holds no images ({', '.join(IMAGE_SUFFIXES)})")
+    return files
+
+
+def load_images(files: Sequence[Path]) -> list[Tensor]:
+    """Image files as uint8 [3, H, W] tensors (RGB); sizes may differ."""
+    from PIL import Image
+
     out = []
-    for f in files[:limit]:
+    for f in files:
         with Image.open(f) as im:
             out.append(torch.from_numpy(np.asarray(im.convert("RGB")).copy()).permute(2, 0, 1))
     return out
@@ -290,6 +298,11 @@ def image_features(fn: FeatureFn, images: Sequence[Tensor] | Tensor, batch_size:
             for i, row in zip(sel, f):
                 out[i] = row
     return torch.stack(out)  # type: ignore[arg-type]
+
+
+def folder_features(fn: FeatureFn, files: Sequence[Path], chunk: int = 256) -> Tensor:
+    """Features of image files, read ``chunk`` files at a time (a large reference set never sits in memory)."""
+    return torch.cat([image_features(fn, load_images(files[i:i + chunk])) for i in range(0, len(files), chunk)])
 
 
 def fid(real: Tensor, fake: Tensor) -> float:
@@ -418,7 +431,7 @@ class Scorers:
     clip: CLIPScorer | None = None
     pickscore: CLIPScorer | None = None
     inception: FeatureFn | None = None
-    reference: list[Tensor] | None = None  # uint8 images for FID / KID
+    reference: list[Path] | None = None  # image files for FID / KID
     lpips: Callable[[Tensor, Tensor], Tensor] | None = None
     kid_subsets: int = 100
     kid_subset_size: int = 1000
@@ -435,7 +448,7 @@ def score_images(s: ImageSamples, scorers: Scorers) -> dict:
     if scorers.reference is not None:
         if scorers.inception is None:
             raise ValueError("FID/KID against --ref need --inception FILE")
-        real = image_features(scorers.inception, scorers.reference)
+        real = folder_features(scorers.inception, scorers.reference)
         fake = image_features(scorers.inception, px)
         row["fid"] = fid(real, fake)
         row["kid"], row["kid_std"] = kid(real, fake, scorers.kid_subsets, scorers.kid_subset_size)
@@ -449,15 +462,17 @@ def evaluate_pipeline(model, prompts: Sequence[str], scorers: Scorers, per_promp
                       teacher_steps: int | None = None, batch_size: int = 4, device="cpu", name: str = "model"
                       ) -> list[dict]:
     """Rows of the table: the model with its metrics, then (for a student, when ``teacher`` is given) the teacher
-    at its usual step count timed on the first prompt, with the model's speed-up against it."""
+    at its usual step count with its CFG, timed on one batch of the same size (no metrics), and the speed-up of
+    each row against it (the ratio of milliseconds per image)."""
     s = generate_images(model, prompts, per_prompt, seed, steps, guidance, batch_size, device)
     row = {"model": name, "kind": model.info.kind, "steps": s.steps, "nfe": s.nfe, "images": len(s.seeds),
            "ms_per_image": 1000 * s.seconds_per_image, "guidance": s.guidance, **score_images(s, scorers)}
     rows = [row]
     if teacher is not None:
         t_steps = teacher_steps or usual_steps(teacher.info)
-        ts = generate_images(teacher, prompts[:1], 1, seed, t_steps, None, 1, device, decode=False)
-        rows.append({"model": "teacher", "kind": "teacher", "steps": ts.steps, "nfe": ts.nfe, "images": 1,
+        n = min(batch_size, len(s.seeds))  # one batch of the same size as the model's, for a fair time
+        ts = generate_images(teacher, (list(prompts) * n)[:n], 1, seed, t_steps, None, n, device, decode=False)
+        rows.append({"model": "teacher", "kind": "teacher", "steps": ts.steps, "nfe": ts.nfe, "images": n,
                      "ms_per_image": 1000 * ts.seconds_per_image, "guidance": ts.guidance})
         for r in rows:
             r["speedup"] = ts.seconds_per_image / max(r["ms_per_image"] / 1000, 1e-12)
