@@ -10,6 +10,7 @@ fake score's step.  The fake score keeps its denoising loss on student samples, 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -70,7 +71,7 @@ class ADMConfig:
     fake_t_min: float = 1e-3
     gan_g_weight: float = 1.0
     gan_d_weight: float = 1.0
-    head_arch: str = "paper"  # conv heads: "paper" (appendix B.1: 256 wide, 3 strided convs) or "dmd2" (nets/heads)
+    head_arch: Literal["paper", "dmd2"] = "paper"  # conv heads: "paper" (appendix B.1: 256 wide, 3 strided convs) or "dmd2" (nets/heads)
 
 
 class ADM(Method):
