@@ -3,6 +3,7 @@
 ADP's critic: can it separate the teacher's one-step output (the student's initial output) from real digits?
     python benchmarks/critic_probe.py --t-max 1.0     # re-noising times uniform in [0, 1]  (ADP's default)
     python benchmarks/critic_probe.py --t-max 0.3
+    python benchmarks/critic_probe.py --t-max 0.5 --head-arch paper   # the ADM paper's heads (appendix B.1)
 ADM's critic at a saved ADM run's latest checkpoint (student and fake score frozen there): how far apart are the
 real- and fake-score ODE steps, and how fast do fresh heads learn to tell them apart?
     python benchmarks/critic_probe.py --adm-run RUN [--dt 0.25] [--t-max 0.98]
@@ -24,6 +25,8 @@ from dmdx.models import load_model
 
 
 def train_heads(disc, batches, steps: int, lr: float):
+    n = sum(p.numel() for p in disc.heads.parameters())
+    print(f"heads: {[tuple(h.net[0].weight.shape) for h in disc.heads.heads]}, {n / 1e6:.2f} M parameters")
     opt = torch.optim.AdamW(disc.heads.parameters(), lr=lr)
     t0 = time.perf_counter()
     for it in range(steps):
@@ -55,7 +58,7 @@ def adp_probe(args):
         return (den.schedule.add_noise(x_all[idx], torch.randn(args.batch, *shape), t),
                 den.schedule.add_noise(fake, torch.randn(args.batch, *shape), t), t, cond)
 
-    train_heads(TeacherDiscriminator(den, ctx), batches, args.steps, args.lr)
+    train_heads(TeacherDiscriminator(den, ctx, args.head_arch), batches, args.steps, args.lr)
 
 
 def adm_probe(args):
@@ -94,7 +97,7 @@ def adm_probe(args):
         x_t, t, s = method.noised(x)
         return method.real_step(x_t, t, s, cond), method.fake_step(x_t, t, s, cond), s, cond
 
-    train_heads(TeacherDiscriminator(ctx.teacher_net, ctx), batches, args.steps, args.lr)
+    train_heads(TeacherDiscriminator(ctx.teacher_net, ctx, args.head_arch), batches, args.steps, args.lr)
 
 
 def main():
@@ -108,6 +111,7 @@ def main():
     ap.add_argument("--steps", type=int, default=150)
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--head-arch", default="dmd2", choices=["paper", "dmd2"], help="conv head design (nets/heads)")
     args = ap.parse_args()
     torch.manual_seed(0)
     if args.adm_run:

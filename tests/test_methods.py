@@ -171,3 +171,21 @@ def test_registry_lists_methods_in_errors():
     with pytest.raises(ValueError, match="dmd, dmd2, adm, adp, dmdx"):
         get_method("sid")
     assert set(METHODS) == {"dmd", "dmd2", "adm", "adp", "dmdx"}
+
+
+def test_adp_regression_anchor_reaches_only_the_student(tmp_path):
+    """ADP's optional regression term on the pairs trains the student, never the heads; off by default."""
+    assert METHODS["adp"].Config().reg_weight == 0.0
+    cfg = tiny_config("adp")
+    cfg.method.reg_weight, cfg.method.latent_weight = 1.0, 0.0  # the regression term alone
+    tr = make_trainer(cfg, tmp_path)
+    adp = tr.build_stage(0).method
+    loss, logs = adp.student_loss()
+    assert logs["loss/reg"] > 0
+    loss.backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in tr.ctx.student.parameters())
+    assert all(p.grad is None or p.grad.abs().sum() == 0 for p in adp.latent.heads.parameters())
+    assert "loss/reg" not in adp.critic_loss()[1]
+    with pytest.raises(ValueError, match="reg_weight"):
+        cfg.method.reg_weight = -1.0
+        make_trainer(cfg, tmp_path / "bad")

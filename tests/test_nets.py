@@ -130,6 +130,41 @@ def test_conv_head_output_depends_on_its_input(c, shape, dims):
     assert (g.flatten(1).norm(dim=1) > 1e-3).all()
 
 
+# Every feature map a conv head meets in dmdx: the built-in UNets' levels (digits 8x8, MNIST 16x16), the pixel
+# backbone's encoder (24/48/96 channels at 1, 1/2, 1/4 resolution), a 1x1 map, and video latents (T = 2, 3).
+HEAD_INPUTS = [(32, (8, 8)), (64, (4, 4)), (32, (16, 16)), (64, (8, 8)), (24, (8, 8)), (48, (4, 4)), (96, (2, 2)),
+               (96, (4, 4)), (8, (1, 1)), (8, (2, 8, 8)), (16, (3, 4, 4))]
+
+
+@pytest.mark.parametrize("arch", ["paper", "dmd2"])
+@pytest.mark.parametrize("c,shape", HEAD_INPUTS)
+def test_heads_see_their_input_at_every_width_and_depth_used(arch, c, shape):
+    torch.manual_seed(0)
+    head = ConvHead(c, shape, dims=len(shape), arch=arch)
+    x = torch.randn(16, c, *shape, requires_grad=True)
+    y = head(x)
+    assert y.shape == (16,) and y.std() > 1e-2
+    (g,) = torch.autograd.grad(y.sum(), x)
+    assert (g.flatten(1).norm(dim=1) > 1e-3).all()
+
+
+def test_paper_head_follows_appendix_b1():
+    """256 wide; 3 x [conv 4x4 s2, GroupNorm(32), SiLU]; conv 3x3 + GN + SiLU; global average pool; linear."""
+    head = ConvHead(32, (8, 8), arch="paper")
+    convs = [m for m in head.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert [(m.kernel_size, m.stride) for m in convs] == [((4, 4), (2, 2))] * 3 + [((3, 3), (1, 1))]
+    assert all(m.out_channels == 256 for m in convs)
+    assert all(m.num_groups == 32 for m in head.modules() if isinstance(m, torch.nn.GroupNorm))
+    assert isinstance(head.net[-1], torch.nn.Linear) and head.net[-1].out_features == 1
+    # a 2x2 map is strided once, then the convs keep its 1x1 size
+    small = [m for m in ConvHead(8, (2, 2), arch="paper").modules() if isinstance(m, torch.nn.Conv2d)]
+    assert [m.stride for m in small] == [(2, 2), (1, 1), (1, 1), (1, 1)]
+    video = [m for m in ConvHead(8, (2, 8, 8), dims=3, arch="paper").modules() if isinstance(m, torch.nn.Conv3d)]
+    assert all(m.kernel_size == (3, 3, 3) for m in video)
+    with pytest.raises(ValueError, match="allowed: paper, dmd2"):
+        ConvHead(8, (4, 4), arch="nope")
+
+
 def test_conv_head_3d():
     torch.manual_seed(0)
     head = ConvHead(8, (2, 8, 8), dims=3)

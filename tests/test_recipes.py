@@ -41,3 +41,48 @@ def test_dry_run_prints_the_recipe_and_set_wins(monkeypatch, tmp_path, capsys):
     assert json.loads(capsys.readouterr().out)["method"]["critic_every"] == 3
     assert main([*base, "--set", "recipe=none"]) == 0
     assert json.loads(capsys.readouterr().out)["method"]["critic_every"] == 5
+
+
+def _dry_run(capsys, tmp_path, teacher, method, *sets):
+    argv = ["distill", "--method", method, "--teacher", str(teacher), "--out", str(tmp_path / "r"), "--dry-run"]
+    for s in sets:
+        argv += ["--set", s]
+    assert main(argv) == 0
+    out = capsys.readouterr()
+    return json.loads(out.out), out.err
+
+
+def test_builtin_image_teacher_gets_the_small_scale_gan_recipe(tmp_path, capsys):
+    """The shipped digits teacher is kind "image": DMDX gets the settings measured on digits, --set still wins,
+    and recipe=none gives the paper's defaults."""
+    from dmdx.demo import shipped_teacher
+
+    teacher = shipped_teacher("digits")
+    assert teacher_kind(teacher) == "image"
+    cfg, err = _dry_run(capsys, tmp_path, teacher, "dmdx")
+    assert cfg["train"]["lr_scale"] == {"student": 0.2, "disc_heads": 10, "latent_heads": 10, "pixel_heads": 10}
+    assert cfg["method"]["adm"]["dt"] == 0.25 and cfg["method"]["adp"]["d_t_max"] == 0.5
+    assert "method.adm.dt = 0.25" in err and "benchmarks/" in err
+    cfg, _ = _dry_run(capsys, tmp_path, teacher, "dmdx", "method.adm.dt=0.1", 'train.lr_scale={"student": 1}')
+    assert cfg["method"]["adm"]["dt"] == 0.1 and cfg["train"]["lr_scale"] == {"student": 1}
+    assert cfg["method"]["adp"]["d_t_max"] == 0.5  # the rest of the recipe still applies
+    cfg, _ = _dry_run(capsys, tmp_path, teacher, "dmdx", "recipe=none")
+    assert cfg["method"]["adm"]["dt"] == 1 / 64 and cfg["train"]["lr_scale"] == {}
+    cfg, _ = _dry_run(capsys, tmp_path, teacher, "adm")
+    assert cfg["method"]["dt"] == 0.25 and cfg["train"]["lr_scale"]["disc_heads"] == 10
+    cfg, _ = _dry_run(capsys, tmp_path, teacher, "dmd2")
+    assert cfg["train"]["lr_scale"] == {} and cfg["method"]["critic_every"] == 5  # DMD2 keeps its paper defaults
+
+
+def test_every_builtin_recipe_names_real_config_keys_and_sources():
+    """Each Setting of the built-in kinds resolves against the method's config and cites where it comes from."""
+    from dmdx.config import set_path
+
+    for (kind, method), settings in recipes.RECIPES.items():
+        if kind not in ("gmm", "vector", "image"):
+            continue
+        assert settings, (kind, method)
+        for s in settings:
+            cfg = default_run_config(method if method != "*" else "dmd2")
+            set_path(cfg, s.key, json.dumps(s.value) if isinstance(s.value, (list, dict)) else s.value)
+            assert s.source, (kind, method, s.key)

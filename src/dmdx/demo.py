@@ -34,16 +34,9 @@ BUDGETS = {
 }
 
 
-# Small-scale settings of the GAN-based methods, found on digits (benchmarks/RESULTS.md, "DMDX on digits"). At the
-# paper's defaults the discriminators stay at chance on this budget, and Adam turns their uninformative gradients
-# into full-size student steps: the student drifts to noise (FD 40+). A slower student, faster fresh heads, latent-D
-# times in [0, 0.5] and a larger ADM step keep it stable. ``dmdx demo --set k=v`` overrides any of them.
-_GAN_SETS = ['train.lr_scale={"student": 0.2, "disc_heads": 10, "latent_heads": 10, "pixel_heads": 10}']
-DEMO_SETS = {
-    "dmdx": _GAN_SETS + ["method.adp.d_t_max=0.5", "method.adm.dt=0.25"],
-    "adp": _GAN_SETS + ["method.d_t_max=0.5"],
-    "adm": _GAN_SETS + ["method.dt=0.25"],
-}
+# The config keys the demo's budget sets (a recipe does not override them).
+BUDGET_KEYS = ("train.steps", "train.batch_size", "train.ckpt_every", "train.sample_every", "pairs.n", "pairs.steps",
+               "surrogate_steps")
 
 
 def shipped_teacher(data: str) -> Path | None:
@@ -91,6 +84,7 @@ def run_demo(data: str = "digits", method: str = "dmdx", out: Path = Path("dmdx-
     from .train.loop import Trainer
     from .train.run import build_run, default_run_config, load_run_config
     from .config import apply_overrides, save_json, to_dict
+    from .recipes import apply_recipe, format_settings, teacher_kind
 
     t_start = time.perf_counter()
     out = Path(out)
@@ -105,13 +99,17 @@ def run_demo(data: str = "digits", method: str = "dmdx", out: Path = Path("dmdx-
         cfg.teacher, cfg.data = teacher_path, data
         cfg.train.steps = steps or budget.distill_steps
         cfg.train.batch_size = budget.batch_size
-        cfg.train.lr = 1e-4
         cfg.train.ckpt_every = max(cfg.train.steps // 4, 1)
         cfg.train.sample_every = 0
         cfg.pairs.n = budget.pairs
         cfg.pairs.steps = budget.pair_steps
         cfg.surrogate_steps = budget.surrogate_steps
-        apply_overrides(cfg, DEMO_SETS.get(method, []) + list(overrides or []))
+        apply_overrides(cfg, list(overrides or []))
+        # The method's defaults for this teacher kind, as ``dmdx distill`` resolves them; the demo's budget counts
+        # as set by the user, and so does every ``--set``.
+        user_keys = set(BUDGET_KEYS) | {item.split("=", 1)[0].strip() for item in overrides or []}
+        applied = apply_recipe(cfg, user_keys)
+        _log(format_settings(teacher_kind(cfg.teacher), cfg.method.name, applied))
     cfg.train.progress = progress
     done = (run_dir / "model.json").is_file() and _finished(run_dir, cfg.train.steps)
     t0 = time.perf_counter()

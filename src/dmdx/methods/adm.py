@@ -10,6 +10,7 @@ fake score's step.  The fake score keeps its denoising loss on student samples, 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -30,7 +31,7 @@ class TeacherDiscriminator(torch.nn.Module):
     input x (the student) through it.
     """
 
-    def __init__(self, teacher_net, ctx):
+    def __init__(self, teacher_net, ctx, head_arch: str = "dmd2"):
         super().__init__()
         self.layers = list(teacher_net.backbone.feature_layers)
         self._net = [teacher_net]  # a list keeps the frozen teacher out of this module's parameters/state_dict
@@ -38,7 +39,7 @@ class TeacherDiscriminator(torch.nn.Module):
         with torch.no_grad(), FeatureTap(teacher_net.backbone, self.layers) as tap:
             teacher_net.predict(ctx.noise(n), torch.full((n,), 0.5, dtype=torch.float64, device=ctx.device),
                                 ctx.cond(n))
-        self.heads = MultiHead([tuple(f.shape[1:]) for f in tap.features]).to(ctx.device)
+        self.heads = MultiHead([tuple(f.shape[1:]) for f in tap.features], arch=head_arch).to(ctx.device)
 
     def forward(self, x: Tensor, t, cond: Cond) -> Tensor:
         net = self._net[0]
@@ -70,6 +71,7 @@ class ADMConfig:
     fake_t_min: float = 1e-3
     gan_g_weight: float = 1.0
     gan_d_weight: float = 1.0
+    head_arch: Literal["paper", "dmd2"] = "paper"  # conv heads: "paper" (appendix B.1: 256 wide, 3 strided convs) or "dmd2" (nets/heads)
 
 
 class ADM(Method):
@@ -84,7 +86,7 @@ class ADM(Method):
         if cfg.critic_warmup < 0:
             raise ValueError(f"critic_warmup must be >= 0, got {cfg.critic_warmup}")
         self.fake_score = frozen_copy(ctx.teacher_net)
-        self.disc = TeacherDiscriminator(ctx.teacher_net, ctx)
+        self.disc = TeacherDiscriminator(ctx.teacher_net, ctx, cfg.head_arch)
 
     def networks(self):
         return {"fake_score": self.fake_score, "disc_heads": self.disc.heads}

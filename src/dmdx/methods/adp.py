@@ -9,8 +9,10 @@ pixel one (a frozen vision backbone + heads on decoded samples), weighted 0.85 /
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
+import torch.nn.functional as F
 
 from ..nets.heads import MultiHead
 from .adm import TeacherDiscriminator, hinge_d, hinge_g
@@ -22,12 +24,12 @@ Tensor = torch.Tensor
 class PixelDiscriminator(torch.nn.Module):
     """Trainable heads on the features of a frozen vision backbone (``backbone.features(x) -> list``)."""
 
-    def __init__(self, backbone, ctx):
+    def __init__(self, backbone, ctx, head_arch: str = "dmd2"):
         super().__init__()
         self._bb = [backbone]
         with torch.no_grad():
             feats = backbone.features(ctx.noise(2).clamp(-1, 1))
-        self.heads = MultiHead([tuple(f.shape[1:]) for f in feats]).to(ctx.device)
+        self.heads = MultiHead([tuple(f.shape[1:]) for f in feats], arch=head_arch).to(ctx.device)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.heads(self._bb[0].features(x))
@@ -41,6 +43,10 @@ class ADPConfig:
     cubic: bool = True  # student times t' = 1 - u^3; False: uniform
     d_t_min: float = 0.0  # latent discriminator times, uniform
     d_t_max: float = 1.0
+    # Optional regression anchor: ``reg_weight * mse(G(x_t'), x0_pair)`` on the same pair inputs, trained into the
+    # student only.  0 is the pure-GAN form of the paper's abstract; one secondary source adds an MSE on the pairs.
+    reg_weight: float = 0.0
+    head_arch: Literal["paper", "dmd2"] = "paper"  # conv heads: "paper" (appendix B.1: 256 wide, 3 strided convs) or "dmd2" (nets/heads)
 
 
 def adp_times(n: int, cubic: bool, device) -> Tensor:
@@ -58,10 +64,12 @@ class ADP(Method):
 
     def __init__(self, cfg: ADPConfig, ctx):
         super().__init__(cfg, ctx)
-        self.latent = TeacherDiscriminator(ctx.teacher_net, ctx)
+        if cfg.reg_weight < 0:
+            raise ValueError(f"reg_weight must be >= 0, got {cfg.reg_weight}")
+        self.latent = TeacherDiscriminator(ctx.teacher_net, ctx, cfg.head_arch)
         self.pixel = None
         if cfg.pixel_weight > 0 and ctx.pixel_backbone is not None:
-            self.pixel = PixelDiscriminator(ctx.pixel_backbone, ctx)
+            self.pixel = PixelDiscriminator(ctx.pixel_backbone, ctx, cfg.head_arch)
 
     def networks(self):
         nets = {"latent_heads": self.latent.heads}
@@ -88,7 +96,7 @@ class ADP(Method):
 
     def student_loss(self):
         cfg = self.cfg
-        x_hat, _, cond = self.predict(grad=True)
+        x_hat, x0, cond = self.predict(grad=True)
         (x_t,), t = self.renoise(x_hat)
         lat = hinge_g(self.latent(x_t, t, cond))
         loss, logs = cfg.latent_weight * lat, {"loss/gan_g_latent": lat.item()}
@@ -97,6 +105,10 @@ class ADP(Method):
             loss = loss + cfg.pixel_weight * pix
             logs["loss/gan_g_pixel"] = pix.item()
         logs["loss/gan_g"] = loss.item()
+        if cfg.reg_weight > 0:
+            reg = F.mse_loss(x_hat.float(), x0.float())
+            loss = loss + cfg.reg_weight * reg
+            logs["loss/reg"] = reg.item()
         return loss, logs
 
     def critic_loss(self):

@@ -33,6 +33,12 @@ BUILTIN_MIXTURES: dict[str, dict] = {
                "std": 0.1, "about": "5x5 grid of equal Gaussians, spacing 1, std 0.1"},
     "unequal": {"means": _ring(5, 2.0), "weights": [0.5, 0.2, 0.15, 0.1, 0.05], "std": 0.15,
                 "about": "5 Gaussians on a circle of radius 2 with weights 0.5/0.2/0.15/0.1/0.05, std 0.15"},
+    # No symmetry to lean on: modes at uneven distances from the origin and from each other, weights 8:1 from the
+    # largest to the smallest, two different widths.
+    "scatter7": {"means": [[0.0, 0.0], [2.2, 0.4], [-1.6, 1.7], [0.5, -2.3], [-2.4, -1.2], [1.3, 2.4], [2.6, -1.9]],
+                 "weights": [0.32, 0.2, 0.14, 0.11, 0.09, 0.08, 0.06], "std": [0.15, 0.12, 0.15, 0.12, 0.15, 0.12, 0.12],
+                 "about": "7 Gaussians scattered without symmetry (one at the origin), weights 0.32 down to 0.06, "
+                          "std 0.12-0.15"},
 }
 
 
