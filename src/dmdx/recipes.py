@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 # The teacher kinds a recipe can be keyed by.
-TEACHER_KINDS = ("gmm", "vector", "image", "sd", "sdxl", "sd3", "flux")
+TEACHER_KINDS = ("gmm", "vector", "image", "sd", "sdxl", "sd3", "flux", "cogvideox", "wan")
 
 
 @dataclass(frozen=True)
@@ -41,6 +41,11 @@ def teacher_kind(spec: str | Path | None) -> str | None:
     if spec.startswith("gmm:"):
         return "gmm"
     path = Path(spec).expanduser()
+    from .teachers.adapter import adapter_for
+
+    adapter = adapter_for(path)
+    if adapter is not None:
+        return adapter.kind(path)
     if (path / "model_index.json").is_file():
         from .teachers.diffusers import pipeline_kind
 
