@@ -84,7 +84,10 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--solver", choices=list(SOLVERS), help="teacher ODE solver (default: the model's)")
         p.add_argument("--device", default="auto")
         if name == "sample":
-            p.add_argument("--out", required=True, help=".png for a grid / scatter plot, .npz for raw samples")
+            p.add_argument("--out", required=True, help=".png for a grid / scatter plot, .npz for raw samples; "
+                           "video models: a folder for mp4 + GIF files")
+            p.add_argument("--prompts", help="video models: a text file, one prompt a line")
+            p.add_argument("--per-prompt", type=int, default=1, help="video models: videos per prompt")
         else:
             p.add_argument("--json", help="also write the metrics to this JSON file")
     return ap
@@ -223,6 +226,14 @@ def cmd_sample(args) -> int:
     from .viz import save_samples
 
     out = Path(args.out)
+    from .teachers.adapter import adapter_for, adapter_for_run
+
+    adapter = adapter_for_run(args.model) or adapter_for(args.model)
+    if adapter is not None:  # video students / teachers: mp4 files in the folder --out
+        files = adapter.sample(Path(args.model), args.prompts, out, n=args.per_prompt, seed=args.seed, steps=args.steps,
+                               guidance=args.guidance, device=_device(args.device))
+        print(f"{len(files)} videos (mp4 + GIF preview) -> {out}")
+        return 0
     if out.suffix.lower() not in (".png", ".npz"):
         raise ValueError(f"--out must end in .png (grid / scatter) or .npz (raw samples), got {out.name!r}")
     dev = _device(args.device)
