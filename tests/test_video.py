@@ -155,7 +155,8 @@ def test_errors(pipes, tmp_path):
     index["transformer_2"] = [None, None]
     index["transformer"] = ["diffusers", "LTXVideoTransformer3DModel"]
     (bad / "model_index.json").write_text(json.dumps(index))
-    with pytest.raises(ValueError, match="unsupported transformer class 'LTXVideoTransformer3DModel'"):
+    with pytest.raises(ValueError, match="unsupported transformer class 'LTXVideoTransformer3DModel'; supported: "
+                       ".*CogVideoXTransformer3DModel, WanTransformer3DModel"):
         load_model(bad)
     assert vid.geometry(pipes["cogvideox"]).shape == (4, 3, 2, 2)  # the transformer's native 9 x 16 x 16
 

@@ -268,6 +268,11 @@ def cmd_eval(args) -> int:
     from .evaluate import evaluate
     from .models import load_model
 
+    from .teachers.adapter import adapter_for, adapter_for_run
+
+    if adapter_for_run(args.model) or adapter_for(args.model):
+        raise ValueError(f"{args.model}: dmdx eval has no metric for video models; write videos with "
+                         "dmdx sample --model MODEL --prompts FILE --out DIR")
     dev = _device(args.device)
     m = load_model(args.model, dev)
     row = evaluate(m, args.steps, args.n, args.seed, args.guidance, dev)
