@@ -189,7 +189,12 @@ def cmd_distill(args) -> int:
         print(json.dumps(to_dict(cfg), indent=2))
         return 0
     run = distill(cfg, out, resume=args.resume)
-    print(f"student written to {run}; try: dmdx eval --model {run}")
+    from .teachers.adapter import adapter_for
+
+    if adapter_for(cfg.teacher) is not None:  # video students: no metric, samples
+        print(f"student written to {run}; try: dmdx sample --model {run} --prompts PROMPTS --out {run}/videos")
+    else:
+        print(f"student written to {run}; try: dmdx eval --model {run}")
     return 0
 
 
