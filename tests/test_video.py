@@ -187,7 +187,8 @@ def runs(pipes, inputs, tmp_path_factory):
         "dmd2_cog32": distill("dmd2", pipes["cogvideox"], inputs, root / "dmd2_cog32", "--data",
                               str(inputs / "vids"), "--set", "real.teacher_dtype=float32", "--set",
                               "student.times=[1.0,0.5]"),
-        "dmdx_cog": distill("dmdx", pipes["cogvideox"], inputs, root / "dmdx_cog", *small_pairs),
+        "dmdx_cog": distill("dmdx", pipes["cogvideox"], inputs, root / "dmdx_cog", *small_pairs, "--steps", "2",
+                            "--set", "train.log_every=1"),  # one ADP iteration (3-D latent heads), one ADM
         "dmdx_wan32": distill("dmdx", pipes["wan"], inputs, root / "dmdx_wan32", *small_pairs, *WAN_SIZE,
                               "--set", "real.teacher_dtype=float32", "--set", "student.times=[1.0,0.5]",
                               "--set", "method.adp_fraction=0"),
@@ -199,12 +200,17 @@ def test_one_iteration_at_defaults(runs, name):
     run = runs[name]
     row = last_log(run)
     cfg = json.loads((run / "config.json").read_text())
-    assert row["step"] == 1 and all(math.isfinite(v) for k, v in row.items() if k.startswith("loss/"))
+    assert row["step"] == (2 if name == "dmdx_cog" else 1)
+    assert all(math.isfinite(v) for k, v in row.items() if k.startswith("loss/"))
     assert cfg["real"]["teacher_dtype"] == ("float32" if name.endswith("32") else "bfloat16")
     assert cfg["real"]["grad_checkpointing"] is True  # the video recipes
     if name == "adm_cog":
         assert len(cfg["student"]["times"]) == 8  # the ADM paper's 8-step CogVideoX setting
         assert "loss/gan_g" in row and "loss/gan_d" in row
+    if name == "dmdx_cog":
+        first = json.loads((run / "log.jsonl").read_text().splitlines()[0])
+        assert first["stage"] == "adp" and row["stage"] == "adm"
+        assert all(math.isfinite(v) for k, v in first.items() if k.startswith("loss/"))
     if name.startswith("dmd2"):
         assert "loss/gan_d" in row  # real video latents reached DMD2's GAN term
         lat = __import__("safetensors.torch", fromlist=["load_file"]).load_file(str(run / "latents.safetensors"))

@@ -199,6 +199,11 @@ def text_length(path: Path, family: str, vc: VideoConfig | None = None) -> int:
 
 
 # -- prompts ---------------------------------------------------------------------------------------------------
+def encoder_placement() -> dict:
+    """Where the text encoder runs: the GPU in bf16 when there is one (T5-XXL is 19 GB in float32), else the CPU."""
+    return {"dtype": "bfloat16", "device": "cuda"} if torch.cuda.is_available() else {}
+
+
 @torch.no_grad()
 def encode_prompts(path: Path, prompts: list[str], max_length: int, batch_size: int = 8, dtype: str = "float32",
                    device: str | torch.device = "cpu") -> tuple[dict[str, Tensor], dict[str, Tensor]]:
@@ -499,9 +504,8 @@ class VideoAdapter:
 
         cond_file = run_dir / "prompts.safetensors"
         if not cond_file.is_file():
-            dev = "cuda" if torch.cuda.is_available() else "cpu"
             bank, null = encode_prompts(path, read_prompts(prompts_file), text_length(path, family, vc),
-                                        dtype="bfloat16" if dev == "cuda" else "float32", device=dev)
+                                        **encoder_placement())
             save_cond(cond_file, bank, null)
         return cond_file
 
@@ -521,7 +525,7 @@ class VideoAdapter:
             caps = folder.captions
             if any(c is not None for c in caps):
                 given = [c for c in caps if c is not None]
-                bank, _ = encode_prompts(path, given, text_length(path, family, vc))
+                bank, _ = encode_prompts(path, given, text_length(path, family, vc), **encoder_placement())
                 text = torch.zeros(len(caps), *bank["text"].shape[1:])
                 rows = [i for i, c in enumerate(caps) if c is not None]
                 text[rows] = bank["text"]

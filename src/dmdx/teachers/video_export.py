@@ -143,7 +143,7 @@ def sample_videos(model: str | Path, prompts_file: str | None, out: str | Path, 
     path = Path(info.extra["pipeline"])
     _, family = vid.check_video_folder(path)
     length = info.backbone["config"].get("max_sequence_length") or vid.text_length(path, family)
-    bank, _ = vid.encode_prompts(path, prompts, length)
+    bank, _ = vid.encode_prompts(path, prompts, length, **vid.encoder_placement())
     vae = vid.VideoVAE(path).to(device)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
