@@ -117,7 +117,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--batch-size", type=int, default=4, help="pipeline models: images per batch")
         if name == "sample":
             p.add_argument("--out", required=True, help="built-in models: .png for a grid / scatter plot, .npz for "
-                           "raw samples; pipeline models: a folder for the PNGs and grid.png")
+                           "raw samples; pipeline models: a folder for the PNGs and grid.png; video models: a folder "
+                           "for mp4 + GIF files")
         else:
             p.add_argument("--json", help="also write the metrics to this JSON file")
             p.add_argument("--clip", metavar="DIR", help="CLIP score with this local transformers CLIPModel folder")
@@ -233,7 +234,12 @@ def cmd_distill(args) -> int:
         print(json.dumps(to_dict(cfg), indent=2))
         return 0
     run = distill(cfg, out, resume=args.resume)
-    print(f"student written to {run}; try: dmdx eval --model {run}")
+    from .teachers.adapter import adapter_for
+
+    if adapter_for(cfg.teacher) is not None:  # video students: no metric, samples
+        print(f"student written to {run}; try: dmdx sample --model {run} --prompts PROMPTS --out {run}/videos")
+    else:
+        print(f"student written to {run}; try: dmdx eval --model {run}")
     return 0
 
 
@@ -307,6 +313,14 @@ def cmd_sample(args) -> int:
 
     out = Path(args.out)
     dev = _device(args.device)
+    from .teachers.adapter import adapter_for, adapter_for_run
+
+    adapter = adapter_for_run(args.model) or adapter_for(args.model)
+    if adapter is not None:  # video students / teachers: mp4 files in the folder --out
+        files = adapter.sample(Path(args.model), args.prompts, out, n=args.per_prompt, seed=args.seed, steps=args.steps,
+                               guidance=args.guidance, device=dev)
+        print(f"{len(files)} videos (mp4 + GIF preview) -> {out}")
+        return 0
     if _is_pipeline_model(args.model):
         from .eval.pipelines import generate_images, save_images
 
@@ -355,6 +369,11 @@ def cmd_eval(args) -> int:
     from .evaluate import evaluate
     from .models import load_model
 
+    from .teachers.adapter import adapter_for, adapter_for_run
+
+    if adapter_for_run(args.model) or adapter_for(args.model):
+        raise ValueError(f"{args.model}: dmdx eval has no metric for video models; write videos with "
+                         "dmdx sample --model MODEL --prompts FILE --out DIR")
     dev = _device(args.device)
     if _is_pipeline_model(args.model):
         rows = _eval_pipeline(args, dev)

@@ -60,6 +60,12 @@ def _merged_model(backbone) -> torch.nn.Module:
 def sampling_args(info: ModelInfo) -> dict:
     """What to pass to the exported pipeline's ``__call__`` to run the student's steps at its times."""
     fam = info.extra.get("family")
+    from .teachers.video import FAMILIES as VIDEO_FAMILIES
+
+    if fam in VIDEO_FAMILIES:  # CogVideoX / Wan students: dmdx.teachers.video_export
+        from .teachers.video_export import sampling_args as video_sampling_args
+
+        return video_sampling_args(info)
     times = info.times or [1.0]
     if fam == "unet":
         T = info.schedule.get("num_train_timesteps", 1000) - 1
@@ -152,6 +158,11 @@ def export_run(run: str | Path, out: str | Path, fmt: Literal["diffusers", "lora
     if fmt not in FORMATS:
         raise ValueError(f"unknown export format {fmt!r}; allowed: {', '.join(FORMATS)}")
     run, out = Path(run), Path(out)
+    from .teachers.adapter import adapter_for_run
+
+    adapter = adapter_for_run(run)  # teacher kinds behind the adapter interface (video pipelines)
+    if adapter is not None:
+        return adapter.export(run, out, fmt)
     info = read_info(run)
     if info.kind != "student" or "pipeline" not in info.extra:
         raise ValueError(f"{run} is not a student distilled from a diffusers pipeline; nothing to export")

@@ -123,7 +123,11 @@ def load_model(spec: str | Path, device: str | torch.device = "cpu") -> Model:
         m.denoiser.to(device)
         return m
     from .teachers import diffusers as dfs
+    from .teachers.adapter import adapter_for
 
+    adapter = adapter_for(spec)
+    if adapter is not None:
+        return adapter.load_teacher(spec, device)
     if dfs.is_pipeline_folder(spec):
         return dfs.load_teacher(spec, device)
     if dfs.looks_like_hub_id(spec):

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 # The teacher kinds a recipe can be keyed by.
-TEACHER_KINDS = ("gmm", "vector", "image", "sd", "sdxl", "sd3", "flux")
+TEACHER_KINDS = ("gmm", "vector", "image", "sd", "sdxl", "sd3", "flux", "cogvideox", "wan")
 
 
 @dataclass(frozen=True)
@@ -70,6 +70,11 @@ def teacher_kind(spec: str | Path | None) -> str | None:
     if spec.startswith("gmm:"):
         return "gmm"
     path = Path(spec).expanduser()
+    from .teachers.adapter import adapter_for
+
+    adapter = adapter_for(path)
+    if adapter is not None:
+        return adapter.kind(path)
     if (path / "model_index.json").is_file():
         from .teachers.diffusers import pipeline_kind
 
@@ -181,4 +186,34 @@ RECIPES.update({
     ],
     ("flux", "*"): _pipeline_common(1e-5, f"{REF}'s full fine-tuning range 5e-7..1e-5 (no Flux recipe there): its top",
                                     FLUX_LORA_TARGETS, "attention + feed-forward of the MMDiT blocks (ours)"),
+})
+
+
+# -- video teachers (dmdx.teachers.video) ------------------------------------------------------------------------
+_ADM = "ADM paper (arXiv 2507.18569), Tables 2-3: CogVideoX-2b / -5b distilled to 8 steps by multi-step ADM"
+_SFP = "Self-Forcing-Plus configs/self_forcing_14b_dmd.yaml (4-step DMD of Wan2.1-T2V-14B)"
+_COG8 = [1.0, 0.875, 0.75, 0.625, 0.5, 0.375, 0.25, 0.125]
+RECIPES.update({
+    ("cogvideox", "*"): [
+        Setting("real.grad_checkpointing", True, "ours, unmeasured: a 2b transformer on 13x60x90 latents needs it"),
+    ],
+    ("cogvideox", "adm"): [
+        Setting("student.times", _COG8, f"{_ADM}; the uniform spacing is ours, unmeasured"),
+        Setting("method.critic_every", 1, "ADM paper: a 1:1 critic:student ratio after ADP"),
+    ],
+    ("cogvideox", "dmdx"): [
+        Setting("student.times", _COG8, f"{_ADM}; the uniform spacing is ours, unmeasured"),
+    ],
+    ("wan", "*"): [
+        Setting("student.times", [1.0, 0.75, 0.5, 0.25],
+                f"{_SFP}: denoising_step_list 1000/750/500/250 warped through the shifted schedule"),
+        Setting("real.grad_checkpointing", True, f"{_SFP}: gradient_checkpointing true"),
+    ],
+    ("wan", "dmd2"): [
+        Setting("method.real_guidance", 3.0, f"{_SFP}: guidance_scale 3.0"),
+        Setting("train.lr", 2e-6, f"{_SFP}: lr 2e-6"),
+        Setting("train.lr_scale", {"fake_score": 0.2}, f"{_SFP}: lr_critic 4e-7 = 0.2 x lr"),
+        Setting("train.betas", [0.0, 0.999], f"{_SFP}: beta1 0, beta2 0.999 (generator and critic)"),
+        Setting("train.ema_decay", 0.99, f"{_SFP}: ema_weight 0.99"),
+    ],
 })

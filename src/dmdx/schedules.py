@@ -106,6 +106,11 @@ class VPDiscrete(Schedule):
 
     Continuous t maps to the fractional step index ``u = t * (T - 1)``; log(alpha_bar) is interpolated linearly
     between integer steps, so integer t*(T-1) reproduce diffusers' ``alphas_cumprod`` exactly.
+
+    CogVideoX's schedulers modify alpha_bar twice (``CogVideoXDDIMScheduler``): the SNR shift
+    ``ab / (s + (1 - s) ab)`` (SNR divided by ``snr_shift_scale`` = s) and, with ``rescale_betas_zero_snr``, the
+    zero-terminal-SNR rescaling of sqrt(alpha_bar) (Lin et al. 2024, Alg. 1), so that alpha(1) = 0: its last
+    alpha_bar is floored at 1e-30 (alpha ~ 1e-15) to keep the log table finite.
     """
 
     name: ClassVar[str] = "vp"
@@ -114,17 +119,36 @@ class VPDiscrete(Schedule):
     beta_schedule: Literal["linear", "scaled_linear"] = "scaled_linear"
     num_train_timesteps: int = 1000
     time_input: str = "index"
+    snr_shift_scale: float = 1.0
+    rescale_betas_zero_snr: bool = False
 
     def __post_init__(self):
         super().__post_init__()
+        if self.beta_schedule not in ("linear", "scaled_linear"):
+            raise ValueError(f"unknown beta_schedule {self.beta_schedule!r}; allowed: linear, scaled_linear")
+        if self.snr_shift_scale <= 0:
+            raise ValueError(f"snr_shift_scale must be > 0, got {self.snr_shift_scale}")
+        if self.snr_shift_scale == 1.0 and not self.rescale_betas_zero_snr:
+            self._log_ab = torch.cumsum(torch.log1p(-self._betas()), 0)
+        else:
+            self._log_ab = torch.log(self.alphas_cumprod().clamp(min=1e-30))
+
+    def _betas(self) -> Tensor:
         T = self.num_train_timesteps
         if self.beta_schedule == "linear":
-            betas = torch.linspace(self.beta_start, self.beta_end, T, dtype=torch.float64)
-        elif self.beta_schedule == "scaled_linear":
-            betas = torch.linspace(self.beta_start**0.5, self.beta_end**0.5, T, dtype=torch.float64) ** 2
-        else:
-            raise ValueError(f"unknown beta_schedule {self.beta_schedule!r}; allowed: linear, scaled_linear")
-        self._log_ab = torch.cumsum(torch.log1p(-betas), 0)
+            return torch.linspace(self.beta_start, self.beta_end, T, dtype=torch.float64)
+        return torch.linspace(self.beta_start**0.5, self.beta_end**0.5, T, dtype=torch.float64) ** 2
+
+    def alphas_cumprod(self) -> Tensor:
+        """diffusers' ``alphas_cumprod`` table (float64), SNR-shifted and zero-SNR rescaled as configured."""
+        ab = torch.cumprod(1 - self._betas(), 0)
+        s = self.snr_shift_scale
+        ab = ab / (s + (1 - s) * ab)
+        if self.rescale_betas_zero_snr:
+            r = ab.sqrt()
+            r0, r_last = r[0].clone(), r[-1].clone()
+            ab = ((r - r_last) * r0 / (r0 - r_last)) ** 2
+        return ab
 
     def _interp(self, t: Tensor) -> tuple[Tensor, Tensor]:
         T = self.num_train_timesteps

@@ -55,7 +55,9 @@ def save_scatter(x: torch.Tensor, path: Path, title: str = "", reference: torch.
 def save_samples(x: torch.Tensor, path: Path, title: str = "") -> None:
     """A grid for images, a scatter plot of the first two coordinates for vectors."""
     path = Path(path)
-    if x.ndim == 4:
+    if x.ndim == 5:  # videos [N, C, T, H, W]: one row of frames per video
+        save_image_grid(x.transpose(1, 2).flatten(0, 1), path, nrow=x.shape[2])
+    elif x.ndim == 4:
         save_image_grid(x, path)
     else:
         save_scatter(x, path, title)

@@ -6,6 +6,7 @@ from torch import nn
 
 from .heads import ConvHead, MultiHead, VectorHead, feature_shapes
 from ..teachers.diffusers import BACKBONES as PIPELINE_BACKBONES
+from ..teachers.video import BACKBONES as VIDEO_BACKBONES
 from .mlp import MLPDenoiser
 from .unet import DiffusersUNet2D, UNet
 
@@ -19,6 +20,8 @@ def build_backbone(name: str, **kwargs) -> nn.Module:
     :mod:`dmdx.teachers.diffusers` and are built from their pipeline folder."""
     if name in PIPELINE_BACKBONES:
         return PIPELINE_BACKBONES[name](**kwargs)
+    if name in VIDEO_BACKBONES:  # CogVideoX / Wan transformers (dmdx.teachers.video)
+        return VIDEO_BACKBONES[name](**kwargs)
     if name not in BACKBONES:
         raise ValueError(f"unknown backbone {name!r}; allowed: {', '.join(BACKBONES)}")
     return BACKBONES[name](**kwargs)

@@ -75,7 +75,10 @@ def denoiser_component(path: Path) -> tuple[str, str]:
         if isinstance(entry, list) and entry[-1] is not None:
             cls = entry[-1]
             if cls not in FAMILIES:
-                raise ValueError(f"{path}: unsupported {comp} class {cls!r}; supported: {', '.join(FAMILIES)}")
+                from .video import CLASSES as VIDEO_CLASSES  # video transformers: dmdx.teachers.video
+
+                raise ValueError(f"{path}: unsupported {comp} class {cls!r}; supported: "
+                                 f"{', '.join([*FAMILIES, *VIDEO_CLASSES])}")
             return comp, FAMILIES[cls]
     raise ValueError(f"{path}: model_index.json names no unet or transformer; supported classes: "
                      f"{', '.join(FAMILIES)}")

@@ -343,7 +343,7 @@ class Trainer:
             raise ValueError(f"{self.run_dir} already holds checkpoints; pass --resume to continue that run or choose "
                              "another --out")
         gen = torch.Generator().manual_seed(tc.seed + 1)  # fixed sample-grid noise, off the training RNG
-        grid_n = 64 if self.ctx.is_image else 2000
+        grid_n = getattr(self.ctx, "grid_n", 0) or (64 if self.ctx.is_image else 2000)  # video contexts: a few
         grid_noise = torch.randn((grid_n, *self.ctx.shape), generator=gen).to(self.ctx.device)
         grid_cond = ({"labels": (torch.arange(grid_n) % self.ctx.num_classes).to(self.ctx.device)}
                      if self.ctx.num_classes > 0 else None)

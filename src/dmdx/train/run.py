@@ -20,6 +20,7 @@ from ..methods.base import Context, frozen_copy
 from ..models import Model, ModelInfo, device_of, load_model, read_info
 from ..schedules import make_schedule
 from . import dist
+from ..teachers.video import VideoConfig
 
 CONFIG_JSON = "config.json"
 
@@ -79,6 +80,7 @@ class RunConfig:
     student: StudentConfig = field(default_factory=StudentConfig)
     pairs: PairsConfig = field(default_factory=PairsConfig)
     real: RealModelConfig = field(default_factory=RealModelConfig)
+    video: VideoConfig = field(default_factory=VideoConfig)  # video teachers (dmdx.teachers.video)
     surrogate_steps: int = 1500  # analytic teachers: steps of the MLP fitted to the exact denoiser (see docs)
     recipe: Literal["auto", "none"] = "auto"  # auto: defaults that fit the teacher's kind (dmdx.recipes); none: off
 
@@ -235,6 +237,11 @@ def build_run(cfg: RunConfig, run_dir: Path) -> tuple[Context, ModelInfo]:
     dev = device_of(cfg.train.device)
     if not cfg.teacher:
         raise ValueError("--teacher is required (a dmdx model folder or gmm:NAME)")
+    from ..teachers.adapter import adapter_for
+
+    adapter = adapter_for(cfg.teacher)  # teacher kinds behind the adapter interface (video pipelines)
+    if adapter is not None:
+        return adapter.build_run(cfg, Path(run_dir))
     from ..teachers import diffusers as dfs
 
     if dfs.is_pipeline_folder(cfg.teacher) or dfs.looks_like_hub_id(cfg.teacher):

@@ -1,0 +1,326 @@
+"""Video teachers: tiny random CogVideoX and Wan pipelines saved as local folders (9 frames of 16x16 pixels)."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+
+import pytest
+import torch
+
+pytest.importorskip("diffusers")
+pytest.importorskip("transformers")
+pytest.importorskip("peft")
+av = pytest.importorskip("av")
+
+from dmdx.cli import main  # noqa: E402
+from dmdx.teachers import video as vid  # noqa: E402
+from dmdx.teachers.diffusers import load_cond  # noqa: E402
+from dmdx.teachers.tiny_video import make_tiny_video_pipeline  # noqa: E402
+
+WAN_SIZE = ["--set", "video.frames=9", "--set", "video.height=16", "--set", "video.width=16"]  # no native size
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def pipes(tmp_path_factory):
+    root = tmp_path_factory.mktemp("vpipes")
+    out = {f: make_tiny_video_pipeline(f, root / f) for f in ("cogvideox", "wan")}
+    out["cogvideox_2b"] = make_tiny_video_pipeline("cogvideox", root / "cog2b", rotary=False)
+    return out
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory):
+    from dmdx.data.video import write_video
+
+    root = tmp_path_factory.mktemp("vinputs")
+    (root / "p.txt").write_text("a red cat runs\na blue bird flies over hills\nsunset over the sea\n")
+    (root / "vids").mkdir()
+    g = torch.Generator().manual_seed(0)
+    for i in range(3):
+        write_video(root / "vids" / f"v{i}.mp4", torch.rand(3, 10, 20, 24, generator=g) * 2 - 1)
+    (root / "vids" / "v0.txt").write_text("a green dog in snow")
+    return root
+
+
+def distill(method, pipe, inputs, out, *extra):
+    argv = ["distill", "--method", method, "--teacher", str(pipe), "--prompts", str(inputs / "p.txt"),
+            "--out", str(out), "--steps", "1", "--quiet", "--set", "train.batch_size=2", *extra]
+    assert main(argv) == 0
+    return out
+
+
+def last_log(run):
+    return json.loads((run / "log.jsonl").read_text().splitlines()[-1])
+
+
+# -- the teacher's maths against the pipeline's own scheduler ----------------------------------------------------
+@pytest.mark.parametrize("family", ["cogvideox", "cogvideox_2b", "wan"])
+def test_x0_matches_scheduler(pipes, family):
+    from diffusers import CogVideoXDDIMScheduler, UniPCMultistepScheduler
+
+    m = vid.load_teacher(pipes[family], vc=vid.VideoConfig(9, 16, 16))
+    den, bb = m.denoiser, m.denoiser.backbone
+    torch.manual_seed(0)
+    x = torch.randn(2, *m.info.shape)
+    cond = bb.null_cond(None)
+    if family.startswith("cogvideox"):
+        assert m.info.shape == [4, 3, 2, 2]
+        sched = CogVideoXDDIMScheduler.from_pretrained(str(pipes[family] / "scheduler"))
+        sched.set_timesteps(50)
+        for step in (int(sched.timesteps[0]), int(sched.timesteps[20])):  # 999 (alpha = 0) and an inner step
+            t = step / 999
+            assert float(den.schedule.model_time(torch.tensor(t))) == pytest.approx(step, abs=1e-3)
+            out = bb(x, torch.tensor([float(step)]), cond)
+            ref = sched.step(out, step, x).pred_original_sample
+            got = den(x, torch.tensor(t, dtype=torch.float64), cond)
+            torch.testing.assert_close(got, ref.float(), rtol=1e-4, atol=1e-4)
+    else:
+        assert m.info.shape == [16, 3, 2, 2]
+        sched = UniPCMultistepScheduler.from_pretrained(str(pipes[family] / "scheduler"))
+        sched.set_timesteps(10)
+        i = 3
+        sched._step_index = i
+        sigma = float(sched.sigmas[i])
+        shift = den.schedule.shift
+        t = sigma / (shift - (shift - 1) * sigma)  # the unshifted time of the scheduler's sigma
+        mt = den.schedule.model_time(torch.tensor([t]))
+        assert abs(float(mt) - float(sched.timesteps[i])) < 1  # UniPC rounds its timesteps down to integers
+        out = bb(x, mt, cond)
+        ref = sched.convert_model_output(out, sample=x)
+        got = den(x, torch.tensor(t, dtype=torch.float64), cond)
+        torch.testing.assert_close(got, ref.float(), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("family", ["cogvideox", "wan"])
+def test_folder_is_a_working_pipeline(pipes, family):
+    from diffusers import DiffusionPipeline
+
+    pipe = DiffusionPipeline.from_pretrained(str(pipes[family]))
+    kw = {"max_sequence_length": 16} if family == "cogvideox" else {}
+    out = pipe("a red cat", height=16, width=16, num_frames=9, num_inference_steps=2, output_type="latent", **kw)
+    assert out.frames.shape[1:3] == ((3, 4) if family == "cogvideox" else (16, 3))  # CogVideoX: frames first
+
+
+def test_features_are_3d_maps(pipes):
+    from dmdx.denoiser import FeatureTap
+
+    m = vid.load_teacher(pipes["cogvideox"])
+    bb = m.denoiser.backbone
+    with FeatureTap(bb, bb.feature_layers) as tap:
+        bb(torch.randn(2, *m.info.shape), torch.tensor([500.0]), bb.null_cond(None))
+    assert [tuple(f.shape) for f in tap.features] == [(2, 32, 3, 2, 2)] * 2  # [B, D, T, h, w] per tapped block
+
+
+def test_grad_checkpointing_same_gradients(pipes):
+    m = vid.load_teacher(pipes["wan"], vc=vid.VideoConfig(9, 16, 16))
+    x = torch.randn(2, *m.info.shape)
+    grads = []
+    for gc in (False, True):
+        bb = vid.WanBackbone(**{**m.info.backbone["config"], "grad_checkpointing": gc}).train()
+        assert bb.model.is_gradient_checkpointing == gc
+        bb(x, torch.tensor([500.0]), None).square().mean().backward()
+        grads.append(torch.cat([p.grad.flatten() for p in bb.parameters() if p.grad is not None]))
+    torch.testing.assert_close(grads[0], grads[1])
+
+
+# -- errors --------------------------------------------------------------------------------------------------------
+def test_errors(pipes, tmp_path):
+    from dmdx.models import load_model
+
+    with pytest.raises(FileNotFoundError, match="local diffusers pipeline folder"):
+        vid.check_video_folder(tmp_path / "missing")
+    with pytest.raises(ValueError, match=r"frames must be 4k \+ 1"):
+        vid.geometry(pipes["cogvideox"], frames=8)
+    with pytest.raises(ValueError, match="height=20 is not a multiple of 8 pixels"):
+        vid.geometry(pipes["cogvideox"], height=20)
+    with pytest.raises(ValueError, match="width=24 is not a multiple of 16 pixels"):
+        vid.geometry(pipes["wan"], 9, 16, 24)
+    bad = tmp_path / "bad"
+    shutil.copytree(pipes["wan"], bad)
+    index = json.loads((bad / "model_index.json").read_text())
+    index["transformer_2"] = ["diffusers", "WanTransformer3DModel"]
+    (bad / "model_index.json").write_text(json.dumps(index))
+    with pytest.raises(ValueError, match="transformer_2"):
+        load_model(bad)
+    index["transformer_2"] = [None, None]
+    index["transformer"] = ["diffusers", "LTXVideoTransformer3DModel"]
+    (bad / "model_index.json").write_text(json.dumps(index))
+    with pytest.raises(ValueError, match="unsupported transformer class 'LTXVideoTransformer3DModel'; supported: "
+                       ".*CogVideoXTransformer3DModel, WanTransformer3DModel"):
+        load_model(bad)
+    assert vid.geometry(pipes["cogvideox"]).shape == (4, 3, 2, 2)  # the transformer's native 9 x 16 x 16
+
+
+def test_video_folder_errors(tmp_path):
+    from dmdx.data.video import load_video_folder, write_video
+
+    with pytest.raises(FileNotFoundError, match="video folder not found"):
+        load_video_folder(tmp_path / "none", 9, 16, 16)
+    (tmp_path / "v").mkdir()
+    with pytest.raises(ValueError, match="no video files"):
+        load_video_folder(tmp_path / "v", 9, 16, 16)
+    write_video(tmp_path / "v" / "a.mp4", torch.zeros(3, 5, 16, 16))
+    with pytest.raises(ValueError, match="has 5 frames; the teacher needs 9"):
+        load_video_folder(tmp_path / "v", 9, 16, 16)
+
+
+# -- runs at the defaults (bf16 teacher unless said), export, samples ----------------------------------------------
+@pytest.fixture(scope="module")
+def runs(pipes, inputs, tmp_path_factory):
+    root = tmp_path_factory.mktemp("vruns")
+    small_pairs = ["--set", "pairs.n=2", "--set", "pairs.steps=2"]
+    return {
+        "adm_cog": distill("adm", pipes["cogvideox"], inputs, root / "adm_cog"),
+        "adm_wan": distill("adm", pipes["wan"], inputs, root / "adm_wan", *WAN_SIZE),
+        "dmd2_wan": distill("dmd2", pipes["wan"], inputs, root / "dmd2_wan", "--data", str(inputs / "vids"),
+                            *WAN_SIZE),
+        "dmd2_cog32": distill("dmd2", pipes["cogvideox"], inputs, root / "dmd2_cog32", "--data",
+                              str(inputs / "vids"), "--set", "real.teacher_dtype=float32", "--set",
+                              "student.times=[1.0,0.5]"),
+        "dmdx_cog": distill("dmdx", pipes["cogvideox"], inputs, root / "dmdx_cog", *small_pairs, "--steps", "2",
+                            "--set", "train.log_every=1"),  # one ADP iteration (3-D latent heads), one ADM
+        "dmdx_wan32": distill("dmdx", pipes["wan"], inputs, root / "dmdx_wan32", *small_pairs, *WAN_SIZE,
+                              "--set", "real.teacher_dtype=float32", "--set", "student.times=[1.0,0.5]",
+                              "--set", "method.adp_fraction=0"),
+    }
+
+
+@pytest.mark.parametrize("name", ["adm_cog", "adm_wan", "dmd2_wan", "dmd2_cog32", "dmdx_cog", "dmdx_wan32"])
+def test_one_iteration_at_defaults(runs, name):
+    run = runs[name]
+    row = last_log(run)
+    cfg = json.loads((run / "config.json").read_text())
+    assert row["step"] == (2 if name == "dmdx_cog" else 1)
+    assert all(math.isfinite(v) for k, v in row.items() if k.startswith("loss/"))
+    assert cfg["real"]["teacher_dtype"] == ("float32" if name.endswith("32") else "bfloat16")
+    assert cfg["real"]["grad_checkpointing"] is True  # the video recipes
+    if name == "adm_cog":
+        assert len(cfg["student"]["times"]) == 8  # the ADM paper's 8-step CogVideoX setting
+        assert "loss/gan_g" in row and "loss/gan_d" in row
+    if name == "dmdx_cog":
+        first = json.loads((run / "log.jsonl").read_text().splitlines()[0])
+        assert first["stage"] == "adp" and row["stage"] == "adm"
+        assert all(math.isfinite(v) for k, v in first.items() if k.startswith("loss/"))
+    if name.startswith("dmd2"):
+        assert "loss/gan_d" in row  # real video latents reached DMD2's GAN term
+        lat = __import__("safetensors.torch", fromlist=["load_file"]).load_file(str(run / "latents.safetensors"))
+        assert lat["x"].shape[0] == 3 and lat["has_caption"].tolist() == [True, False, False]
+        assert lat["cond.text"][0].abs().sum() > 0 and lat["cond.text"][1:].abs().sum() == 0
+    info = json.loads((run / "model.json").read_text())
+    assert info["extra"]["family"] == ("wan" if "wan" in name else "cogvideox")
+
+
+def test_backward_simulation_over_student_times(pipes, inputs, tmp_path):
+    """student_x0 runs k no-grad student steps, re-noises to times[k] and predicts from there, for every k."""
+    import sys
+
+    sys.path.insert(0, str(__import__("pathlib").Path(__file__).parent))
+    from helpers import tiny_config
+
+    from dmdx.sampling import student_sample
+    from dmdx.train.run import build_run
+
+    cfg = tiny_config("adm", teacher=str(pipes["cogvideox"]), steps=1, batch_size=1)
+    cfg.real.prompts, cfg.real.teacher_dtype = str(inputs / "p.txt"), "float32"
+    cfg.student.times = [1.0, 0.75, 0.5, 0.25]
+    ctx, _ = build_run(cfg, tmp_path / "r")
+    assert ctx.times == [round(t * 999) / 999 for t in cfg.student.times]
+    seen = set()
+    for seed in range(12):
+        torch.manual_seed(seed)
+        x0, cond, t_k = ctx.student_x0(1, grad=False)
+        k = ctx.times.index(t_k)
+        seen.add(k)
+        torch.manual_seed(seed)  # replay: the same cond, k and noise give the same k-step input
+        cond2 = ctx.cond(1)
+        int(torch.randint(len(ctx.times), ()))
+        x_in = student_sample(ctx.student, ctx.schedule, ctx.noise(1), ctx.times, cond2, stop_at=k)
+        torch.testing.assert_close(x0, ctx.student(x_in, t_k, cond2))
+    assert len(seen) >= 3
+
+
+@pytest.mark.parametrize("name", ["dmd2_cog32", "dmdx_wan32", "adm_wan"])
+def test_export_reproduces_student(runs, name, tmp_path):
+    from diffusers import DiffusionPipeline
+
+    from dmdx.export import export_run
+    from dmdx.models import load_model
+    from dmdx.sampling import student_sample
+
+    run = runs[name]
+    out = export_run(run, tmp_path / "pipe")
+    meta = json.loads((out / "dmdx_student.json").read_text())
+    m = load_model(run)
+    den, info = m.denoiser, m.info
+    bank, _ = load_cond(run / "prompts.safetensors")
+    cond = {k: v[:2] for k, v in bank.items()}
+    noise = torch.randn(2, *info.shape, generator=torch.Generator().manual_seed(1))
+    lat = den.schedule.prior(noise)
+    pipe = DiffusionPipeline.from_pretrained(str(out))
+    if "cog" in name:  # LCM draws its re-noising noise in the pipeline's [B, T, C, H, W] layout
+        g, x = torch.Generator().manual_seed(5), lat
+        for k, t in enumerate(info.times):
+            ref = den(x, t, cond)
+            if k + 1 < len(info.times):
+                eps = torch.randn(x.transpose(1, 2).shape, generator=g).transpose(1, 2)
+                x = den.schedule.add_noise(ref, eps, info.times[k + 1])
+        got = pipe(prompt_embeds=cond["text"], latents=lat.transpose(1, 2), output_type="latent",
+                   generator=torch.Generator().manual_seed(5), **meta["call"]).frames.transpose(1, 2)
+    else:  # the flow scheduler re-noises from the global RNG
+        assert meta["exact"] == (len(info.times) == 2)  # 4 recipe times (shift 3) are not uniform in sigma
+        if not meta["exact"]:
+            orig = pipe.scheduler.set_timesteps
+            pipe.scheduler.set_timesteps = lambda n=None, device=None, **kw: orig(
+                sigmas=meta["set_timesteps_sigmas"], device=device)
+        torch.manual_seed(5)
+        ref = student_sample(den, den.schedule, noise, info.times, cond)
+        torch.manual_seed(5)
+        got = pipe(prompt_embeds=cond["text"], latents=lat, output_type="latent", **meta["call"]).frames
+    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4 * ref.abs().max().item())
+
+
+def test_lora_export_loads_into_base(pipes, inputs, tmp_path):
+    from diffusers import DiffusionPipeline
+
+    from dmdx.export import export_run
+
+    run = distill("dmd2", pipes["cogvideox"], inputs, tmp_path / "run", "--set", "method.gan=false",
+                  "--set", "real.student_lora.rank=4", "--set", "real.fake_lora.rank=4",
+                  "--set", "student.times=[1.0]", "--steps", "2")
+    full = export_run(run, tmp_path / "full")
+    lora_dir = export_run(run, tmp_path / "lora", "lora")
+    meta = json.loads((full / "dmdx_student.json").read_text())
+    base = DiffusionPipeline.from_pretrained(str(pipes["cogvideox"]))
+    merged = DiffusionPipeline.from_pretrained(str(full))
+    base.scheduler = merged.scheduler
+    base.load_lora_weights(str(lora_dir))
+    bank, _ = load_cond(run / "prompts.safetensors")
+    lat = torch.randn(1, 3, 4, 2, 2, generator=torch.Generator().manual_seed(0))
+    kw = dict(prompt_embeds=bank["text"][:1], latents=lat, output_type="latent", **meta["call"])
+    a = base(generator=torch.Generator().manual_seed(3), **kw).frames
+    b = merged(generator=torch.Generator().manual_seed(3), **kw).frames
+    torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4 * b.abs().max().item())
+    trained = merged.transformer.state_dict()
+    orig = DiffusionPipeline.from_pretrained(str(pipes["cogvideox"])).transformer.state_dict()
+    assert any(not torch.equal(trained[k], orig[k]) for k in orig)  # the LoRA changed the merged weights
+
+
+def test_sample_writes_mp4(runs, inputs, tmp_path):
+    out = tmp_path / "vids"
+    assert main(["sample", "--model", str(runs["dmdx_wan32"]), "--prompts", str(inputs / "p.txt"),
+                 "--out", str(out), "--device", "cpu"]) == 0
+    mp4s = sorted(out.glob("*.mp4"))
+    assert len(mp4s) == 3 and len(list(out.glob("*.gif"))) == 3
+    with av.open(str(mp4s[0])) as c:
+        frames = [f.to_ndarray(format="rgb24") for f in c.decode(video=0)]
+    assert len(frames) == 9 and frames[0].shape == (16, 16, 3)
