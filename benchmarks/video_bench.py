@@ -1,6 +1,6 @@
 """Seconds per distillation iteration and peak memory, per tiny random video family and method (CPU).
 
-    OMP_NUM_THREADS=1 python benchmarks/video_bench.py > benchmarks/video_cpu_table.md
+    OMP_NUM_THREADS=1 python benchmarks/video_bench.py     # prints the table of benchmarks/video.md
 
 Each (family, method, checkpointing) runs in a fresh process so that ru_maxrss is that run's peak resident memory.
 The config is what ``dmdx distill`` resolves at its defaults (bf16 teacher, the kind's recipe: CogVideoX ADM /

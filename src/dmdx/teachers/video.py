@@ -560,6 +560,9 @@ class VideoAdapter:
                              "files, optional NAME.txt captions), or --set method.gan=false")
         if not rc.prompts:
             raise ValueError("a video teacher needs --prompts FILE (one prompt a line)")
+        if rc.resolution:
+            raise ValueError("real.resolution is for image pipelines; a video teacher's size is video.height, "
+                             "video.width and video.frames")
         run_dir = Path(run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
         cond_file = self.conditioning(path, family, rc.prompts, run_dir, vc)
