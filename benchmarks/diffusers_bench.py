@@ -5,7 +5,8 @@
 Each (family, method) runs in a fresh process so that ru_maxrss is that run's peak resident memory.  The run is set
 up as ``dmdx distill --method M --teacher PIPE --prompts p.txt --data IMGS`` does: the default config with the
 family's recipe applied and the default bfloat16 teacher; only the budget is changed (``train.batch_size=2``,
-7 iterations: 1 warm-up, 6 timed, so every phase of DMD2's 10:1 / 5:1 critic ratio is in the mean pro rata).
+7 iterations: 1 warm-up, 6 timed).  The mean is over iterations as the ratio runs them: DMD2's student phase runs
+on iterations 0 (warm-up), 5 (critic ratio 5: SDXL, SD3, Flux) or 10 (ratio 10: SD), so it is in 1 / 0 of the 6.
 Teacher pairs are collected before the timing starts (their n follows the budget, 14 pairs, 50 Heun steps).
 ``train.sample_every=0``: the default would add a 64-sample grid at the last iteration to the timing.
 """
