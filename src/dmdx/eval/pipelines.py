@@ -79,6 +79,7 @@ def generate_images(model, prompts: Sequence[str], per_prompt: int = 1, seed: in
                     guidance: float | None = None, batch_size: int = 4, device="cpu", decode: bool = True
                     ) -> ImageSamples:
     """``per_prompt`` images for each prompt, seeds ``seed .. seed + per_prompt - 1``, with the model's own sampler."""
+    from ..sampling import nfe as solver_nfe
     from ..sampling import sample_ode, student_sample, time_grid
     from ..teachers import diffusers as dfs
 
@@ -130,7 +131,8 @@ def generate_images(model, prompts: Sequence[str], per_prompt: int = 1, seed: in
         lat.append(z.float().cpu())
     z = torch.cat(lat)
     images = decode_latents(pipe_dir, z, batch_size, device) if decode else z
-    nfe = steps * (2 if guidance != 1.0 else 1)  # one pass a step (Euler, the student loop); CFG runs two
+    passes = steps if student else solver_nfe(info.solver, steps)  # the student loop: one pass a step
+    nfe = passes * (2 if guidance != 1.0 else 1)  # CFG runs the conditional and the unconditional pass
     return ImageSamples(images, [prompts[p] for p, _ in jobs], [p for p, _ in jobs], [s for _, s in jobs], steps,
                         nfe, guidance, secs / len(jobs))
 
