@@ -261,6 +261,10 @@ def shard(net: nn.Module, world: World, bf16: bool, cpu_offload: bool, device: t
     for unit in fsdp_units(root):
         fully_shard(unit, **kw)
     fully_shard(root, **kw)
+    # FSDP2 fixes each unit's gradient dtypes (mixed precision) at its first forward, from the parameters that
+    # require grad then; a network's first forward may come in a phase that freezes it (the fake score in the
+    # student phase), which would leave bf16 gradients un-cast.  Initialise now, while it is trainable.
+    root._get_fsdp_state()._lazy_init()
     from torch.distributed.tensor import DTensor
 
     loose = [n for n, p in net.named_parameters() if not isinstance(p, DTensor)]
