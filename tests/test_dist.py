@@ -238,14 +238,14 @@ def test_global_batch_rule():
         resolve_parallel("none", 2)
 
 
-def test_fsdp_in_one_process_with_cpu_offload_bf16_sample_grids_and_snapshots(tmp_path, surrogate):
-    """FSDP2 without a launcher (a group of one), CPU offload and the bf16 mixed-precision policy; sample grids and
-    snapshots come from the gathered EMA."""
+@pytest.mark.parametrize("opts", [{"cpu_offload": True}, {"bf16": True}], ids=["cpu_offload", "bf16"])
+def test_fsdp_in_one_process_sample_grids_and_snapshots(opts, tmp_path, surrogate):
+    """FSDP2 without a launcher (a group of one), with CPU offload or the bf16 mixed-precision policy; sample grids
+    and snapshots come from the gathered EMA."""
     from dmdx.models import load_model
     from dmdx.train import dist
 
-    cfg = tiny_config("dmd2", steps=2, parallel="fsdp", cpu_offload=True, bf16=True, ckpt_every=2, sample_every=2,
-                      snapshot_every=2)
+    cfg = tiny_config("dmd2", steps=2, parallel="fsdp", ckpt_every=2, sample_every=2, snapshot_every=2, **opts)
     try:
         tr = make_trainer(cfg, _seeded(tmp_path, surrogate))
         assert tr.world.parallel == "fsdp" and tr.world.size == 1 and dist.is_sharded(tr.student)

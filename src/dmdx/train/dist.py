@@ -37,6 +37,8 @@ from torch import nn
 
 PARALLEL_MODES = ("none", "ddp", "fsdp", "auto")
 BUCKET_ELEMENTS = 25 * 2**20 // 4  # ~25 MB of float32 per all-reduce, DDP's default bucket size
+# collectives wait this long for a slow rank (rank 0 may collect teacher pairs while the others wait at a barrier)
+TIMEOUT = datetime.timedelta(minutes=60)
 
 
 @dataclass
@@ -179,7 +181,7 @@ def setup(parallel: str = "auto", device: torch.device | None = None) -> World:
         torch.cuda.set_device(local)
     if not dist.is_initialized():
         backend = "nccl" if cuda else "gloo"
-        timeout = datetime.timedelta(minutes=float(os.environ.get("DMDX_DIST_TIMEOUT_MIN", "60")))
+        timeout = TIMEOUT
         attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT")
         if attempt is not None and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
             # torchrun's store outlives a restart of the workers: a prefix per attempt keeps a restarted group from
@@ -254,11 +256,15 @@ def shard(net: nn.Module, world: World, bf16: bool, cpu_offload: bool, device: t
     if bf16:
         kw["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
     if cpu_offload:
-        kw["offload_policy"] = CPUOffloadPolicy()
+        kw["offload_policy"] = CPUOffloadPolicy(pin_memory=device.type == "cuda")  # pinning needs an accelerator
     root = net.backbone if hasattr(net, "backbone") and isinstance(net.backbone, nn.Module) else net
     for unit in fsdp_units(root):
         fully_shard(unit, **kw)
     fully_shard(root, **kw)
+    # FSDP2 fixes each unit's gradient dtypes (mixed precision) at its first forward, from the parameters that
+    # require grad then; a network's first forward may come in a phase that freezes it (the fake score in the
+    # student phase), which would leave bf16 gradients un-cast.  Initialise now, while it is trainable.
+    root._get_fsdp_state()._lazy_init()
     from torch.distributed.tensor import DTensor
 
     loose = [n for n, p in net.named_parameters() if not isinstance(p, DTensor)]
