@@ -13,7 +13,7 @@ from dmdx.methods.base import critic_logs, fake_score_lag
 from dmdx.sampling import time_grid
 from dmdx.train.health import Health, diagnose, diversity, inspect_run
 
-from helpers import make_trainer, state_of, tiny_config
+from helpers import state_of, tiny_config
 
 
 def test_critic_logs_on_hand_made_logits():
@@ -123,7 +123,7 @@ def test_health_signals_leave_training_bit_identical(tmp_path):
     assert {"health/diversity", "health/diversity_ratio", "health/fake_lag", "dm/grad_norm", "critic/gan/acc",
             "critic/gan/margin"} <= keys
     assert [("health/modes_covered" in r) for r in rows] == [False, True, False, True]
-    assert rows[1]["health/max_weight_error"] >= 0
+    assert rows[1]["health/max_weight_error"] >= 0 and 0 <= rows[1]["health/in_mode"] <= 1
     assert not any(k.startswith("health/") for r in
                    (json.loads(line) for line in (tmp_path / "off" / "log.jsonl").read_text().splitlines()) for k in r)
     ref = json.loads((tmp_path / "on" / "health_ref.json").read_text())

@@ -11,7 +11,8 @@ At every log step of a distillation run (``train.log_every``), :class:`Health` a
 - ``health/fake_lag`` (methods with a fake score, see ``Method.diagnostics``): the fake score's x0 denoising error
   on these student samples over the teacher's error on the same noised samples (``methods.base.fake_score_lag``);
 - every ``train.health_every`` steps, a small-sample quality figure on built-in data: mixture coverage and weight
-  error (``health/modes_covered``, ``health/max_weight_error``, ``health/sw``) for vector mixtures, and Frechet
+  error (``health/modes_covered``, ``health/max_weight_error``, ``health/in_mode``: the fraction within 3 std of a
+  mode, ``health/sw``) for vector mixtures, and Frechet
   distance and class accuracy of the evaluation classifier's features (``health/fd``, ``health/class_acc``) for
   labelled image sets; for vector data, ``health_ref.json`` holds the figure of as many real samples;
 - ``health/alarm``, a message, on the row where the diversity ratio (the class spread's when the model is
@@ -238,7 +239,7 @@ class Health:
 
             m = mixture_metrics(x, ref)
             return {"modes_covered": float(m["modes_covered"]), "max_weight_error": m["max_weight_error"],
-                    "sw": m["sw"]}
+                    "in_mode": m["quality"], "sw": m["sw"]}
         if kind == "sw":
             from ..eval.vectors import sliced_wasserstein
 
@@ -323,6 +324,7 @@ class Health:
 CHANCE_ACC = 0.6  # a critic whose smoothed accuracy never reaches this never beat chance (0.5)
 LAG_LIMIT = 1.1  # fake score lagging: median fake_lag over the last third of the run above this
 FD_WORSE = 1.5  # quality degraded: the last small-sample FD above this multiple of the first one
+IN_MODE_FRACTION = 0.5  # mixtures: samples off the modes when the in-mode fraction is below half the real data's
 
 
 def read_log(run_dir: Path) -> list[dict]:
@@ -475,6 +477,11 @@ def diagnose(rows: list[dict], ref: dict | None, steps_total: int | None, alarm:
         if t_modes is not None and v[-1] < t_modes:
             problems.append(f"mode coverage: {v[-1]:.0f} modes at step {s[-1]}, real data {t_modes:.0f} "
                             "(as many samples)")
+        _, hq = _series(rows, "health/in_mode")
+        t_hq = q.get("in_mode")
+        if hq and t_hq and hq[-1] < IN_MODE_FRACTION * t_hq:
+            problems.append(f"samples off the data: {hq[-1]:.0%} of the last small sample lie within 3 std of a mode, "
+                            f"real data {t_hq:.0%}")
         _, w = _series(rows, "health/max_weight_error")
         notes.append(f"modes covered {v[0]:.0f} -> {v[-1]:.0f} (real data {_fmt(t_modes)}); largest weight "
                      f"error {w[0]:.3f} -> {w[-1]:.3f} (real data {_fmt(q.get('max_weight_error'))})")
@@ -509,7 +516,7 @@ def plot_health(rows: list[dict], path: Path, ref: dict | None = None, alarm: fl
         ("DM gradient norm", [k for k in keys if k == "dm/grad_norm"], None),
         ("modes covered (small sample)", [k for k in keys if k == "health/modes_covered"], None),
         ("small-sample quality", [k for k in keys if k in ("health/fd", "health/max_weight_error", "health/sw",
-                                                           "health/class_acc")], None),
+                                                           "health/in_mode", "health/class_acc")], None),
     ]
     panels = [p for p in panels if p[1]]
     cols = 2 if len(panels) > 1 else 1
