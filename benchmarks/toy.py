@@ -51,7 +51,7 @@ def main():
         "dmd-critic5": ["--method", "dmd", "--set", "method.critic_every=5"],
         "adm": ["--method", "adm"],
         "dmdx": ["--method", "dmdx"],
-        "dmdx-pure-gan": ["--method", "dmdx", "--set", "method.adp.reg_weight=0"],
+        "dmdx-pure-gan": ["--method", "dmdx", "--set", "method.adp.reg_weight=0", "--set", "method.adm.reg_weight=0"],
     }
     for name, argv in runs.items():
         if args.only and name not in args.only:

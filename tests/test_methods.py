@@ -186,6 +186,28 @@ def test_adp_regression_anchor_reaches_only_the_student(tmp_path):
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in tr.ctx.student.parameters())
     assert all(p.grad is None or p.grad.abs().sum() == 0 for p in adp.latent.heads.parameters())
     assert "loss/reg" not in adp.critic_loss()[1]
+    cfg.method.reg_weight = -1.0
     with pytest.raises(ValueError, match="reg_weight"):
-        cfg.method.reg_weight = -1.0
-        make_trainer(cfg, tmp_path / "bad")
+        make_trainer(cfg, tmp_path / "bad").build_stage(0)
+
+
+def test_adm_regression_anchor_in_dmdx_reaches_only_the_student(tmp_path):
+    """DMDX's ADM stage can keep a regression term on the pairs (off by default); it trains the student only.
+    ADM alone has no pairs, so asking for it there is an error."""
+    assert METHODS["adm"].Config().reg_weight == 0.0
+    cfg = tiny_config("dmdx", steps=2)
+    cfg.method.adm.reg_weight, cfg.method.adm.gan_g_weight = 1.0, 0.0
+    tr = make_trainer(cfg, tmp_path)
+    adm = tr.build_stage(1).method
+    assert adm.name == "adm"
+    for net in adm.networks().values():
+        net.requires_grad_(False)
+    loss, logs = adm.student_loss()
+    assert logs["loss/reg"] > 0
+    loss.backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in tr.ctx.student.parameters())
+    assert all(p.grad is None for net in adm.networks().values() for p in net.parameters())
+    bad = tiny_config("adm")
+    bad.method.reg_weight = 1.0
+    with pytest.raises(ValueError, match="reg_weight"):
+        make_trainer(bad, tmp_path / "adm").build_stage(0)

@@ -34,6 +34,22 @@ class Setting:
 # (teacher kind, method name) -> settings.  The method "*" applies to every method (listed before the method's own).
 RECIPES: dict[tuple[str, str], list[Setting]] = {}
 
+# -- exact Gaussian-mixture teachers (gmm:NAME; the student, fake score and feature backbone are a 2-D MLP) ------
+_TOY = "ours: benchmarks/adm-study.md, 'Exact mixtures'"
+RECIPES[("gmm", "*")] = [
+    Setting("train.lr", 2e-3, "ours: benchmarks/RESULTS.md, 'Distillation on exact teachers' (every toy row: lr 2e-3)"),
+]
+# DMDX on mixtures: at the paper's form ADM undoes what ADP built (unequal: 5 of 5 modes after ADP, then the
+# student drifts off every mode).  A regression term on the teacher's ODE pairs in both stages keeps it on them.
+RECIPES[("gmm", "dmdx")] = [
+    Setting("train.lr_scale", {"student": 0.2, "latent_heads": 10, "disc_heads": 10},
+            f"{_TOY} (the image recipe's rates; fresh heads, fine-tuned student)"),
+    Setting("method.adp.d_t_max", 0.5, f"{_TOY} (as for images)"),
+    Setting("method.adm.dt", 0.25, f"{_TOY} (as for images)"),
+    Setting("method.adp.reg_weight", 1.0, f"{_TOY} (unequal: ADP ends with 5/5 modes, max weight error 0.029)"),
+    Setting("method.adm.reg_weight", 1.0, f"{_TOY} (unequal: the pure-GAN ADM stage ends with no sample on a mode)"),
+]
+
 # -- built-in image teachers (digits, MNIST: small class-conditional UNets trained by dmdx) ----------------------
 # The GAN methods' discriminator heads start from scratch while the student starts as a copy of the teacher: at one
 # shared learning rate (the paper's setting, as far as we know) the heads stay near chance and the student follows

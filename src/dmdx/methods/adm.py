@@ -71,7 +71,10 @@ class ADMConfig:
     fake_t_min: float = 1e-3
     gan_g_weight: float = 1.0
     gan_d_weight: float = 1.0
-    head_arch: Literal["paper", "dmd2"] = "paper"  # conv heads: "paper" (appendix B.1: 256 wide, 3 strided convs) or "dmd2" (nets/heads)
+    head_arch: Literal["paper", "dmd2"] = "paper"  # conv heads: the paper's (appendix B.1) or DMD2's (nets/heads)
+    # Optional regression anchor on teacher ODE pairs (DMDX collects them; ADM alone needs pairs.path):
+    # ``reg_weight * mse(G(noise_pair), x0_pair)``, into the student only.  0: the paper's pure-GAN ADM.
+    reg_weight: float = 0.0
 
 
 class ADM(Method):
@@ -85,6 +88,11 @@ class ADM(Method):
             raise ValueError(f"dt must be in (0, 1], got {cfg.dt}")
         if cfg.critic_warmup < 0:
             raise ValueError(f"critic_warmup must be >= 0, got {cfg.critic_warmup}")
+        if cfg.reg_weight < 0:
+            raise ValueError(f"reg_weight must be >= 0, got {cfg.reg_weight}")
+        if cfg.reg_weight > 0 and ctx.pairs is None:
+            raise ValueError("ADM's reg_weight > 0 needs teacher ODE pairs: use it as dmdx's method.adm.reg_weight "
+                             "(dmdx collects the pairs)")
         self.fake_score = frozen_copy(ctx.teacher_net)
         self.disc = TeacherDiscriminator(ctx.teacher_net, ctx, cfg.head_arch)
 
@@ -120,7 +128,13 @@ class ADM(Method):
         x, cond, _ = ctx.student_x0(ctx.batch_size)
         x_t, t, s = self.noised(x)
         g = hinge_g(self.disc(self.fake_step(x_t, t, s, cond), s, cond))
-        return self.cfg.gan_g_weight * g, {"loss/gan_g": g.item()}
+        loss, logs = self.cfg.gan_g_weight * g, {"loss/gan_g": g.item()}
+        if self.cfg.reg_weight > 0:
+            noise, x0, pcond = ctx.pairs.batch(ctx.batch_size, ctx.device)
+            reg = F.mse_loss(ctx.student(ctx.schedule.prior(noise), ctx.times[0], pcond).float(), x0.float())
+            loss = loss + self.cfg.reg_weight * reg
+            logs["loss/reg"] = reg.item()
+        return loss, logs
 
     def critic_loss(self):
         cfg, ctx = self.cfg, self.ctx

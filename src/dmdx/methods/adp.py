@@ -46,7 +46,7 @@ class ADPConfig:
     # Optional regression anchor: ``reg_weight * mse(G(x_t'), x0_pair)`` on the same pair inputs, trained into the
     # student only.  0 is the pure-GAN form of the paper's abstract; one secondary source adds an MSE on the pairs.
     reg_weight: float = 0.0
-    head_arch: Literal["paper", "dmd2"] = "paper"  # conv heads: "paper" (appendix B.1: 256 wide, 3 strided convs) or "dmd2" (nets/heads)
+    head_arch: Literal["paper", "dmd2"] = "paper"  # conv heads: the paper's (appendix B.1) or DMD2's (nets/heads)
 
 
 def adp_times(n: int, cubic: bool, device) -> Tensor:
