@@ -8,6 +8,8 @@ returns ``(loss, logs)`` from each phase's loss function.
 
 from __future__ import annotations
 
+import contextlib
+
 from dataclasses import dataclass, field
 from typing import Callable, ClassVar
 
@@ -82,6 +84,16 @@ class Context:
     caption_bank: dict[str, Tensor] | None = None
     # random choices every process of a distributed run must share (set by the training loop); default: local
     shared_randint: Callable[[int], int] | None = None
+
+    # the region in which methods run predictions in float32 under train.bf16 autocast (DMD2's fake score in the DM
+    # loss); the loop replaces it where the parameters themselves are bf16 in forward (FSDP2's bf16 policy)
+    full_precision: Callable[[], contextlib.AbstractContextManager] | None = None
+
+    def float32(self) -> contextlib.AbstractContextManager:
+        """A block whose network calls run in float32 even under train.bf16 autocast (where the loop allows it)."""
+        if self.full_precision is not None:
+            return self.full_precision()
+        return torch.autocast(self.device.type, enabled=False)
 
     def randint_shared(self, high: int) -> int:
         """A random integer in [0, high), the same on every rank of a distributed run."""

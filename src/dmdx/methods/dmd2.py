@@ -85,7 +85,7 @@ class DMD2(Method):
             # even under train.bf16 autocast, as the DMD2 reference does on purpose (the DM gradient is the small
             # difference of the two predictions)
             x0_real = ctx.teacher(x_t, t, cond, guidance=ctx.real_guidance(cfg.real_guidance))
-            with torch.autocast(x.device.type, enabled=False):
+            with ctx.float32():
                 x0_fake = self.fake_score(x_t, t, cond)
         loss, grad = dm_loss(x, x0_real, x0_fake)
         return loss, {"loss/dm": loss.item(), "dm/grad_norm": grad.flatten(1).norm(dim=1).mean().item()}

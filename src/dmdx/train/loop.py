@@ -8,6 +8,7 @@ model come from rank 0."""
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import time
@@ -92,6 +93,9 @@ class Trainer:
         ctx.batch_size = dist.per_rank_batch(train.batch_size, self.world.size, train.grad_accum)
         if self.world.size > 1:
             ctx.shared_randint = self.world.shared_randint
+        if self.world.parallel == "fsdp" and train.bf16:
+            # FSDP2's bf16 policy gathers bf16 parameters for every forward: no float32 prediction is possible there
+            ctx.full_precision = contextlib.nullcontext
         self.stages = get_method(method_cfg.name).stages(method_cfg, train.steps)
         self.starts = [0]
         for _, _, n in self.stages[:-1]:
@@ -375,7 +379,8 @@ class Trainer:
                 if step % tc.log_every == 0 or step == tc.steps:
                     means = world.mean_floats({k: sum(v) / len(v) for k, v in acc.items()})  # over ranks
                     # every rank samples (FSDP's forward is collective); rank 0's signals are logged
-                    health = self.health(stage.method, step, pbar if world.main else None)
+                    with torch.autocast(self.ctx.device.type, dtype=torch.bfloat16, enabled=tc.bf16):  # as training
+                        health = self.health(stage.method, step, pbar if world.main else None)
                     acc.clear()
                     if world.main:  # the one place that logs
                         row = {"step": step, "stage": stage.method.name, **means, **health,
