@@ -23,12 +23,7 @@ DOCS = Path(__file__).resolve().parents[1] / "docs" / "real-models.md"
 FAMILIES = ("sd", "sdxl", "sd3", "flux")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny pipelines run faster on one thread (conftest.py)
 
 
 @pytest.fixture(scope="module")

@@ -41,12 +41,7 @@ SETS = {"default": [], "float32_teacher": ["--set", "real.teacher_dtype=float32"
         "train_bf16": ["--set", "train.bf16=true"]}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny pipelines run faster on one thread (conftest.py)
 
 
 @pytest.fixture(scope="module")

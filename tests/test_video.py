@@ -22,12 +22,7 @@ from dmdx.teachers.tiny_video import make_tiny_video_pipeline  # noqa: E402
 WAN_SIZE = ["--set", "video.frames=9", "--set", "video.height=16", "--set", "video.width=16"]  # no native size
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny pipelines run faster on one thread (conftest.py)
 
 
 @pytest.fixture(scope="module")
