@@ -570,3 +570,16 @@ class PixelBackbone(nn.Module):
         g = self.size // self.patch
         pick = [hs[round(i * (len(hs) - 1) / self.layers)] for i in range(1, self.layers + 1)]
         return [h[:, -g * g:].transpose(1, 2).reshape(h.shape[0], h.shape[2], g, g) for h in pick]
+
+
+def trainable_student(teacher_net, rc, seed: int):
+    """The student: a float32 trainable copy of a pipeline teacher (LoRA and checkpointing from ``rc``, a
+    ``RealModelConfig``); the teacher remembers the fake score's options for the copy a method makes of it."""
+    import copy
+
+    torch.manual_seed(seed)
+    student = copy.deepcopy(teacher_net)
+    student.backbone.make_trainable(lora=rc.student_lora.spec(), grad_checkpointing=rc.grad_checkpointing)
+    student.requires_grad_(True).train()
+    teacher_net.backbone.copy_options = {"lora": rc.fake_lora.spec(), "grad_checkpointing": rc.grad_checkpointing}
+    return student

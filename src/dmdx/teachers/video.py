@@ -33,7 +33,7 @@ from torch import nn
 
 from ..schedules import FlowMatching, Schedule, VPDiscrete
 from .diffusers import (DTYPES, PipelineBackbone, _Tap, add_lora, check_folder, is_pipeline_folder, load_component,
-                        load_cond, model_index, save_cond)
+                        load_cond, model_index, save_cond, trainable_student)
 
 Tensor = torch.Tensor
 Cond = dict[str, Tensor] | None
@@ -570,11 +570,7 @@ class VideoAdapter:
         ds = self.data(cfg.data, path, family, geo, run_dir, vc) if cfg.data else None
         teacher = load_teacher(path, dev, rc.teacher_dtype, vc, str(cond_file.resolve()), rc.guidance)
         tinfo, teacher_net = teacher.info, teacher.denoiser
-        torch.manual_seed(cfg.train.seed)
-        student = copy.deepcopy(teacher_net)
-        student.backbone.make_trainable(lora=rc.student_lora.spec(), grad_checkpointing=rc.grad_checkpointing)
-        student.requires_grad_(True).train()
-        teacher_net.backbone.copy_options = {"lora": rc.fake_lora.spec(), "grad_checkpointing": rc.grad_checkpointing}
+        student = trainable_student(teacher_net, rc, cfg.train.seed)
         pairs = None
         if method.needs_pairs:
             pairs_file = self.collect_pairs(teacher, bank, run_dir, cfg, dev)

@@ -395,11 +395,7 @@ def build_pipeline_run(cfg: RunConfig, run_dir: Path) -> tuple[Context, ModelInf
         T = sched.num_train_timesteps - 1
         times = [max(1, round(t * T)) / T for t in times]
     teacher_net = teacher.denoiser
-    torch.manual_seed(cfg.train.seed)
-    student = copy.deepcopy(teacher_net)
-    student.backbone.make_trainable(lora=rc.student_lora.spec(), grad_checkpointing=rc.grad_checkpointing)
-    student.requires_grad_(True).train()
-    teacher_net.backbone.copy_options = {"lora": rc.fake_lora.spec(), "grad_checkpointing": rc.grad_checkpointing}
+    student = dfs.trainable_student(teacher_net, rc, cfg.train.seed)
     pairs = None
     if method.needs_pairs:
         from ..pairs import prompts_fingerprint
