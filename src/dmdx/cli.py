@@ -200,7 +200,7 @@ def cmd_teacher_train(args) -> int:
 
 def cmd_distill(args) -> int:
     from .config import to_dict
-    from .train.run import build_run, default_run_config, distill, load_run_config
+    from .train.run import default_run_config, distill, load_run_config
 
     from .recipes import apply_recipe, format_settings, teacher_kind
 
@@ -236,10 +236,7 @@ def cmd_distill(args) -> int:
     run = distill(cfg, out, resume=args.resume)
     from .teachers.adapter import adapter_for
 
-    if adapter_for(cfg.teacher) is not None:  # video students: no metric, samples
-        print(f"student written to {run}; try: dmdx sample --model {run} --prompts PROMPTS --out {run}/videos")
-    else:
-        print(f"student written to {run}; try: dmdx eval --model {run}")
+    print(f"student written to {run}; try: {adapter_for(run).hint(run)}")
     return 0
 
 
@@ -283,72 +280,18 @@ def _device(name: str) -> torch.device:
     return device_of(name)
 
 
-def _is_pipeline_model(spec: str) -> bool:
-    from .models import read_info
-    from .teachers import diffusers as dfs
+def _request(cls, args):
+    """The sample / eval options of the CLI as the adapters' request dataclass (never the namespace itself)."""
+    from dataclasses import fields
 
-    if spec.startswith("gmm:"):
-        return False
-    if dfs.is_pipeline_folder(spec):
-        return True
-    p = Path(spec)
-    return p.is_dir() and (p / "model.json").is_file() and "pipeline" in read_info(p).extra
-
-
-def _pipeline_prompts(args) -> list[str]:
-    from .teachers.diffusers import read_prompts
-
-    if not args.prompts:
-        raise ValueError(f"{args.model} is a text-to-image model: pass --prompts FILE (one prompt a line)")
-    if args.solver:
-        raise ValueError("--solver is for built-in teachers; pipeline teachers sample with their own solver")
-    return read_prompts(args.prompts)
+    vals = {f.name: getattr(args, f.name) for f in fields(cls) if hasattr(args, f.name)}
+    return cls(**{**vals, "device": _device(args.device)})
 
 
 def cmd_sample(args) -> int:
-    import numpy as np
+    from .teachers.adapter import SampleRequest, adapter_for
 
-    from .models import generate, load_model
-    from .viz import save_samples
-
-    out = Path(args.out)
-    dev = _device(args.device)
-    from .teachers.adapter import adapter_for, adapter_for_run
-
-    adapter = adapter_for_run(args.model) or adapter_for(args.model)
-    if adapter is not None:  # video students / teachers: mp4 files in the folder --out
-        files = adapter.sample(Path(args.model), args.prompts, out, n=args.per_prompt, seed=args.seed, steps=args.steps,
-                               guidance=args.guidance, device=dev)
-        print(f"{len(files)} videos (mp4 + GIF preview) -> {out}")
-        return 0
-    if _is_pipeline_model(args.model):
-        from .eval.pipelines import generate_images, save_images
-
-        prompts = _pipeline_prompts(args)
-        if out.suffix.lower() in (".png", ".npz"):
-            raise ValueError(f"--out is a folder for a text-to-image model (PNG per image + grid.png), got "
-                             f"{out.name!r}")
-        m = load_model(args.model, dev)
-        s = generate_images(m, prompts, args.per_prompt, args.seed, args.steps, args.guidance, args.batch_size, dev)
-        paths = save_images(s, out)
-        print(f"{len(paths)} images ({s.steps} steps, {s.nfe} network evaluations each, "
-              f"{1000 * s.seconds_per_image:.1f} ms/image) -> {out}/ (grid.png, images.json)")
-        return 0
-    if args.prompts:
-        raise ValueError("--prompts is for text-to-image (diffusers pipeline) models")
-    if out.suffix.lower() not in (".png", ".npz"):
-        raise ValueError(f"--out must end in .png (grid / scatter) or .npz (raw samples), got {out.name!r}")
-    m = load_model(args.model, dev)
-    s = generate(m, args.n, args.steps, seed=args.seed, guidance=args.guidance, solver=args.solver, device=dev)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    if out.suffix.lower() == ".npz":
-        arrays = {"x": s.x.numpy()}
-        if s.labels is not None:
-            arrays["labels"] = s.labels.numpy()
-        np.savez(out, **arrays)
-    else:
-        save_samples(s.x, out, title=f"{m.info.kind}, {s.nfe} NFE")
-    print(f"{args.n} samples ({s.nfe} network evaluations each, {1000 * s.seconds_per_sample:.2f} ms/sample) -> {out}")
+    print(adapter_for(args.model).sample(_request(SampleRequest, args)))
     return 0
 
 
@@ -366,24 +309,9 @@ def format_table(rows: list[dict], cols: list[str]) -> str:
 
 
 def cmd_eval(args) -> int:
-    from .evaluate import evaluate
-    from .models import load_model
+    from .teachers.adapter import EvalRequest, adapter_for
 
-    from .teachers.adapter import adapter_for, adapter_for_run
-
-    if adapter_for_run(args.model) or adapter_for(args.model):
-        raise ValueError(f"{args.model}: dmdx eval has no metric for video models; write videos with "
-                         "dmdx sample --model MODEL --prompts FILE --out DIR")
-    dev = _device(args.device)
-    if _is_pipeline_model(args.model):
-        rows = _eval_pipeline(args, dev)
-    else:
-        if args.prompts or args.clip or args.pickscore or args.ref or args.lpips:
-            raise ValueError("--prompts/--clip/--pickscore/--ref/--lpips are for text-to-image (diffusers pipeline) "
-                             "models")
-        m = load_model(args.model, dev)
-        row = evaluate(m, args.steps, args.n, args.seed, args.guidance, dev)
-        rows = [{"model": args.model, **row}]
+    rows = adapter_for(args.model).evaluate(_request(EvalRequest, args))
     cols = [k for k in rows[0] if not isinstance(rows[0][k], (list, dict))]
     cols += [k for r in rows[1:] for k in r if k not in cols]
     print(format_table(rows, cols))
@@ -391,33 +319,6 @@ def cmd_eval(args) -> int:
         Path(args.json).write_text(json.dumps(rows[0] if len(rows) == 1 else rows, indent=2) + "\n")
         print(f"metrics written to {args.json}")
     return 0
-
-
-def _eval_pipeline(args, dev) -> list[dict]:
-    from .eval.pipelines import (LPIPS, CLIPScorer, Scorers, check_unsupported, evaluate_pipeline, image_files,
-                                 load_inception)
-    from .models import load_model
-
-    check_unsupported(hpsv2=args.hpsv2, imagereward=args.imagereward)
-    prompts = _pipeline_prompts(args)
-    if args.inception and not args.ref:
-        raise ValueError("--inception is used for FID/KID against --ref DIR; pass --ref too")
-    sc = Scorers(kid_subset_size=args.kid_subset_size)
-    if args.ref:  # check every local file before the (long) sampling
-        sc.inception = load_inception(args.inception, dev)
-        sc.reference = image_files(args.ref)
-    if args.clip:
-        sc.clip = CLIPScorer(args.clip, dev)
-    if args.pickscore:
-        sc.pickscore = CLIPScorer(args.pickscore, dev)
-    if args.lpips:
-        sc.lpips = LPIPS.from_file(args.lpips, dev)
-    m = load_model(args.model, dev)
-    teacher = None
-    if m.info.kind == "student" and args.teacher_steps != 0:
-        teacher = load_model(m.info.extra["pipeline"], dev)
-    return evaluate_pipeline(m, prompts, sc, args.per_prompt, args.seed, args.steps, args.guidance, teacher,
-                             args.teacher_steps, args.batch_size, dev, name=args.model)
 
 
 def cmd_data_list(args) -> int:

@@ -155,14 +155,19 @@ def kohya_state_dict(diffusers_lora: dict[str, torch.Tensor], alpha: float, pref
 
 
 def export_run(run: str | Path, out: str | Path, fmt: Literal["diffusers", "lora", "comfyui"] = "diffusers") -> Path:
+    """``dmdx export``: the student of ``run`` in ``fmt``, written by the adapter of the teacher it was distilled
+    from (image pipelines: :func:`export_pipeline_student`; video pipelines: ``teachers.video_export``)."""
     if fmt not in FORMATS:
         raise ValueError(f"unknown export format {fmt!r}; allowed: {', '.join(FORMATS)}")
-    run, out = Path(run), Path(out)
-    from .teachers.adapter import adapter_for_run
+    from .teachers.adapter import adapter_for
 
-    adapter = adapter_for_run(run)  # teacher kinds behind the adapter interface (video pipelines)
-    if adapter is not None:
-        return adapter.export(run, out, fmt)
+    read_info(Path(run))  # a clear error for a folder that is not a dmdx run
+    return adapter_for(run).export(Path(run), Path(out), fmt)
+
+
+def export_pipeline_student(run: Path, out: Path, fmt: str = "diffusers") -> Path:
+    """An SD / SDXL / SD3 / Flux student as a pipeline folder (``diffusers``), LoRA weights (``lora``) or one
+    kohya-style file (``comfyui``)."""
     info = read_info(run)
     if info.kind != "student" or "pipeline" not in info.extra:
         raise ValueError(f"{run} is not a student distilled from a diffusers pipeline; nothing to export")

@@ -1,8 +1,9 @@
 """Model folders (``model.json`` + ``model.safetensors``), loading any teacher or student by name, and sampling.
 
-``--model`` / ``--teacher`` accept a dmdx model folder (written by ``dmdx teacher train`` or ``dmdx distill``) or
+``--model`` / ``--teacher`` accept a dmdx model folder (written by ``dmdx teacher train`` or ``dmdx distill``),
 ``gmm:NAME`` for an analytic Gaussian-mixture teacher (``gmm:ring8``, ``gmm:grid25``, ``gmm:unequal`` or
-``gmm:FILE.json``).
+``gmm:FILE.json``), or a local diffusers pipeline folder; which adapter loads what is in
+:mod:`dmdx.teachers.adapter`.
 """
 
 from __future__ import annotations
@@ -115,23 +116,8 @@ def load_weights(path: Path) -> dict:
         raise ValueError(f"cannot read {path}: corrupt or not a safetensors file ({e})") from None
 
 
-def load_model(spec: str | Path, device: str | torch.device = "cpu") -> Model:
-    """Load a teacher or student from a model folder, a diffusers pipeline folder or ``gmm:NAME``."""
-    spec = str(spec)
-    if spec.startswith("gmm:"):
-        m = gmm_model(spec[4:])
-        m.denoiser.to(device)
-        return m
-    from .teachers import diffusers as dfs
-    from .teachers.adapter import adapter_for
-
-    adapter = adapter_for(spec)
-    if adapter is not None:
-        return adapter.load_teacher(spec, device)
-    if dfs.is_pipeline_folder(spec):
-        return dfs.load_teacher(spec, device)
-    if dfs.looks_like_hub_id(spec):
-        dfs.check_folder(spec)  # raises: a local diffusers folder is needed
+def load_folder(spec: str | Path, device: str | torch.device = "cpu") -> Model:
+    """A teacher or student from a dmdx model folder (``model.json`` + ``model.safetensors``), of any kind."""
     info = read_info(Path(spec))
     den = build_denoiser(info)
     state = load_weights(Path(spec) / MODEL_WEIGHTS)
@@ -141,6 +127,15 @@ def load_model(spec: str | Path, device: str | torch.device = "cpu") -> Model:
         raise ValueError(f"weights in {spec} do not match the network described in its {MODEL_JSON}: {e}") from None
     den.to(device).eval().requires_grad_(False)
     return Model(den, info)
+
+
+def load_model(spec: str | Path, device: str | torch.device = "cpu") -> Model:
+    """Load a teacher or student: a dmdx model folder, a diffusers pipeline folder or ``gmm:NAME``."""
+    from .teachers.adapter import adapter_for, folder_info
+
+    if folder_info(spec) is not None:
+        return load_folder(spec, device)
+    return adapter_for(spec).load_teacher(str(spec), device)
 
 
 def default_steps(info: ModelInfo) -> int:

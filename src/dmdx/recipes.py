@@ -79,30 +79,13 @@ RECIPES[("image", "adm")] = [
 
 
 def teacher_kind(spec: str | Path | None) -> str | None:
-    """The kind of a ``--teacher`` value, or None when it cannot be told (missing folder: set-up reports it)."""
+    """The kind of a ``--teacher`` value (its adapter's answer), or None when it cannot be told (a missing folder:
+    set-up reports it)."""
     if spec is None:
         return None
-    spec = str(spec)
-    if spec.startswith("gmm:"):
-        return "gmm"
-    path = Path(spec).expanduser()
     from .teachers.adapter import adapter_for
 
-    adapter = adapter_for(path)
-    if adapter is not None:
-        return adapter.kind(path)
-    if (path / "model_index.json").is_file():
-        from .teachers.diffusers import pipeline_kind
-
-        return pipeline_kind(path)
-    info = path / "model.json"
-    if info.is_file():
-        try:
-            shape = json.loads(info.read_text()).get("shape", [])
-        except json.JSONDecodeError:
-            return None
-        return "vector" if len(shape) == 1 else "image"
-    return None
+    return adapter_for(spec).kind(str(spec))
 
 
 def recipe(kind: str | None, method: str) -> list[Setting]:

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from ..denoiser import Cond, FeatureTap
-from ..nets.heads import MultiHead, feature_shapes
+from ..nets.heads import MultiHead
 from .base import Method, Phase, critic_logs, dsm_loss, frozen_copy, uniform_t
 
 Tensor = torch.Tensor

@@ -27,6 +27,26 @@ def build_backbone(name: str, **kwargs) -> nn.Module:
     return BACKBONES[name](**kwargs)
 
 
+def default_backbone(shape, num_classes: int = 0, arch: dict | None = None) -> nn.Module:
+    """The built-in teachers' network for samples of ``shape``: an MLP for vectors, a UNet for images (``arch``
+    overrides its constructor arguments)."""
+    arch = arch or {}
+    if len(shape) == 1:
+        return build_backbone("mlp", **{"dim": shape[0], "hidden": 128, "depth": 3, "num_classes": num_classes,
+                                        **arch})
+    c, h, _ = shape
+    return build_backbone("unet", **{"in_channels": c, "image_size": h, "base_channels": 32, "channel_mult": [1, 2],
+                                     "num_res_blocks": 1, "num_classes": num_classes, **arch})
+
+
+def backbone_spec(backbone: nn.Module) -> dict:
+    """``{"name", "config"}`` of a registered backbone: what ``model.json`` records to rebuild it."""
+    for name, cls in BACKBONES.items():
+        if type(backbone) is cls:
+            return {"name": name, "config": dict(backbone.config)}
+    raise ValueError(f"backbone {type(backbone).__name__} is not in the registry; cannot save it")
+
+
 __all__ = [
     "BACKBONES",
     "ConvHead",
@@ -35,6 +55,8 @@ __all__ = [
     "MultiHead",
     "UNet",
     "VectorHead",
+    "backbone_spec",
     "build_backbone",
+    "default_backbone",
     "feature_shapes",
 ]

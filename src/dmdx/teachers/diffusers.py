@@ -115,6 +115,21 @@ FLOW_UNSUPPORTED = ("shift_terminal", "use_karras_sigmas", "use_exponential_sigm
                     "invert_sigmas")
 
 
+def vp_schedule(path: Path, sched: dict, defaults: dict, **extra) -> tuple[VPDiscrete, str]:
+    """(VPDiscrete, prediction kind) from a DDPM-style scheduler config; ``defaults`` fill the keys it leaves out
+    (each scheduler class has its own), ``extra`` are further VPDiscrete arguments."""
+    sched = {**defaults, **{k: v for k, v in sched.items() if v is not None}}
+    kind = sched["prediction_type"]
+    pred = {"epsilon": "epsilon", "v_prediction": "v"}.get(kind)
+    if pred is None:
+        raise ValueError(f"{path}: unsupported prediction_type {kind!r}; supported: epsilon, v_prediction")
+    bs = sched["beta_schedule"]
+    if bs not in ("linear", "scaled_linear"):
+        raise ValueError(f"{path}: unsupported beta_schedule {bs!r}; supported: linear, scaled_linear")
+    return VPDiscrete(beta_start=sched["beta_start"], beta_end=sched["beta_end"], beta_schedule=bs,
+                      num_train_timesteps=sched.get("num_train_timesteps", 1000), **extra), pred
+
+
 def schedule_from_folder(path: Path, shape: tuple[int, int, int]) -> tuple[Schedule, str]:
     """(schedule, prediction kind) from the pipeline's scheduler config, for latents of ``shape``."""
     sched = _config(path, "scheduler")
@@ -125,16 +140,8 @@ def schedule_from_folder(path: Path, shape: tuple[int, int, int]) -> tuple[Sched
         if sched.get("trained_betas") is not None:
             raise ValueError(f"{path}: scheduler_config.json sets trained_betas (an explicit beta table), which dmdx "
                              "does not read; supported: beta_schedule linear or scaled_linear with beta_start/beta_end")
-        kind = sched.get("prediction_type", "epsilon")
-        pred = {"epsilon": "epsilon", "v_prediction": "v"}.get(kind)
-        if pred is None:
-            raise ValueError(f"{path}: unsupported prediction_type {kind!r}; supported: epsilon, v_prediction")
-        bs = sched.get("beta_schedule", "linear")
-        if bs not in ("linear", "scaled_linear"):
-            raise ValueError(f"{path}: unsupported beta_schedule {bs!r}; supported: linear, scaled_linear")
-        vp = VPDiscrete(beta_start=sched.get("beta_start", 0.0001), beta_end=sched.get("beta_end", 0.02),
-                        beta_schedule=bs, num_train_timesteps=sched.get("num_train_timesteps", 1000))
-        return vp, pred
+        return vp_schedule(path, sched, {"prediction_type": "epsilon", "beta_schedule": "linear",
+                                         "beta_start": 0.0001, "beta_end": 0.02})
     if sched.get("_class_name") != "FlowMatchEulerDiscreteScheduler":
         raise ValueError(f"{path}: a {family} teacher needs FlowMatchEulerDiscreteScheduler, got "
                          f"{sched.get('_class_name')!r}")

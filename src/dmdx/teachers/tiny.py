@@ -7,7 +7,6 @@ token, no merges); the T5 slots use the same tokenizer, which the pipelines only
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch

@@ -31,9 +31,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..schedules import FlowMatching, Schedule, VPDiscrete
+from ..schedules import FlowMatching, Schedule
+from .common import pipeline_pairs, pipeline_student_info, student_times
 from .diffusers import (DTYPES, PipelineBackbone, _Tap, add_lora, check_folder, is_pipeline_folder, load_component,
-                        load_cond, model_index, save_cond, trainable_student)
+                        load_cond, model_index, save_cond, trainable_student, vp_schedule)
 
 Tensor = torch.Tensor
 Cond = dict[str, Tensor] | None
@@ -165,19 +166,12 @@ def schedule_from_folder(path: Path) -> tuple[Schedule, str]:
     sched = _json(path, "scheduler")
     name = sched.get("_class_name")
     if family == "cogvideox":
-        kind = sched.get("prediction_type", "v_prediction")
-        pred = {"epsilon": "epsilon", "v_prediction": "v"}.get(kind)
-        if pred is None:
-            raise ValueError(f"{path}: unsupported prediction_type {kind!r}; supported: epsilon, v_prediction")
-        bs = sched.get("beta_schedule", "scaled_linear")
-        if bs not in ("linear", "scaled_linear"):
-            raise ValueError(f"{path}: unsupported beta_schedule {bs!r}; supported: linear, scaled_linear")
         shift = sched.get("snr_shift_scale", 3.0 if name in ("CogVideoXDDIMScheduler", "CogVideoXDPMScheduler")
                           else 1.0)
-        return VPDiscrete(beta_start=sched.get("beta_start", 0.00085), beta_end=sched.get("beta_end", 0.012),
-                          beta_schedule=bs, num_train_timesteps=sched.get("num_train_timesteps", 1000),
-                          snr_shift_scale=float(shift),
-                          rescale_betas_zero_snr=bool(sched.get("rescale_betas_zero_snr", False))), pred
+        return vp_schedule(path, sched, {"prediction_type": "v_prediction", "beta_schedule": "scaled_linear",
+                                         "beta_start": 0.00085, "beta_end": 0.012},
+                           snr_shift_scale=float(shift),
+                           rescale_betas_zero_snr=bool(sched.get("rescale_betas_zero_snr", False)))
     if sched.get("use_dynamic_shifting"):
         raise ValueError(f"{path}: dynamic (resolution-dependent) shifting is not supported for Wan teachers")
     if name == "FlowMatchEulerDiscreteScheduler":
@@ -425,17 +419,6 @@ def load_teacher(path: str | Path, device="cpu", dtype: str = "float32", vc: Vid
     return Model(den, info)
 
 
-def student_times(times: list[float], sched: Schedule) -> list[float]:
-    """The student's times, checked; VP (CogVideoX) times rounded to integer steps so the export is exact."""
-    times = [float(t) for t in times]
-    if not times or any(not 0 < t <= 1 for t in times) or any(a <= b for a, b in zip(times, times[1:])):
-        raise ValueError(f"student.times must be decreasing values in (0, 1], got {times}")
-    if isinstance(sched, VPDiscrete):
-        T = sched.num_train_timesteps - 1
-        times = [max(1, round(t * T)) / T for t in times]
-    return times
-
-
 # -- the run's set-up: the video adapter -------------------------------------------------------------------------
 @dataclass
 class VideoData:
@@ -491,6 +474,9 @@ class VideoAdapter:
     def matches(self, spec) -> bool:
         return is_video_folder(spec)
 
+    def owns(self, info) -> bool:
+        return "pipeline" in info.extra and info.extra.get("family") in FAMILY_BACKBONE
+
     def kind(self, spec) -> str:
         return video_family(Path(str(spec)).expanduser())
 
@@ -541,11 +527,8 @@ class VideoAdapter:
     # -- the run ---------------------------------------------------------------------------------------------
     def build_run(self, cfg, run_dir: Path):
         """Teacher, cached prompt embeddings, cached video latents, student (maybe LoRA), pairs; checked first."""
-        import copy
-
         from ..methods import get_method
-        from ..methods.base import Pairs
-        from ..models import ModelInfo, device_of
+        from ..models import device_of
 
         rc, vc = cfg.real, cfg.video
         method = get_method(cfg.method.name)
@@ -569,52 +552,13 @@ class VideoAdapter:
         bank, _ = load_cond(cond_file)
         ds = self.data(cfg.data, path, family, geo, run_dir, vc) if cfg.data else None
         teacher = load_teacher(path, dev, rc.teacher_dtype, vc, str(cond_file.resolve()), rc.guidance)
-        tinfo, teacher_net = teacher.info, teacher.denoiser
+        teacher_net = teacher.denoiser
         student = trainable_student(teacher_net, rc, cfg.train.seed)
-        pairs = None
-        if method.needs_pairs:
-            pairs_file = self.collect_pairs(teacher, bank, run_dir, cfg, dev)
-            from safetensors.torch import load_file
-
-            p = load_file(str(pairs_file))
-            if tuple(p["x0"].shape[1:]) != tuple(geo.shape):
-                raise ValueError(f"pairs {pairs_file} have shape {list(p['x0'].shape[1:])}, the teacher "
-                                 f"{list(geo.shape)}")
-            pairs = Pairs(p["noise"], p["x0"], p["labels"], cond_bank=bank)
+        pairs = pipeline_pairs(cfg, teacher, bank, run_dir, dev) if method.needs_pairs else None
         ctx = _video_context()(teacher=teacher_net, teacher_net=teacher_net, student=student, data=ds, num_classes=0,
                                shape=tuple(geo.shape), batch_size=cfg.train.batch_size, device=dev, times=times,
-                               pairs=pairs, guidance=tinfo.guidance, cond_bank=bank)
-        info = ModelInfo(kind="student", backbone={"name": tinfo.backbone["name"],
-                                                   "config": dict(student.backbone.config)},
-                         schedule=sched.to_dict(), prediction=teacher_net.prediction, shape=list(geo.shape),
-                         data=cfg.data, guidance=1.0, steps=len(times), times=times,
-                         extra={"method": cfg.method.name, "teacher": str(path), **tinfo.extra})
-        return ctx, info
-
-    @torch.no_grad()
-    def collect_pairs(self, teacher, bank: dict[str, Tensor], run_dir: Path, cfg, dev, batch: int = 4) -> Path:
-        """Teacher ODE pairs (noise, x0, prompt row) with the real score's CFG, into RUN/pairs.safetensors."""
-        from safetensors.torch import save_file
-
-        from ..sampling import sample_ode
-
-        pairs_file = run_dir / "pairs.safetensors"
-        if pairs_file.is_file():
-            return pairs_file
-        den, g = teacher.denoiser, teacher.info.guidance
-        if cfg.pairs.path:
-            raise ValueError("pairs.path is not supported for video teachers: pairs are collected into the run")
-        gen = torch.Generator().manual_seed(cfg.train.seed)
-        n_bank = len(next(iter(bank.values())))
-        noise = torch.randn((cfg.pairs.n, *teacher.info.shape), generator=gen)
-        rows = torch.randint(n_bank, (cfg.pairs.n,), generator=gen)
-        outs = []
-        for i in range(0, cfg.pairs.n, batch):
-            c = {k: v[rows[i:i + batch]].to(dev) for k, v in bank.items()}
-            outs.append(sample_ode(lambda x, t, c_: den(x, t, c_, guidance=g), den.schedule,
-                                   noise[i:i + batch].to(dev), cfg.pairs.steps, c, solver=cfg.pairs.solver).cpu())
-        save_file({"noise": noise, "x0": torch.cat(outs).float().contiguous(), "labels": rows}, str(pairs_file))
-        return pairs_file
+                               pairs=pairs, guidance=teacher.info.guidance, cond_bank=bank)
+        return ctx, pipeline_student_info(cfg, teacher, student, times)
 
     # -- export and samples ----------------------------------------------------------------------------------
     def export(self, run: Path, out: Path, fmt: str = "diffusers") -> Path:
@@ -622,7 +566,18 @@ class VideoAdapter:
 
         return export_video_run(run, out, fmt)
 
-    def sample(self, model_dir: Path, prompts_file: str, out: Path, **kw) -> list[Path]:
+    def hint(self, run: Path) -> str:
+        return f"dmdx sample --model {run} --prompts PROMPTS --out {run}/videos"
+
+    def sample(self, req) -> str:
         from .video_export import sample_videos
 
-        return sample_videos(model_dir, prompts_file, out, **kw)
+        if req.solver:
+            raise ValueError("--solver is for built-in teachers; video teachers sample with Euler steps")
+        files = sample_videos(Path(req.model), req.prompts, Path(req.out), n=req.per_prompt, seed=req.seed,
+                              steps=req.steps, guidance=req.guidance, device=req.device)
+        return f"{len(files)} videos (mp4 + GIF preview) -> {req.out}"
+
+    def evaluate(self, req) -> list[dict]:
+        raise ValueError(f"{req.model}: dmdx eval has no metric for video models; write videos with "
+                         "dmdx sample --model MODEL --prompts FILE --out DIR")

@@ -20,7 +20,6 @@ import torch
 from torch import nn
 
 from ..config import TrainConfig
-from ..denoiser import Denoiser
 from ..methods import get_method
 from ..methods.base import Context, Method, Phase
 from ..models import ModelInfo, save_model

@@ -1,0 +1,78 @@
+"""Set-up steps every teacher adapter shares: the student's times, the run's teacher pairs, the student's info."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from ..schedules import Schedule, VPDiscrete
+
+
+def student_times(times, sched: Schedule) -> list[float]:
+    """The student's conditioning times, checked; on discrete VP schedules rounded to integer steps (the backbone
+    was trained on them, and the exported scheduler then reproduces the student exactly)."""
+    times = [float(t) for t in times]
+    if not times or any(not 0 < t <= 1 for t in times) or any(a <= b for a, b in zip(times, times[1:])):
+        raise ValueError(f"student.times must be decreasing values in (0, 1], got {times}")
+    if isinstance(sched, VPDiscrete):
+        T = sched.num_train_timesteps - 1
+        times = [max(1, round(t * T)) / T for t in times]
+    return times
+
+
+def real_guidance(cfg, default: float) -> float:
+    """The real score's CFG scale of a run: the method's ``real_guidance`` (DMDX: its ADM stage's), else ``default``."""
+    m = cfg.method
+    sub = getattr(m, "adm", m)
+    value = getattr(sub, "real_guidance", None)
+    return default if value is None else value
+
+
+def run_pairs(cfg, teacher, run_dir: Path, dev, cond_bank=None, meta_extra=None, batch_size=None,
+              shard_size: int = 1000):
+    """The run's teacher pairs: ``pairs.path``, or collected (resumably) into RUN/pairs at the run's guidance;
+    checked against the run's guidance and the teacher's shape."""
+    from ..pairs import check_pairs, collect_pairs, load_pairs
+
+    pc = cfg.pairs
+    guidance = pc.guidance if pc.guidance is not None else real_guidance(cfg, teacher.info.guidance)
+    if pc.path:
+        folder = Path(pc.path)
+    else:
+        folder = collect_pairs(teacher, Path(run_dir) / "pairs", pc.resolved_n(cfg.train), pc.steps, pc.solver,
+                               guidance, seed=cfg.train.seed, shard_size=shard_size, device=dev,
+                               progress=cfg.train.progress, batch_size=pc.batch_size or batch_size,
+                               cond_bank=cond_bank, meta_extra=meta_extra)
+    check_pairs(folder, guidance, teacher.info.shape)
+    pairs = load_pairs(folder, cond_bank)
+    if list(pairs.x0.shape[1:]) != list(teacher.info.shape):
+        raise ValueError(f"pairs in {folder} have shape {list(pairs.x0.shape[1:])}, the teacher {teacher.info.shape}")
+    return pairs
+
+
+def pipeline_pairs(cfg, teacher, bank: dict[str, torch.Tensor], run_dir: Path, dev):
+    """Teacher pairs of a text-to-image or text-to-video pipeline: one random prompt row each, collected in shards of
+    at least 64 and batches of ``pairs.batch_size`` (default ``train.batch_size``: what fits for training fits
+    for no-grad sampling); ``pairs.json`` records the teacher, its dtype and the prompts."""
+    from ..pairs import prompts_fingerprint
+    from .diffusers import read_prompts
+
+    meta = {"teacher": teacher.info.extra["pipeline"], "teacher_dtype": cfg.real.teacher_dtype,
+            "prompts": prompts_fingerprint(read_prompts(cfg.real.prompts))}
+    batch = cfg.pairs.batch_size or cfg.train.batch_size
+    return run_pairs(cfg, teacher, run_dir, dev, cond_bank=bank, meta_extra=meta, batch_size=batch,
+                     shard_size=max(64, batch))
+
+
+def pipeline_student_info(cfg, teacher, student, times: list[float]):
+    """The ``model.json`` of a pipeline student (image or video): the teacher's backbone with the student's config
+    (LoRA, ...), its schedule and extra (pipeline folder, family), the student's times."""
+    from ..models import ModelInfo
+
+    tinfo = teacher.info
+    return ModelInfo(kind="student", backbone={"name": tinfo.backbone["name"],
+                                               "config": dict(student.backbone.config)},
+                     schedule=teacher.denoiser.schedule.to_dict(), prediction=teacher.denoiser.prediction,
+                     shape=list(tinfo.shape), data=cfg.data, guidance=1.0, steps=len(times), times=times,
+                     extra={"method": cfg.method.name, "teacher": tinfo.extra["pipeline"], **tinfo.extra})
