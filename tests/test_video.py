@@ -182,8 +182,10 @@ def runs(pipes, inputs, tmp_path_factory):
         "dmd2_cog32": distill("dmd2", pipes["cogvideox"], inputs, root / "dmd2_cog32", "--data",
                               str(inputs / "vids"), "--set", "real.teacher_dtype=float32", "--set",
                               "student.times=[1.0,0.5]"),
-        "dmdx_cog": distill("dmdx", pipes["cogvideox"], inputs, root / "dmdx_cog", *small_pairs, "--steps", "2",
-                            "--set", "train.log_every=1"),  # one ADP iteration (3-D latent heads), one ADM
+        # pairs.n left at its default (train.steps x train.batch_size = 4): one ADP iteration (3-D latent heads),
+        # one ADM
+        "dmdx_cog": distill("dmdx", pipes["cogvideox"], inputs, root / "dmdx_cog", "--set", "pairs.steps=2",
+                            "--steps", "2", "--set", "train.log_every=1"),
         "dmdx_wan32": distill("dmdx", pipes["wan"], inputs, root / "dmdx_wan32", *small_pairs, *WAN_SIZE,
                               "--set", "real.teacher_dtype=float32", "--set", "student.times=[1.0,0.5]",
                               "--set", "method.adp_fraction=0"),
@@ -203,6 +205,8 @@ def test_one_iteration_at_defaults(runs, name):
         assert len(cfg["student"]["times"]) == 8  # the ADM paper's 8-step CogVideoX setting
         assert "loss/gan_g" in row and "loss/gan_d" in row
     if name == "dmdx_cog":
+        pairs = json.loads((run / "pairs" / "pairs.json").read_text())  # the shared, resumable collector
+        assert pairs["n"] == 4 and pairs["guidance"] == 6.0 and pairs["teacher_dtype"] == "bfloat16"
         first = json.loads((run / "log.jsonl").read_text().splitlines()[0])
         assert first["stage"] == "adp" and row["stage"] == "adm"
         assert all(math.isfinite(v) for k, v in first.items() if k.startswith("loss/"))

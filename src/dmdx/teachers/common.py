@@ -33,7 +33,7 @@ def run_pairs(cfg, teacher, run_dir: Path, dev, cond_bank=None, meta_extra=None,
               shard_size: int = 1000):
     """The run's teacher pairs: ``pairs.path``, or collected (resumably) into RUN/pairs at the run's guidance;
     checked against the run's guidance and the teacher's shape."""
-    from ..pairs import check_pairs, collect_pairs, load_pairs
+    from ..pairs import check_pairs, collect_pairs, load_pairs, pairs_meta
 
     pc = cfg.pairs
     guidance = pc.guidance if pc.guidance is not None else real_guidance(cfg, teacher.info.guidance)
@@ -45,6 +45,12 @@ def run_pairs(cfg, teacher, run_dir: Path, dev, cond_bank=None, meta_extra=None,
                                progress=cfg.train.progress, batch_size=pc.batch_size or batch_size,
                                cond_bank=cond_bank, meta_extra=meta_extra)
     check_pairs(folder, guidance, teacher.info.shape)
+    if pc.path and meta_extra:  # a pair's label is a row of *this* run's prompts: same prompts, same teacher
+        meta = pairs_meta(folder)
+        diff = [f"{k}={meta.get(k)!r} (this run: {v!r})" for k, v in meta_extra.items() if k in meta and meta[k] != v]
+        if diff:
+            raise ValueError(f"the teacher pairs in {folder} were collected with other prompts or another teacher: "
+                             f"{', '.join(diff)}; collect them in this run (unset pairs.path)")
     pairs = load_pairs(folder, cond_bank)
     if list(pairs.x0.shape[1:]) != list(teacher.info.shape):
         raise ValueError(f"pairs in {folder} have shape {list(pairs.x0.shape[1:])}, the teacher {teacher.info.shape}")
