@@ -14,6 +14,16 @@ def test_teacher_kinds(tmp_path):
     (tmp_path / "m").mkdir()
     (tmp_path / "m" / "model.json").write_text(json.dumps({"shape": [1, 8, 8]}))
     assert teacher_kind(tmp_path / "m") == "image"
+    (tmp_path / "v").mkdir()
+    (tmp_path / "v" / "model.json").write_text(json.dumps({"shape": [2]}))
+    assert teacher_kind(tmp_path / "v") == "vector"
+
+
+def test_vector_teachers_get_the_mixtures_settings():
+    vec = {s.key: s.value for s in recipe("vector", "dmdx")}
+    assert vec == {s.key: s.value for s in recipe("gmm", "dmdx")}
+    assert vec["method.adp.reg_weight"] == 1.0 and vec["method.adm.reg_weight"] == 1.0
+    assert all("Trained vector teacher" in s.source for s in recipe("vector", "dmd2"))
 
 
 def test_recipe_fills_only_what_the_user_did_not_set(monkeypatch):

@@ -14,7 +14,7 @@ the run's ``config.json`` (a resumed run reads them from there and resolves noth
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -49,6 +49,15 @@ RECIPES[("gmm", "dmdx")] = [
     Setting("method.adp.reg_weight", 1.0, f"{_TOY} (unequal: ADP ends with 5/5 modes, max weight error 0.029)"),
     Setting("method.adm.reg_weight", 1.0, f"{_TOY} (unequal: the pure-GAN ADM stage ends with no sample on a mode)"),
 ]
+
+# -- built-in vector teachers (MLPs trained by `dmdx teacher train` on 2-D data) ----------------------------------
+# Student, fake score and feature network are the same MLP as an exact mixture's surrogate, so they get the mixtures'
+# settings.  Checked on one: a teacher trained on scatter7, one-step DMDX in 1,000 iterations covers 7 / 7 modes,
+# largest weight error 0.011; at the paper's defaults 2 / 7, 0.75 (benchmarks/adm-study.md, 'Trained vector teacher').
+_VECTOR = "; also measured on a trained vector teacher: benchmarks/adm-study.md, 'Trained vector teacher'"
+for (_kind, _method), _settings in list(RECIPES.items()):
+    if _kind == "gmm":
+        RECIPES[("vector", _method)] = [replace(x, source=x.source + _VECTOR) for x in _settings]
 
 # -- built-in image teachers (digits, MNIST: small class-conditional UNets trained by dmdx) ----------------------
 # The GAN methods' discriminator heads start from scratch while the student starts as a copy of the teacher: at one
