@@ -362,3 +362,23 @@ def test_fsdp_video_lora_student_in_one_process(wan, tmp_path):
 
     pipe = DiffusionPipeline.from_pretrained(str(wan["pipe"]))
     pipe.load_lora_weights(str(tmp_path / "lora"))
+
+
+def test_fsdp_units_are_the_outermost_large_blocks():
+    """Blocks of a ModuleList get their own unit, the ModuleLists inside them (an attention's to_out) do not:
+    wrapping those after their block would find its parameters already sharded."""
+    from torch import nn
+
+    from dmdx.train.dist import fsdp_units
+
+    def block(width):
+        b = nn.Module()
+        b.attn = nn.Linear(width, width)
+        b.to_out = nn.ModuleList([nn.Linear(width, width), nn.Dropout()])
+        return b
+
+    net = nn.Module()
+    net.blocks = nn.ModuleList([block(64), block(64), block(4)])
+    assert fsdp_units(net, min_params=64 * 64) == [net.blocks[0], net.blocks[1]]
+    assert fsdp_units(net.blocks[0], min_params=64 * 64) == [net.blocks[0].to_out[0]]  # a block on its own
+    assert fsdp_units(net) == []  # below UNIT_MIN_PARAMS: one unit for the whole network
