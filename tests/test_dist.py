@@ -364,6 +364,29 @@ def test_fsdp_video_lora_student_in_one_process(wan, tmp_path):
     pipe.load_lora_weights(str(tmp_path / "lora"))
 
 
+def test_fsdp_video_cogvideox_adm_in_one_process(tmp_path, monkeypatch):
+    """ADM (3-D heads on the bf16 teacher's features) of a CogVideoX pipeline under FSDP2 in one process, each
+    transformer block its own unit, gradient checkpointing on (the recipe)."""
+    pytest.importorskip("diffusers")
+    from dmdx.cli import main
+    from dmdx.teachers.tiny_video import make_tiny_video_pipeline
+    from dmdx.train import dist
+
+    monkeypatch.setattr(dist, "UNIT_MIN_PARAMS", 1)
+    pipe = make_tiny_video_pipeline("cogvideox", tmp_path / "pipe")
+    (tmp_path / "p.txt").write_text("a red cat runs\nsunset over the sea\n")
+    run = tmp_path / "run"
+    assert main(["distill", "--method", "adm", "--teacher", str(pipe), "--prompts", str(tmp_path / "p.txt"),
+                 "--out", str(run), "--steps", "1", "--quiet", "--set", "train.parallel=fsdp",
+                 "--set", "train.batch_size=2", "--set", "train.health_n=0"]) == 0
+    cfg = json.loads((run / "config.json").read_text())
+    assert cfg["real"]["grad_checkpointing"] is True and cfg["real"]["teacher_dtype"] == "bfloat16"
+    row = json.loads((run / "log.jsonl").read_text().splitlines()[-1])
+    assert {"loss/gan_g", "loss/gan_d"} <= set(row)
+    assert all(math.isfinite(v) for k, v in row.items() if k.startswith("loss/"))
+    assert latest_checkpoint(run)["format"] == "dcp"
+
+
 def test_fsdp_units_are_the_outermost_large_blocks():
     """Blocks of a ModuleList get their own unit, the ModuleLists inside them (an attention's to_out) do not:
     wrapping those after their block would find its parameters already sharded."""
