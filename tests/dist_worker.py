@@ -3,7 +3,8 @@
 ``python dist_worker.py main OUT P``: gradients of each DMD2 phase under ddp, a ddp and an fsdp run of the same
 seed, the resume of the single-process run in P on two ranks, then ``dmdx distill`` with a NaN injected on rank 1
 (the process exits with the CLI's status).  ``kill OUT``: ``dmdx distill`` with rank 1 SIGKILLed after its
-step-4 checkpoint on torchrun's first attempt.  A folder ``surrogate`` next to OUT is copied into every run
+step-4 checkpoint on torchrun's first attempt.  ``video OUT PIPE PROMPTS VIDEOS``: a tiny Wan pipeline's
+``dmdx distill`` under fsdp, then resumed from its first checkpoint.  A folder ``surrogate`` next to OUT is copied into every run
 folder (the analytic teacher's fitted MLP, a cache that is otherwise fitted again for each run).
 """
 
@@ -135,9 +136,41 @@ def cli(out: Path, mode: str) -> int:
     return code
 
 
+def video(out: Path, pipe: str, prompts: str, videos: str) -> int:
+    """``dmdx distill --method dmd2`` of a tiny Wan pipeline under fsdp (the recipe's bf16 teacher, gradient
+    checkpointing, 4 student times; student and critic every step) for 2 steps with checkpoints at 1 and 2, then
+    the same run resumed from its step-1 checkpoint.  Each transformer block is its own FSDP unit, as the blocks of
+    a full-size model are."""
+    from dmdx import cli as dmdx_cli
+    from dmdx.train import dist
+
+    dist.UNIT_MIN_PARAMS = 1
+    rank = int(os.environ["RANK"])
+    run = out / "run"
+    args = ["distill", "--method", "dmd2", "--teacher", pipe, "--prompts", prompts, "--data", videos,
+            "--out", str(run), "--steps", "2", "--quiet", "--set", "train.parallel=fsdp", "--set", "train.batch_size=2",
+            "--set", "train.ckpt_every=1", "--set", "train.log_every=1", "--set", "train.health_n=0",
+            "--set", "method.critic_every=1", "--set", "video.frames=9", "--set", "video.height=16",
+            "--set", "video.width=16"]
+    teardown, dist.teardown = dist.teardown, lambda: None  # one group for both commands (no re-rendezvous)
+    code = dmdx_cli.main(args)
+    if code:
+        return code
+    if rank == 0:  # the uninterrupted run's result; then back to its step-1 checkpoint
+        shutil.copy(run / "model.safetensors", out / "uninterrupted.safetensors")
+        shutil.copy(run / "log.jsonl", out / "uninterrupted.jsonl")
+        shutil.move(run / "checkpoints" / "step_0000002", out / "uninterrupted_step_0000002")
+        (run / "model.safetensors").unlink()
+    dist.current().barrier()
+    dist.teardown = teardown
+    return dmdx_cli.main(args + ["--resume"])
+
+
 if __name__ == "__main__":
     what, out = sys.argv[1], Path(sys.argv[2])
     if what == "main":
         sys.exit(main(out, Path(sys.argv[3])))
+    if what == "video":
+        sys.exit(video(out, *sys.argv[3:6]))
     else:
         sys.exit(cli(out, what))

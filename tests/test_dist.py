@@ -1,6 +1,7 @@
 """Distributed training on CPU with gloo, two processes (tests/dist_worker.py is one rank)."""
 
 import json
+import math
 import os
 import shutil
 import socket
@@ -44,6 +45,23 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _two_ranks(*args, timeout: float = 400):
+    """Two ranks of ``dist_worker.py ARGS`` started directly, with the environment torchrun would give them."""
+    port = str(_free_port())
+    procs = [subprocess.Popen([sys.executable, str(WORKER), *map(str, args)], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True,
+                              env=_env(RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
+                                       MASTER_PORT=port))
+             for r in range(2)]
+    try:
+        outs = [p.communicate(timeout=timeout) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    return procs, outs
+
+
 def _seeded(run_dir: Path, surrogate: Path) -> Path:
     """A run folder holding the already fitted surrogate MLP (a per-run cache: saves fitting it again)."""
     shutil.copytree(surrogate, run_dir / "surrogate")
@@ -70,18 +88,7 @@ def job(tmp_path_factory, surrogate):
     at3 = {"student": state_of(tr.student), "ema": state_of(tr.ema)}
     out = root / "out"
     out.mkdir()
-    port = str(_free_port())
-    procs = [subprocess.Popen([sys.executable, str(WORKER), "main", str(out), str(single)], stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True,
-                              env=_env(RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
-                                       MASTER_PORT=port))
-             for r in range(2)]
-    try:
-        outs = [p.communicate(timeout=400) for p in procs]
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
+    procs, outs = _two_ranks("main", out, single)
     for p, (o, e) in zip(procs, outs):  # the job ends with the NaN test: the CLI's status 3
         assert (out / "resumed_1to2_final.pt").is_file() and p.returncode == 3, o[-2000:] + e[-6000:]
     return {"root": root, "out": out, "single": single, "single_at3": at3, "stderr": [e for _, e in outs],
@@ -260,3 +267,141 @@ def test_fsdp_in_one_process_sample_grids_and_snapshots(opts, tmp_path, surrogat
         assert all(torch.isfinite(torch.tensor(v)) for r in rows for k, v in r.items() if k.startswith("loss/"))
     finally:
         dist.teardown()
+
+
+# -- video teachers (tiny random Wan pipeline) under FSDP2 --------------------------------------------------------
+@pytest.fixture(scope="module")
+def wan(tmp_path_factory):
+    pytest.importorskip("diffusers")
+    pytest.importorskip("av")
+    from dmdx.data.video import write_video
+    from dmdx.teachers.tiny_video import make_tiny_video_pipeline
+
+    root = tmp_path_factory.mktemp("wan")
+    (root / "p.txt").write_text("a red cat runs\nsunset over the sea\n")
+    (root / "vids").mkdir()
+    g = torch.Generator().manual_seed(0)
+    for i in range(2):
+        write_video(root / "vids" / f"v{i}.mp4", torch.rand(3, 10, 20, 24, generator=g) * 2 - 1)
+    return {"pipe": make_tiny_video_pipeline("wan", root / "pipe"), "prompts": root / "p.txt", "vids": root / "vids",
+            "root": root}
+
+
+def test_fsdp_video_two_ranks_resume_equals_the_uninterrupted_run(wan):
+    """``dmdx distill --method dmd2`` of a Wan pipeline with ``train.parallel=fsdp`` on two ranks at the recipe
+    (bf16 teacher, gradient checkpointing, 4 student times), each transformer block its own FSDP unit; resumed
+    from its step-1 DCP checkpoint, it reaches the uninterrupted run's step 2 bit for bit."""
+    from safetensors.torch import load_file
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    out = wan["root"] / "out"
+    out.mkdir()
+    procs, outs = _two_ranks("video", out, wan["pipe"], wan["prompts"], wan["vids"])
+    for p, (o, e) in zip(procs, outs):
+        assert p.returncode == 0, o[-2000:] + e[-6000:]
+    run = out / "run"
+    cfg = json.loads((run / "config.json").read_text())
+    assert cfg["train"]["parallel"] == "fsdp" and cfg["real"]["teacher_dtype"] == "bfloat16"
+    assert cfg["real"]["grad_checkpointing"] is True and len(cfg["student"]["times"]) == 4
+    ck = latest_checkpoint(run)
+    assert ck["format"] == "dcp" and ck["step"] == 2 and ck["world"] == 2
+    rows = [json.loads(r) for r in (run / "log.jsonl").read_text().splitlines()]
+    ref = [json.loads(r) for r in (out / "uninterrupted.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2]
+    for a, b in zip(rows, ref):
+        assert {k: v for k, v in a.items() if k != "time"} == {k: v for k, v in b.items() if k != "time"}
+    assert {"loss/dm", "loss/gan_g", "loss/fake_dsm", "loss/gan_d"} <= set(rows[1])  # both phases at step 2
+    assert all(math.isfinite(v) for r in rows for k, v in r.items() if k.startswith("loss/"))
+    a, b = load_file(str(run / "model.safetensors")), load_file(str(out / "uninterrupted.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    states = {}
+    for name, folder in (("resumed", ck["path"]), ("uninterrupted", out / "uninterrupted_step_0000002"),
+                         ("step1", run / "checkpoints" / "step_0000001")):
+        dcp_to_torch_save(folder, out / f"{name}.pt")
+        states[name] = torch.load(out / f"{name}.pt", weights_only=False)
+    flat = {n: _flat(s) for n, s in states.items()}
+    assert flat["resumed"].keys() == flat["uninterrupted"].keys()
+    for k, v in flat["resumed"].items():  # every network's shards and optimiser states
+        assert torch.equal(v, flat["uninterrupted"][k]), k
+    assert any(k.startswith("nets.fake_score.") for k in flat["resumed"])
+    moved = [k for k, v in flat["step1"].items() if k.startswith("nets.student.") and not torch.equal(v, flat["resumed"][k])]
+    assert moved  # step 2 trained the student
+
+
+def _flat(state, prefix=""):
+    out = {}
+    for k, v in state.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        elif isinstance(v, torch.Tensor):
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def test_fsdp_video_lora_student_in_one_process(wan, tmp_path):
+    """FSDP2 in one process (a group of one) with a LoRA student of a Wan pipeline: the LoRA weights are sharded and
+    train, the frozen base weights stay whole buffers, and the LoRA export loads into the base pipeline."""
+    from safetensors.torch import load_file
+
+    from dmdx.cli import main
+
+    run = tmp_path / "run"
+    assert main(["distill", "--method", "dmd2", "--teacher", str(wan["pipe"]), "--prompts", str(wan["prompts"]),
+                 "--data", str(wan["vids"]), "--out", str(run), "--steps", "1", "--quiet",
+                 "--set", "train.parallel=fsdp", "--set", "real.student_lora.rank=4", "--set", "train.batch_size=2",
+                 "--set", "train.health_n=0", "--set", "video.frames=9", "--set", "video.height=16",
+                 "--set", "video.width=16"]) == 0
+    assert latest_checkpoint(run)["format"] == "dcp"
+    row = json.loads((run / "log.jsonl").read_text().splitlines()[-1])
+    assert all(math.isfinite(v) for k, v in row.items() if k.startswith("loss/"))
+    state = load_file(str(run / "model.safetensors"))
+    lora_b = [v for k, v in state.items() if "lora_B" in k]
+    assert lora_b and any(v.abs().sum() > 0 for v in lora_b)  # zero at init: the LoRA trained
+    assert main(["export", "--run", str(run), "--format", "lora", "--out", str(tmp_path / "lora")]) == 0
+    from diffusers import DiffusionPipeline
+
+    pipe = DiffusionPipeline.from_pretrained(str(wan["pipe"]))
+    pipe.load_lora_weights(str(tmp_path / "lora"))
+
+
+def test_fsdp_video_cogvideox_adm_in_one_process(tmp_path, monkeypatch):
+    """ADM (3-D heads on the bf16 teacher's features) of a CogVideoX pipeline under FSDP2 in one process, each
+    transformer block its own unit, gradient checkpointing on (the recipe)."""
+    pytest.importorskip("diffusers")
+    from dmdx.cli import main
+    from dmdx.teachers.tiny_video import make_tiny_video_pipeline
+    from dmdx.train import dist
+
+    monkeypatch.setattr(dist, "UNIT_MIN_PARAMS", 1)
+    pipe = make_tiny_video_pipeline("cogvideox", tmp_path / "pipe")
+    (tmp_path / "p.txt").write_text("a red cat runs\nsunset over the sea\n")
+    run = tmp_path / "run"
+    assert main(["distill", "--method", "adm", "--teacher", str(pipe), "--prompts", str(tmp_path / "p.txt"),
+                 "--out", str(run), "--steps", "1", "--quiet", "--set", "train.parallel=fsdp",
+                 "--set", "train.batch_size=2", "--set", "train.health_n=0"]) == 0
+    cfg = json.loads((run / "config.json").read_text())
+    assert cfg["real"]["grad_checkpointing"] is True and cfg["real"]["teacher_dtype"] == "bfloat16"
+    row = json.loads((run / "log.jsonl").read_text().splitlines()[-1])
+    assert {"loss/gan_g", "loss/gan_d"} <= set(row)
+    assert all(math.isfinite(v) for k, v in row.items() if k.startswith("loss/"))
+    assert latest_checkpoint(run)["format"] == "dcp"
+
+
+def test_fsdp_units_are_the_outermost_large_blocks():
+    """Blocks of a ModuleList get their own unit, the ModuleLists inside them (an attention's to_out) do not:
+    wrapping those after their block would find its parameters already sharded."""
+    from torch import nn
+
+    from dmdx.train.dist import fsdp_units
+
+    def block(width):
+        b = nn.Module()
+        b.attn = nn.Linear(width, width)
+        b.to_out = nn.ModuleList([nn.Linear(width, width), nn.Dropout()])
+        return b
+
+    net = nn.Module()
+    net.blocks = nn.ModuleList([block(64), block(64), block(4)])
+    assert fsdp_units(net, min_params=64 * 64) == [net.blocks[0], net.blocks[1]]
+    assert fsdp_units(net.blocks[0], min_params=64 * 64) == [net.blocks[0].to_out[0]]  # a block on its own
+    assert fsdp_units(net) == []  # below UNIT_MIN_PARAMS: one unit for the whole network

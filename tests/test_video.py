@@ -249,7 +249,7 @@ def test_backward_simulation_over_student_times(pipes, inputs, tmp_path):
 
 
 @pytest.mark.parametrize("name", ["dmd2_cog32", "dmdx_wan32", "adm_wan"])
-def test_export_reproduces_student(runs, name, tmp_path):
+def test_export_reproduces_student(runs, inputs, name, tmp_path):
     from diffusers import DiffusionPipeline
 
     from dmdx.export import export_run
@@ -275,17 +275,18 @@ def test_export_reproduces_student(runs, name, tmp_path):
                 x = den.schedule.add_noise(ref, eps, info.times[k + 1])
         got = pipe(prompt_embeds=cond["text"], latents=lat.transpose(1, 2), output_type="latent",
                    generator=torch.Generator().manual_seed(5), **meta["call"]).frames.transpose(1, 2)
-    else:  # the flow scheduler re-noises from the global RNG
-        assert meta["exact"] == (len(info.times) == 2)  # 4 recipe times (shift 3) are not uniform in sigma
-        if not meta["exact"]:
-            orig = pipe.scheduler.set_timesteps
-            pipe.scheduler.set_timesteps = lambda n=None, device=None, **kw: orig(
-                sigmas=meta["set_timesteps_sigmas"], device=device)
+    else:  # a plain call with the prompts (the pipeline encodes them); the flow scheduler re-noises from the global RNG
+        assert meta["exact"]  # the recipe's 4 times too: the exported scheduler's own set_timesteps(4) gives them
+        pipe.scheduler.set_timesteps(len(info.times))
+        sigmas = pipe.scheduler.sigmas[:-1].double()
+        torch.testing.assert_close(sigmas, den.schedule.sigma(torch.tensor(info.times, dtype=torch.float64)),
+                                   rtol=0, atol=1e-6)
         torch.manual_seed(5)
         ref = student_sample(den, den.schedule, noise, info.times, cond)
         torch.manual_seed(5)
-        got = pipe(prompt_embeds=cond["text"], latents=lat, output_type="latent", **meta["call"]).frames
-    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4 * ref.abs().max().item())
+        prompts = (inputs / "p.txt").read_text().splitlines()[:2]
+        got = pipe(prompts, latents=lat, output_type="latent", **meta["call"]).frames
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())
 
 
 def test_lora_export_loads_into_base(pipes, inputs, tmp_path):

@@ -214,7 +214,10 @@ RECIPES.update({
     ],
     ("wan", "*"): [
         Setting("student.times", [1.0, 0.75, 0.5, 0.25],
-                f"{_SFP}: denoising_step_list 1000/750/500/250 warped through the shifted schedule"),
+                f"{_SFP} and Self-Forcing's configs (4-step Wan2.1): denoising_step_list 1000/750/500/250 with "
+                "warp_denoising_step, i.e. these times before the schedule's shift (timestep_shift 5 there: sigmas "
+                "1, .9375, .833, .625; here the teacher folder's shift). The exported scheduler's plain 4-step call "
+                "gives them (docs/video.md, Export)"),
         Setting("real.grad_checkpointing", True, f"{_SFP}: gradient_checkpointing true"),
     ],
     ("wan", "dmd2"): [

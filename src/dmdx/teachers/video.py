@@ -25,6 +25,7 @@ from __future__ import annotations
 import functools
 import json
 import math
+import types
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -331,6 +332,12 @@ class CogVideoXBackbone(VideoBackbone):
         return out.permute(0, 2, 1, 3, 4)
 
 
+def _parameters_or_buffers(self: nn.Module, recurse: bool = True):
+    """A module's parameters, or its buffers when it has none (frozen base weights under LoRA)."""
+    params = list(nn.Module.parameters(self, recurse))
+    return iter(params) if params else self.buffers(recurse)
+
+
 class WanBackbone(VideoBackbone):
     """``WanTransformer3DModel``: timestep = shifted sigma * 1000 (per token for Wan 2.2 TI2V), UMT5 text."""
 
@@ -338,6 +345,10 @@ class WanBackbone(VideoBackbone):
 
     def _setup(self):
         self._expand = bool(model_index(Path(self.config["path"])).get("expand_timesteps", False))
+        # diffusers' Wan condition embedder reads its time embedder's dtype from that module's first parameter;
+        # with a LoRA student (add_lora turns every non-LoRA weight into a buffer) it has none left
+        te = self.model.condition_embedder.time_embedder
+        te.parameters = types.MethodType(_parameters_or_buffers, te)  # bound: a deepcopy rebinds it to the copy
 
     def _blocks(self):
         return self.model.blocks

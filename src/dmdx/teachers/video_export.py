@@ -7,10 +7,10 @@ whose steps *are* the student sampler (predict x0 at t_k, re-noise it with fresh
   ``trained_betas``, ``timestep_scaling = 1e6`` (plain x0, as for the image UNets); call with ``timesteps=`` (the
   student's integer steps, in ``dmdx_student.json``).
 - Wan: ``WanPipeline.__call__`` takes no timesteps or sigmas, only ``num_inference_steps``, so the scheduler must
-  produce the student's sigmas by itself: ``FlowMatchEulerDiscreteScheduler(shift=1, shift_terminal=sigma_last,
-  stochastic_sampling=True)`` gives sigmas uniformly spaced from 1 to ``sigma_last``, which reproduces every
-  student whose shifted sigmas are uniform from 1 (e.g. sigmas 1, 0.75, 0.5, 0.25).  Other students get the
-  teacher's shift and their sigmas in ``dmdx_student.json``; ``pipe.scheduler.set_timesteps`` must then be
+  produce the student's sigmas by itself: ``FlowMatchEulerDiscreteScheduler`` with a ``shift`` solved for and
+  ``shift_terminal`` = the last sigma (:func:`wan_scheduler`) reproduces every student whose sigmas are the
+  teacher's shift of times uniform from 1 (the recipe's 1, .75, .5, .25), or uniform themselves.  Other students
+  get the teacher's shift and their sigmas in ``dmdx_student.json``; ``pipe.scheduler.set_timesteps`` must then be
   pointed at them (``exact: false`` in that file; see docs/video.md).
 
 Call without CFG (``guidance_scale=1``); pass ``latents=`` for bit-level agreement with ``dmdx sample``.
@@ -19,6 +19,7 @@ Call without CFG (``guidance_scale=1``); pass ``latents=`` for bit-level agreeme
 from __future__ import annotations
 
 import json
+import math
 import shutil
 from pathlib import Path
 
@@ -45,13 +46,43 @@ def wan_sigmas(info) -> list[float]:
     return [float(sched.sigma(torch.tensor(t, dtype=torch.float64))) for t in info.times or [1.0]]
 
 
-def wan_exact(info) -> bool:
-    """Whether the student's shifted sigmas are uniform from 1 (what a plain WanPipeline call can reproduce)."""
-    s = wan_sigmas(info)
-    if abs(s[0] - 1.0) > 1e-6:
-        return False
-    n = len(s)
-    return n == 1 or all(abs(s[k] - (1 - k * (1 - s[-1]) / (n - 1))) < 1e-6 for k in range(n))
+def _flow_shift(sigma: float, shift: float) -> float:
+    return shift * sigma / (1 + (shift - 1) * sigma)
+
+
+def wan_scheduler(info, num_train_timesteps: int = 1000):
+    """A ``FlowMatchEulerDiscreteScheduler`` whose plain ``set_timesteps(n)`` gives the student's n sigmas, or None.
+
+    That scheduler's sigmas are ``u_k = linspace(1, f_r(1/N), n)`` shifted, ``f_r(u) = r u / (1 + (r - 1) u)``, then
+    stretched to end at ``shift_terminal``: ``1 - c (1 - f_r(u_k))``.  A student whose sigmas are ``f_q`` of times
+    uniform from 1 (``t_k = 1 - k d``: the recipe's 1, .75, .5, .25 at the teacher's shift q, or any uniform
+    sigmas: q = 1) lies on that family: matching ``1 - f_q(t_k)`` term by term gives ``c = (r - 1) / (q - 1)`` and
+    ``A r^2 + (A (N - 1) - B) r + B = 0`` with ``A = d (q - 1) (n - 1)``, ``B = q (N - 1)``.  The solution is
+    checked against the scheduler's own ``set_timesteps`` (to 1e-6)."""
+    import numpy as np
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    sig = wan_sigmas(info)
+    n, N = len(sig), num_train_timesteps
+    if n == 1:
+        cands = [FlowMatchEulerDiscreteScheduler(num_train_timesteps=N, shift=1.0, stochastic_sampling=True)]
+    else:
+        cands = []
+        for q in dict.fromkeys([1.0, float(info.schedule.get("shift", 1.0))]):
+            u = [x / (q - (q - 1) * x) for x in sig]  # f_q^-1: the times the sigmas are shifted from
+            d = (1 - u[-1]) / (n - 1)
+            if abs(u[0] - 1) > 1e-9 or any(abs(u[k] - (1 - k * d)) > 1e-9 for k in range(n)):
+                continue
+            A, B = d * (q - 1) * (n - 1), q * (N - 1)
+            b = A * (N - 1) - B
+            r = 2 * B / (-b + math.sqrt(b * b - 4 * A * B))  # the smaller root (1 when q = 1)
+            cands.append(FlowMatchEulerDiscreteScheduler(num_train_timesteps=N, shift=r, shift_terminal=sig[-1],
+                                                         stochastic_sampling=True))
+    for sched in cands:
+        sched.set_timesteps(n)
+        if np.allclose(sched.sigmas[:n].double().numpy(), sig, rtol=0, atol=1e-6):
+            return sched
+    return None
 
 
 def sampling_args(info) -> dict:
@@ -104,13 +135,9 @@ def export_video_run(run: str | Path, out: str | Path, fmt: str = "diffusers") -
                                        thresholding=False, set_alpha_to_one=True,
                                        original_inference_steps=len(info.times or [1.0]))
     else:
-        exact = wan_exact(info)
-        sig = wan_sigmas(info)
-        if exact:
-            sched = diffusers.FlowMatchEulerDiscreteScheduler(
-                num_train_timesteps=sched_cfg.get("num_train_timesteps", 1000), shift=1.0,
-                shift_terminal=sig[-1] if len(sig) > 1 else None, stochastic_sampling=True)
-        else:
+        sched = wan_scheduler(info, sched_cfg.get("num_train_timesteps", 1000))
+        exact = sched is not None
+        if not exact:
             sched = diffusers.FlowMatchEulerDiscreteScheduler(
                 num_train_timesteps=sched_cfg.get("num_train_timesteps", 1000), shift=m.denoiser.schedule.shift,
                 stochastic_sampling=True)

@@ -235,13 +235,25 @@ def per_rank_batch(batch_size: int, world: int, grad_accum: int) -> int:
 
 
 # -- FSDP2 ----------------------------------------------------------------------------------------------------
-def fsdp_units(module: nn.Module, min_params: int = 2**20) -> list[nn.Module]:
-    """Sub-modules that get their own FSDP unit (gathered one at a time): the elements of ModuleLists (UNet and
-    transformer blocks) with at least ``min_params`` parameters.  Small networks form one unit."""
-    units = []
-    for m in module.modules():
-        if isinstance(m, nn.ModuleList):
-            units += [c for c in m if sum(p.numel() for p in c.parameters()) >= min_params]
+UNIT_MIN_PARAMS = 2**20  # a ModuleList element this large gets its own FSDP unit
+
+
+def fsdp_units(module: nn.Module, min_params: int | None = None) -> list[nn.Module]:
+    """Sub-modules that get their own FSDP unit (gathered one at a time): the outermost elements of ModuleLists
+    (UNet and transformer blocks) with at least ``min_params`` (default ``UNIT_MIN_PARAMS``) parameters.  Small
+    networks form one unit.  Outermost only: a ModuleList inside a chosen block (an attention's ``to_out``) would
+    be wrapped after its block, whose parameters are then already sharded (FSDP2 units nest bottom-up only)."""
+    min_params = UNIT_MIN_PARAMS if min_params is None else min_params
+    units: list[nn.Module] = []
+
+    def visit(m: nn.Module) -> None:
+        for child in m.children():
+            if isinstance(m, nn.ModuleList) and sum(p.numel() for p in child.parameters()) >= min_params:
+                units.append(child)
+            else:
+                visit(child)
+
+    visit(module)
     return units
 
 
