@@ -71,6 +71,8 @@ def test_builtin_image_teacher_gets_the_small_scale_gan_recipe(tmp_path, capsys)
     cfg, _ = _dry_run(capsys, tmp_path, teacher, "dmdx", "recipe=none")
     assert cfg["method"]["adm"]["dt"] == 1 / 64 and cfg["train"]["lr_scale"] == {}
     assert cfg["method"]["adp"]["reg_weight"] == 0 and cfg["pairs"]["n"] is None and cfg["pairs"]["steps"] == 50
+    cfg, _ = _dry_run(capsys, tmp_path, teacher, "adp")
+    assert cfg["method"]["reg_weight"] == 1 and cfg["pairs"]["steps"] == 25
     cfg, _ = _dry_run(capsys, tmp_path, teacher, "adm")
     assert cfg["method"]["dt"] == 0.25 and cfg["train"]["lr_scale"]["disc_heads"] == 10
     cfg, _ = _dry_run(capsys, tmp_path, teacher, "dmd2")
