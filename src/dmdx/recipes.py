@@ -71,15 +71,41 @@ _IMAGE_GAN_LR = Setting("train.lr_scale", {"student": 0.2, "disc_heads": 10, "la
 # results on digits are with the small heads (nets/heads.ConvHead arch "dmd2").
 _IMAGE_HEADS = ("ours: benchmarks/adm-study.md, 'Discriminator heads' (7.8 M vs 0.31 M parameters on digits, 16x "
                 "the time per pass)")
+_IMAGE_STUDY = "ours: benchmarks/adm-study.md, 'Digits'"
+
+
+def _draws_over(n: int) -> Callable[[Any], bool]:
+    """True when the run draws more than ``n`` samples (train.steps x train.batch_size): a cap on pairs.n."""
+    return lambda cfg: cfg.train.steps * cfg.train.batch_size > n
+
+
 RECIPES[("image", "dmdx")] = [
     _IMAGE_GAN_LR,
     Setting("method.adp.head_arch", "dmd2", _IMAGE_HEADS),
     Setting("method.adm.head_arch", "dmd2", _IMAGE_HEADS),
     Setting("method.adp.d_t_max", 0.5, f"{_IMAGE_DIGITS} (latent-D times in [0, 0.5]; the paper: uniform, no range)"),
     Setting("method.adm.dt", 0.25, f"{_IMAGE_DIGITS} (with dt = 1/64 ADM's critic stays at chance, hinge 1.97)"),
+    # the regression anchor on the teacher's ODE pairs, as for mixtures: ADP alone then reaches the teacher's 50-step
+    # FD (0.856) in 200 iterations (0.843; 1.054 without it), and the run ends at FD 0.812, recall 0.741 (0.854 /
+    # 0.707 without it)
+    Setting("method.adp.reg_weight", 1.0, f"{_IMAGE_STUDY} (FD 0.843 at iteration 200; 1.054 without it)"),
+    Setting("method.adm.reg_weight", 1.0, f"{_IMAGE_STUDY} (FD 0.812, recall 0.741 at 600; 0.854 / 0.707 without)"),
+    # fewer, cheaper pairs than the method's default for a 600-iteration run (2,000 at 50 Heun steps, about 2.7x the
+    # cost); the teacher at 16 Heun steps is within 0.004 FD of its 50-step samples.  1,000 pairs at 10 steps
+    # collect in half the time but the run ends worse (FD 0.858, recall 0.726) and reaches the teacher's FD no sooner
+    Setting("pairs.n", 1500, f"{_IMAGE_STUDY} (1,500 at 25 steps vs 1,000 at 10 steps: final FD 0.812 vs 0.858; "
+                             "a run drawing fewer keeps the method's default)", when=_draws_over(1500)),
+    Setting("pairs.steps", 25, f"{_IMAGE_STUDY} (as the demo's pairs; 2,000 at 50 steps: not measured)"),
 ]
-RECIPES[("image", "adp")] = [_IMAGE_GAN_LR, Setting("method.d_t_max", 0.5, _IMAGE_DIGITS),
-                             Setting("method.head_arch", "dmd2", _IMAGE_HEADS)]
+# ADP alone has no ADM heads (disc_heads): the same rates without them (with them ``dmdx distill --method adp``
+# stopped at "train.lr_scale names unknown networks")
+RECIPES[("image", "adp")] = [Setting("train.lr_scale", {"student": 0.2, "latent_heads": 10, "pixel_heads": 10},
+                                     _IMAGE_GAN_LR.source),
+                             Setting("method.d_t_max", 0.5, _IMAGE_DIGITS),
+                             Setting("method.head_arch", "dmd2", _IMAGE_HEADS),
+                             Setting("method.reg_weight", 1.0, f"{_IMAGE_STUDY} (DMDX's ADP stage: FD 0.843 / 0.835 "
+                                                               "at iteration 200 / 300; 1.054 / 0.931 without it)"),
+                             *RECIPES[("image", "dmdx")][-2:]]  # the pairs
 RECIPES[("image", "adm")] = [
     Setting("method.head_arch", "dmd2", _IMAGE_HEADS),
     Setting("train.lr_scale", {"student": 0.2, "disc_heads": 10}, f"{_IMAGE_DIGITS} (ADM alone: FD 1.45 -> 1.08)"),
