@@ -193,7 +193,7 @@ def test_adp_regression_anchor_reaches_only_the_student(tmp_path):
 
 def test_adm_regression_anchor_in_dmdx_reaches_only_the_student(tmp_path):
     """DMDX's ADM stage can keep a regression term on the pairs (off by default); it trains the student only.
-    ADM alone has no pairs, so asking for it there is an error."""
+    ADM alone gets pairs collected when it asks for the term."""
     assert METHODS["adm"].Config().reg_weight == 0.0
     cfg = tiny_config("dmdx", steps=2)
     cfg.method.adm.reg_weight, cfg.method.adm.gan_g_weight = 1.0, 0.0
@@ -207,7 +207,12 @@ def test_adm_regression_anchor_in_dmdx_reaches_only_the_student(tmp_path):
     loss.backward()
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in tr.ctx.student.parameters())
     assert all(p.grad is None for net in adm.networks().values() for p in net.parameters())
-    bad = tiny_config("adm")
-    bad.method.reg_weight = 1.0
-    with pytest.raises(ValueError, match="reg_weight"):
-        make_trainer(bad, tmp_path / "adm").build_stage(0)
+    # ADM alone: the set-up collects pairs only when its anchor is on, and the anchor then reaches the student
+    plain = make_trainer(tiny_config("adm"), tmp_path / "adm0")
+    assert plain.ctx.pairs is None and not (tmp_path / "adm0" / "pairs").exists()
+    anchored = tiny_config("adm")
+    anchored.method.reg_weight = 1.0
+    tr = make_trainer(anchored, tmp_path / "adm1")
+    assert tr.ctx.pairs is not None and len(tr.ctx.pairs.x0) == 64
+    _, logs = tr.build_stage(0).method.student_loss()
+    assert logs["loss/reg"] > 0

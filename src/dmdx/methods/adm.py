@@ -72,7 +72,7 @@ class ADMConfig:
     gan_g_weight: float = 1.0
     gan_d_weight: float = 1.0
     head_arch: Literal["paper", "dmd2"] = "paper"  # conv heads: the paper's (appendix B.1) or DMD2's (nets/heads)
-    # Optional regression anchor on teacher ODE pairs (DMDX collects them; ADM alone needs pairs.path):
+    # Optional regression anchor on teacher ODE pairs (collected or loaded by the set-up when it is on):
     # ``reg_weight * mse(G(noise_pair), x0_pair)``, into the student only.  0: the paper's pure-GAN ADM.
     reg_weight: float = 0.0
 
@@ -81,6 +81,10 @@ class ADM(Method):
     name = "adm"
     network_names = ("fake_score", "disc_heads")
     Config = ADMConfig
+
+    @classmethod
+    def pairs_needed(cls, cfg) -> bool:
+        return cfg.reg_weight > 0
 
     def __init__(self, cfg: ADMConfig, ctx):
         super().__init__(cfg, ctx)
@@ -91,8 +95,8 @@ class ADM(Method):
         if cfg.reg_weight < 0:
             raise ValueError(f"reg_weight must be >= 0, got {cfg.reg_weight}")
         if cfg.reg_weight > 0 and ctx.pairs is None:
-            raise ValueError("ADM's reg_weight > 0 needs teacher ODE pairs: use it as dmdx's method.adm.reg_weight "
-                             "(dmdx collects the pairs)")
+            raise ValueError("ADM's reg_weight > 0 needs teacher ODE pairs (the run's set-up collects them; "
+                             "pairs.path to use existing ones)")
         self.fake_score = frozen_copy(ctx.teacher_net)
         self.disc = TeacherDiscriminator(ctx.teacher_net, ctx, cfg.head_arch)
 

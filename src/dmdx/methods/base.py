@@ -253,6 +253,11 @@ class Method:
         self.ctx = ctx
 
     @classmethod
+    def pairs_needed(cls, cfg) -> bool:
+        """Does a run of ``cfg`` need teacher ODE pairs (the set-up then collects or loads them)."""
+        return cls.needs_pairs
+
+    @classmethod
     def check(cls, cfg, shape: tuple[int, ...]) -> None:
         """Refuse a config that cannot work on samples of ``shape``, before the slow set-up (pairs, networks)."""
         for sub, c, _ in cls.stages(cfg, 2):

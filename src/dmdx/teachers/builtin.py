@@ -70,7 +70,7 @@ class ModelFolderAdapter:
         teacher_net = self.teacher_net(teacher, cfg, Path(run_dir), dev)
         torch.manual_seed(cfg.train.seed)
         student = frozen_copy(teacher_net, trainable=True).train()
-        pairs = run_pairs(cfg, teacher, Path(run_dir), dev) if method.needs_pairs else None
+        pairs = run_pairs(cfg, teacher, Path(run_dir), dev) if method.pairs_needed(cfg.method) else None
         pixel = None
         if ds is not None and ds.kind == "image" and method.uses_pixel_backbone:
             from ..eval import get_pixel_backbone

@@ -113,7 +113,7 @@ class ImagePipelineAdapter:
         times = student_times(cfg.student.times, teacher.denoiser.schedule)
         teacher_net = teacher.denoiser
         student = dfs.trainable_student(teacher_net, rc, cfg.train.seed)
-        pairs = pipeline_pairs(cfg, teacher, bank, run_dir, dev) if method.needs_pairs else None
+        pairs = pipeline_pairs(cfg, teacher, bank, run_dir, dev) if method.pairs_needed(cfg.method) else None
         pixel = None
         if method.uses_pixel_backbone and rc.vision_encoder:
             pixel = dfs.PixelBackbone(path, rc.vision_encoder).to(dev)

@@ -565,7 +565,7 @@ class VideoAdapter:
         teacher = load_teacher(path, dev, rc.teacher_dtype, vc, str(cond_file.resolve()), rc.guidance)
         teacher_net = teacher.denoiser
         student = trainable_student(teacher_net, rc, cfg.train.seed)
-        pairs = pipeline_pairs(cfg, teacher, bank, run_dir, dev) if method.needs_pairs else None
+        pairs = pipeline_pairs(cfg, teacher, bank, run_dir, dev) if method.pairs_needed(cfg.method) else None
         ctx = _video_context()(teacher=teacher_net, teacher_net=teacher_net, student=student, data=ds, num_classes=0,
                                shape=tuple(geo.shape), batch_size=cfg.train.batch_size, device=dev, times=times,
                                pairs=pairs, guidance=teacher.info.guidance, cond_bank=bank)
