@@ -69,3 +69,17 @@ def lora_student(pipe: Path, root: Path, times=(1.0, 0.5)) -> Path:
             state[k] = 0.3 * torch.randn(v.shape, generator=g)
     save_file(state, str(run / "model.safetensors"))
     return run
+
+
+# -- video inputs (tests/test_video.py, tests/test_dist.py) -----------------------------------------------------
+def video_inputs(root: Path, prompts: list[str], n_videos: int) -> Path:
+    """``root/p.txt`` (one prompt a line) and ``root/vids/v{i}.mp4``: random 10-frame 20x24 videos, seeded."""
+    from dmdx.data.video import write_video
+
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "p.txt").write_text("".join(p + "\n" for p in prompts))
+    (root / "vids").mkdir(exist_ok=True)
+    g = torch.Generator().manual_seed(0)
+    for i in range(n_videos):
+        write_video(root / "vids" / f"v{i}.mp4", torch.rand(3, 10, 20, 24, generator=g) * 2 - 1)
+    return root

@@ -274,15 +274,11 @@ def test_fsdp_in_one_process_sample_grids_and_snapshots(opts, tmp_path, surrogat
 def wan(tmp_path_factory):
     pytest.importorskip("diffusers")
     pytest.importorskip("av")
-    from dmdx.data.video import write_video
     from dmdx.teachers.tiny_video import make_tiny_video_pipeline
 
-    root = tmp_path_factory.mktemp("wan")
-    (root / "p.txt").write_text("a red cat runs\nsunset over the sea\n")
-    (root / "vids").mkdir()
-    g = torch.Generator().manual_seed(0)
-    for i in range(2):
-        write_video(root / "vids" / f"v{i}.mp4", torch.rand(3, 10, 20, 24, generator=g) * 2 - 1)
+    from helpers import video_inputs
+
+    root = video_inputs(tmp_path_factory.mktemp("wan"), ["a red cat runs", "sunset over the sea"], 2)
     return {"pipe": make_tiny_video_pipeline("wan", root / "pipe"), "prompts": root / "p.txt", "vids": root / "vids",
             "root": root}
 

@@ -35,14 +35,10 @@ def pipes(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory):
-    from dmdx.data.video import write_video
+    from helpers import video_inputs
 
-    root = tmp_path_factory.mktemp("vinputs")
-    (root / "p.txt").write_text("a red cat runs\na blue bird flies over hills\nsunset over the sea\n")
-    (root / "vids").mkdir()
-    g = torch.Generator().manual_seed(0)
-    for i in range(3):
-        write_video(root / "vids" / f"v{i}.mp4", torch.rand(3, 10, 20, 24, generator=g) * 2 - 1)
+    root = video_inputs(tmp_path_factory.mktemp("vinputs"),
+                        ["a red cat runs", "a blue bird flies over hills", "sunset over the sea"], 3)
     (root / "vids" / "v0.txt").write_text("a green dog in snow")
     return root
 
