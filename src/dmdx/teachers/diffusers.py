@@ -309,6 +309,17 @@ class PipelineBackbone(nn.Module):
         if grad_checkpointing:
             self.model.enable_gradient_checkpointing()
 
+    def _run(self, grid: tuple[int, ...], **kwargs) -> Tensor:
+        """The model's forward with tap hooks (``self._hook``) on the blocks ``self._tap_blocks`` of ``self._blocks()``,
+        registered per call so that deep copies (student, fake score) stay apart."""
+        blocks = self._blocks()
+        handles = [blocks[i].register_forward_hook(self._hook(j, grid)) for j, i in enumerate(self._tap_blocks)]
+        try:
+            return self.model(**kwargs, return_dict=False)[0]
+        finally:
+            for hd in handles:
+                hd.remove()
+
     def _setup(self) -> None:
         pass
 
@@ -392,15 +403,8 @@ class _TransformerBackbone(PipelineBackbone):
         self._tap_blocks = idx
         self.feature_layers = tuple(f"taps.{j}" for j in range(len(idx)))
 
-    def _run(self, grid: tuple[int, int], **kwargs) -> Tensor:
-        """The model's forward with the tap hooks in place (registered per call, so deep copies stay separate)."""
-        blocks = self.model.transformer_blocks
-        handles = [blocks[i].register_forward_hook(self._hook(j, grid)) for j, i in enumerate(self._tap_blocks)]
-        try:
-            return self.model(**kwargs, return_dict=False)[0]
-        finally:
-            for hd in handles:
-                hd.remove()
+    def _blocks(self) -> nn.ModuleList:
+        return self.model.transformer_blocks
 
     def _hook(self, j: int, grid: tuple[int, int]):
         def hook(_mod, _inp, out):

@@ -263,16 +263,6 @@ class VideoBackbone(PipelineBackbone):
     def _grid(self, t: int, h: int, w: int) -> tuple[int, int, int]:
         raise NotImplementedError
 
-    def _run(self, grid: tuple[int, int, int], **kwargs) -> Tensor:
-        """The model's forward with tap hooks on the chosen blocks (registered per call: deep copies stay apart)."""
-        blocks = self._blocks()
-        handles = [blocks[i].register_forward_hook(self._hook(j, grid)) for j, i in enumerate(self._tap_blocks)]
-        try:
-            return self.model(**kwargs, return_dict=False)[0]
-        finally:
-            for hd in handles:
-                hd.remove()
-
     def _hook(self, j: int, grid: tuple[int, int, int]):
         def hook(_mod, _inp, out):
             t, h, w = grid
