@@ -77,6 +77,18 @@ def load_npz(path: str | Path) -> tuple[str, Tensor, Tensor | None]:
     return kind, xt, None if y is None else _labels(y, xt.shape[0], str(path))
 
 
+def files_in(folder: str | Path, suffixes: tuple[str, ...], what: str, kind: str) -> list[Path]:
+    """The files of ``folder`` (not its sub-folders) with one of ``suffixes``, sorted by name; a clear error when the
+    folder is missing (``what``: "video folder", ...) or holds none (``kind``: "video files", "images")."""
+    folder = Path(folder).expanduser()
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{what} not found: {folder}")
+    files = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in suffixes)
+    if not files:
+        raise ValueError(f"{folder} holds no {kind} ({', '.join(suffixes)})")
+    return files
+
+
 def parse_folder_spec(spec: str) -> tuple[Path, tuple[int, int] | None]:
     """``PATH`` or ``PATH@S`` (resize to SxS) or ``PATH@HxW`` -> (path, (H, W) or None)."""
     m = re.fullmatch(r"(.*)@(\d+)(?:x(\d+))?", spec)

@@ -26,13 +26,9 @@ def _av():
 
 
 def video_files(folder: str | Path) -> list[Path]:
-    folder = Path(folder).expanduser()
-    if not folder.is_dir():
-        raise FileNotFoundError(f"video folder not found: {folder}")
-    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in VIDEO_SUFFIXES)
-    if not files:
-        raise ValueError(f"{folder} holds no video files ({', '.join(VIDEO_SUFFIXES)})")
-    return files
+    from .files import files_in
+
+    return files_in(folder, VIDEO_SUFFIXES, "video folder", "video files")
 
 
 def read_video(path: Path, frames: int, height: int, width: int) -> Tensor:

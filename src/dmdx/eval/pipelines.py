@@ -177,13 +177,9 @@ def save_images(samples: ImageSamples, out: Path) -> list[Path]:
 
 def image_files(folder: str | Path) -> list[Path]:
     """The image files of a folder, sorted by name."""
-    folder = Path(folder).expanduser()
-    if not folder.is_dir():
-        raise FileNotFoundError(f"reference image folder not found: {folder}")
-    files = sorted(f for f in folder.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES)
-    if not files:
-        raise ValueError(f"{folder} holds no images ({', '.join(IMAGE_SUFFIXES)})")
-    return files
+    from ..data.files import files_in
+
+    return files_in(folder, IMAGE_SUFFIXES, "reference image folder", "images")
 
 
 def load_images(files: Sequence[Path]) -> list[Tensor]:
