@@ -73,7 +73,7 @@ def test_builtin_image_teacher_gets_the_small_scale_gan_recipe(tmp_path, capsys)
     assert cfg["train"]["lr_scale"] == {"student": 0.2, "disc_heads": 10, "latent_heads": 10, "pixel_heads": 10}
     assert cfg["method"]["adm"]["dt"] == 0.25 and cfg["method"]["adp"]["d_t_max"] == 0.5
     assert cfg["method"]["adp"]["reg_weight"] == 1 and cfg["method"]["adm"]["reg_weight"] == 1
-    assert cfg["pairs"]["n"] == 1500 and cfg["pairs"]["steps"] == 25
+    assert cfg["pairs"]["n"] == 500 and cfg["pairs"]["steps"] == 25
     assert "method.adm.dt = 0.25" in err and "benchmarks/" in err
     cfg, _ = _dry_run(capsys, tmp_path, teacher, "dmdx", "method.adm.dt=0.1", 'train.lr_scale={"student": 1}')
     assert cfg["method"]["adm"]["dt"] == 0.1 and cfg["train"]["lr_scale"] == {"student": 1}

@@ -29,7 +29,7 @@ class DemoBudget:
 
 
 BUDGETS = {
-    "full": DemoBudget(teacher_steps=3000, distill_steps=600, batch_size=64, pairs=1500),
+    "full": DemoBudget(teacher_steps=3000, distill_steps=600, batch_size=64, pairs=500),
     "small": DemoBudget(teacher_steps=60, distill_steps=8, batch_size=16, pairs=64, pair_steps=4),
 }
 

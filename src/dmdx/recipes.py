@@ -90,11 +90,14 @@ RECIPES[("image", "dmdx")] = [
     # 0.707 without it)
     Setting("method.adp.reg_weight", 1.0, f"{_IMAGE_STUDY} (FD 0.843 at iteration 200; 1.054 without it)"),
     Setting("method.adm.reg_weight", 1.0, f"{_IMAGE_STUDY} (FD 0.812, recall 0.741 at 600; 0.854 / 0.707 without)"),
-    # fewer, cheaper pairs than the method's default for a 600-iteration run (2,000 at 50 Heun steps, about 2.7x the
-    # cost); the teacher at 16 Heun steps is within 0.004 FD of its 50-step samples.  1,000 pairs at 10 steps
-    # collect in half the time but the run ends worse (FD 0.858, recall 0.726) and reaches the teacher's FD no sooner
-    Setting("pairs.n", 1500, f"{_IMAGE_STUDY} (1,500 at 25 steps vs 1,000 at 10 steps: final FD 0.812 vs 0.858; "
-                             "a run drawing fewer keeps the method's default)", when=_draws_over(1500)),
+    # far fewer, cheaper pairs than the method's default for a 600-iteration run (2,000 at 50 Heun steps); the
+    # teacher at 16 Heun steps is within 0.004 FD of its 50-step samples.  With the anchor the one-step student
+    # crosses the teacher's 50-step FD at iteration 200 with 500, 1,000 or 1,500 pairs; 500 collect in a third of the
+    # time, which makes DMDX reach it no later than DMD2 (104 s vs 110 s), and end with the best recall (0.778 vs
+    # 0.759 / 0.700; FD 0.852 vs 0.832 / 0.789, all below the teacher's 0.866)
+    Setting("pairs.n", 500, f"{_IMAGE_STUDY}, 'Wall-clock at equal load' (500 vs 1,000 / 1,500 pairs at 25 steps: "
+                            "teacher's FD at 104 s vs 122 / 143 s, DMD2 110 s; a run drawing fewer keeps the "
+                            "method's default)", when=_draws_over(500)),
     Setting("pairs.steps", 25, f"{_IMAGE_STUDY} (as the demo's pairs; 2,000 at 50 steps: not measured)"),
 ]
 # ADP alone has no ADM heads (disc_heads): the same rates without them (with them ``dmdx distill --method adp``
