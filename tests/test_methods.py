@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from dmdx.methods import METHODS
-from dmdx.methods.adm import hinge_d, hinge_g
+from dmdx.methods.adm import hinge_d, hinge_g, smoothness_penalty
 from dmdx.methods.adp import adp_times
 from dmdx.methods.dmd2 import DMD2, dm_loss
 from dmdx.sampling import ode_step
@@ -189,6 +189,42 @@ def test_adp_regression_anchor_reaches_only_the_student(tmp_path):
     cfg.method.reg_weight = -1.0
     with pytest.raises(ValueError, match="reg_weight"):
         make_trainer(cfg, tmp_path / "bad").build_stage(0)
+
+
+def test_smoothness_penalty_matches_the_gradient_penalty_of_a_linear_critic():
+    """For D(x) = w.x the approximate R1 is sigma^2 ||w||^2 in expectation: the exact R1 times sigma^2."""
+    torch.manual_seed(0)
+    w = torch.randn(8, requires_grad=True)
+
+    def disc(x):
+        return x @ w
+
+    x = torch.randn(20000, 8)
+    pen = smoothness_penalty(disc, x, disc(x), sigma=0.1)
+    assert pen.item() == pytest.approx(0.01 * w.detach().pow(2).sum().item(), rel=0.05)
+    pen.backward()
+    assert w.grad is not None and w.grad.abs().sum() > 0  # the critic's parameters are what it trains
+
+
+@pytest.mark.parametrize("stage", [0, 1])
+def test_critic_penalties_train_the_heads_only_and_are_logged(tmp_path, stage):
+    """R1/R2 (off by default) enter the critic phase of ADP's latent critic and ADM's; a negative weight is refused."""
+    assert METHODS["adm"].Config().r1_weight == 0.0 and METHODS["adp"].Config().r2_weight == 0.0
+    cfg = tiny_config("dmdx", steps=2)
+    sub = (cfg.method.adp, cfg.method.adm)[stage]
+    sub.r1_weight, sub.r2_weight = 100.0, 100.0
+    tr = make_trainer(cfg, tmp_path)
+    method = tr.build_stage(stage).method
+    loss, logs = method.critic_loss()
+    assert logs["loss/r1"] > 0 and logs["loss/r2"] > 0
+    loss.backward()
+    heads = method.disc.heads if stage else method.latent.heads
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in heads.parameters())
+    assert all(p.grad is None for p in tr.ctx.student.parameters())
+    assert "loss/r1" not in method.student_loss()[1]
+    sub.r1_weight = -1.0
+    with pytest.raises(ValueError, match="r1_weight"):
+        make_trainer(cfg, tmp_path / "bad").build_stage(stage)
 
 
 def test_adm_regression_anchor_in_dmdx_reaches_only_the_student(tmp_path):

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from ..nets.heads import MultiHead
-from .adm import TeacherDiscriminator, hinge_d, hinge_g
+from .adm import TeacherDiscriminator, check_penalties, critic_penalties, hinge_d, hinge_g
 from .base import Method, Phase, critic_logs, uniform_t
 
 Tensor = torch.Tensor
@@ -47,6 +47,10 @@ class ADPConfig:
     # student only.  0 is the pure-GAN form of the paper's abstract; one secondary source adds an MSE on the pairs.
     reg_weight: float = 0.0
     head_arch: Literal["paper", "dmd2"] = "paper"  # conv heads: the paper's (appendix B.1) or DMD2's (nets/heads)
+    # The latent critic's smoothness penalties (adm.smoothness_penalty): R1 on the re-noised teacher x0, R2 on the student's
+    r1_weight: float = 0.0
+    r2_weight: float = 0.0
+    r1_sigma: float = 0.01
 
 
 def adp_times(n: int, cubic: bool, device) -> Tensor:
@@ -66,6 +70,7 @@ class ADP(Method):
         super().__init__(cfg, ctx)
         if cfg.reg_weight < 0:
             raise ValueError(f"reg_weight must be >= 0, got {cfg.reg_weight}")
+        check_penalties(cfg)
         self.latent = TeacherDiscriminator(ctx.teacher_net, ctx, cfg.head_arch)
         self.pixel = None
         if cfg.pixel_weight > 0 and ctx.pixel_backbone is not None:
@@ -118,7 +123,9 @@ class ADP(Method):
             (f_t, r_t), t = self.renoise(x_hat, x0)
         d_real, d_fake = self.latent(r_t, t, cond), self.latent(f_t, t, cond)
         lat = hinge_d(d_real, d_fake)
-        loss, logs = cfg.latent_weight * lat, {"loss/gan_d_latent": lat.item(), **critic_logs(d_real, d_fake, "latent")}
+        pen, pen_logs = critic_penalties(lambda z: self.latent(z, t, cond), r_t, d_real, f_t, d_fake, cfg)
+        loss = cfg.latent_weight * (lat + pen)
+        logs = {"loss/gan_d_latent": lat.item(), **pen_logs, **critic_logs(d_real, d_fake, "latent")}
         if self.pixel is not None:
             p_real, p_fake = self.pixel(x0), self.pixel(x_hat)
             pix = hinge_d(p_real, p_fake)
