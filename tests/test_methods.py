@@ -227,6 +227,32 @@ def test_critic_penalties_train_the_heads_only_and_are_logged(tmp_path, stage):
         make_trainer(cfg, tmp_path / "bad").build_stage(stage)
 
 
+@pytest.mark.parametrize("key,value", [("adm.r1_weight", -1.0), ("adm.dt", 0.0), ("adm.reg_weight", -0.5),
+                                       ("adm.solver", "rk45"), ("adm.t_min", 0.99), ("adp.d_t_max", 1.5),
+                                       ("adp.pixel_weight", -1.0)])
+def test_dmdx_refuses_a_bad_stage_config_before_the_slow_set_up(tmp_path, monkeypatch, key, value):
+    """A bad ADM (second-stage) setting is refused at start-up, before pairs are collected or ADP trains."""
+    import dmdx.pairs
+
+    def no_pairs(*args, **kwargs):
+        raise AssertionError("pairs were collected before the config was checked")
+
+    monkeypatch.setattr(dmdx.pairs, "collect_pairs", no_pairs)
+    cfg = tiny_config("dmdx", steps=2)
+    stage, field = key.split(".")
+    setattr(getattr(cfg.method, stage), field, value)
+    with pytest.raises(ValueError, match=field):
+        make_trainer(cfg, tmp_path)
+    assert not (tmp_path / "pairs").exists()
+
+
+def test_adp_with_nothing_to_train_is_refused():
+    cfg = METHODS["adp"].Config(latent_weight=0.0, pixel_weight=0.0)
+    with pytest.raises(ValueError, match="nothing to train"):
+        METHODS["adp"].check(cfg, (2,))
+    METHODS["adp"].check(METHODS["adp"].Config(latent_weight=0.0, pixel_weight=0.0, reg_weight=1.0), (2,))
+
+
 def test_adm_regression_anchor_in_dmdx_reaches_only_the_student(tmp_path):
     """DMDX's ADM stage can keep a regression term on the pairs (off by default); it trains the student only.
     ADM alone gets pairs collected when it asks for the term."""

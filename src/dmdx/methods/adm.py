@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from ..denoiser import Cond, FeatureTap
 from ..nets.heads import MultiHead
-from ..sampling import ode_step
+from ..sampling import SOLVERS, ode_step
 from .base import Method, Phase, critic_logs, dsm_loss, frozen_copy, uniform_t
 
 Tensor = torch.Tensor
@@ -121,15 +121,26 @@ class ADM(Method):
     def pairs_needed(cls, cfg) -> bool:
         return cfg.reg_weight > 0
 
-    def __init__(self, cfg: ADMConfig, ctx):
-        super().__init__(cfg, ctx)
+    @classmethod
+    def check(cls, cfg: ADMConfig, shape) -> None:
+        """Config-only checks, run at start-up (so DMDX refuses a bad ADM stage before its ADP stage trains)."""
         if not 0 < cfg.dt <= 1:
             raise ValueError(f"dt must be in (0, 1], got {cfg.dt}")
+        if not 0 <= cfg.t_min < cfg.t_max <= 1:
+            raise ValueError(f"need 0 <= t_min < t_max <= 1, got t_min={cfg.t_min}, t_max={cfg.t_max}")
+        if cfg.critic_every < 1:
+            raise ValueError(f"critic_every must be >= 1, got {cfg.critic_every}")
         if cfg.critic_warmup < 0:
             raise ValueError(f"critic_warmup must be >= 0, got {cfg.critic_warmup}")
         if cfg.reg_weight < 0:
             raise ValueError(f"reg_weight must be >= 0, got {cfg.reg_weight}")
+        if cfg.solver not in SOLVERS:
+            raise ValueError(f"unknown solver {cfg.solver!r}; allowed: {', '.join(SOLVERS)}")
         check_penalties(cfg)
+
+    def __init__(self, cfg: ADMConfig, ctx):
+        super().__init__(cfg, ctx)
+        self.check(cfg, ctx.shape)
         if cfg.reg_weight > 0 and ctx.pairs is None:
             raise ValueError("ADM's reg_weight > 0 needs teacher ODE pairs (the run's set-up collects them; "
                              "pairs.path to use existing ones)")

@@ -66,11 +66,21 @@ class ADP(Method):
     needs_pairs = True
     uses_pixel_backbone = True
 
+    @classmethod
+    def check(cls, cfg: ADPConfig, shape) -> None:
+        """Config-only checks, run at start-up before pairs are collected."""
+        for key in ("latent_weight", "pixel_weight", "reg_weight"):
+            if getattr(cfg, key) < 0:
+                raise ValueError(f"{key} must be >= 0, got {getattr(cfg, key)}")
+        if cfg.latent_weight == 0 and cfg.pixel_weight == 0 and cfg.reg_weight == 0:
+            raise ValueError("ADP has nothing to train: latent_weight, pixel_weight and reg_weight are all 0")
+        if not 0 <= cfg.d_t_min < cfg.d_t_max <= 1:
+            raise ValueError(f"need 0 <= d_t_min < d_t_max <= 1, got d_t_min={cfg.d_t_min}, d_t_max={cfg.d_t_max}")
+        check_penalties(cfg)
+
     def __init__(self, cfg: ADPConfig, ctx):
         super().__init__(cfg, ctx)
-        if cfg.reg_weight < 0:
-            raise ValueError(f"reg_weight must be >= 0, got {cfg.reg_weight}")
-        check_penalties(cfg)
+        self.check(cfg, ctx.shape)
         self.latent = TeacherDiscriminator(ctx.teacher_net, ctx, cfg.head_arch)
         self.pixel = None
         if cfg.pixel_weight > 0 and ctx.pixel_backbone is not None:

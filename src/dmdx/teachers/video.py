@@ -537,6 +537,7 @@ class VideoAdapter:
         path, family = check_video_folder(cfg.teacher)
         path = path.resolve()
         geo = geometry(path, vc.frames, vc.height, vc.width)
+        method.check(cfg.method, tuple(geo.shape))
         sched, _ = schedule_from_folder(path)
         times = student_times(cfg.student.times, sched)
         if getattr(cfg.method, "gan", False) and not cfg.data:  # DMD2's GAN term: before the slow set-up
