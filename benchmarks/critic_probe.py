@@ -8,6 +8,10 @@ ADM's critic at a saved ADM run's latest checkpoint (student and fake score froz
 real- and fake-score ODE steps, and how fast do fresh heads learn to tell them apart?
     python benchmarks/critic_probe.py --adm-run RUN [--dt 0.25] [--t-max 0.98]
 Both print the hinge loss (chance: 2.0) while training the heads.
+Where ADM's student gradient points, with the run's own trained heads: per sample, the cosine between the ADM
+generator's move of x0 (``d D(x_fake) / d x0``) and the DM loss's move (``x0_real(x_t) - x0_fake(x_t)``, DMD2's
+direction) at the same x_t, by time:
+    python benchmarks/critic_probe.py --adm-run RUN --align
 """
 
 from __future__ import annotations
@@ -78,6 +82,8 @@ def adm_probe(args):
         raise SystemExit(f"{run}: the checkpoint's stage is {method.name}, not ADM")
     if args.dt is not None:
         method.cfg.dt = args.dt
+    if args.align:
+        return align_probe(method, ctx, args)
     method.cfg.t_max = args.t_max
     print(f"{run}, step {ckpt['step']}, dt {method.cfg.dt}, t in [{method.cfg.t_min}, {method.cfg.t_max}]")
     with torch.no_grad():
@@ -100,6 +106,28 @@ def adm_probe(args):
     train_heads(TeacherDiscriminator(ctx.teacher_net, ctx, args.head_arch), batches, args.steps, args.lr)
 
 
+def align_probe(method, ctx, args):
+    """Cosine between ADM's generator direction on x0 and the DM direction, both from the same x_t."""
+    cfg, g = method.cfg, ctx.real_guidance(method.cfg.real_guidance)
+    print(f"dt {cfg.dt}; per-sample cosine of dD(x_fake)/dx0 with x0_real(x_t) - x0_fake(x_t), {args.batch} samples "
+          "per time; |dm| = rms of the DM direction, |adm| = rms of dD/dx0")
+    print("| t | cosine mean | cosine median | fraction > 0 | abs(dm) | abs(adm) |")
+    print("|---|---|---|---|---|---|")
+    for t0 in (0.05, 0.1, 0.25, 0.5, 0.75, 0.9):
+        x, cond, _ = ctx.student_x0(args.batch, grad=False)
+        x = x.detach().requires_grad_(True)
+        t = torch.full((args.batch,), t0, dtype=torch.float64)
+        s = ctx.schedule.training_time((t - cfg.dt).clamp(min=0.0))
+        x_t = ctx.schedule.add_noise(x, torch.randn_like(x), t)
+        d = method.disc(method.fake_step(x_t, t, s, cond), s, cond).mean(dim=1).sum()
+        (adm,) = torch.autograd.grad(d, x)
+        with torch.no_grad():
+            dm = ctx.teacher(x_t, t, cond, guidance=g) - method.fake_score(x_t, t, cond)
+        cos = torch.nn.functional.cosine_similarity(adm.flatten(1).float(), dm.flatten(1).float(), dim=1)
+        print(f"| {t0:.2f} | {cos.mean():.3f} | {cos.median():.3f} | {(cos > 0).float().mean():.2f} | "
+              f"{dm.pow(2).mean().sqrt():.4f} | {adm.pow(2).mean().sqrt():.2e} |")
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--teacher", default="src/dmdx/assets/teacher_digits")
@@ -108,6 +136,7 @@ def main():
     ap.add_argument("--scratch", default="runs/critic-probe", help="scratch folder for rebuilding the ADM run")
     ap.add_argument("--dt", type=float, help="ADM step size (default: the run's)")
     ap.add_argument("--t-max", type=float, default=None)
+    ap.add_argument("--align", action="store_true", help="with --adm-run: ADM's student direction against DM's")
     ap.add_argument("--steps", type=int, default=150)
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--batch", type=int, default=64)

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from dmdx.methods import METHODS
-from dmdx.methods.adm import hinge_d, hinge_g, smoothness_penalty
+from dmdx.methods.adm import hinge_d, hinge_g, normalised_surrogate, smoothness_penalty
 from dmdx.methods.adp import adp_times
 from dmdx.methods.dmd2 import DMD2, dm_loss
 from dmdx.sampling import ode_step
@@ -123,6 +123,47 @@ def test_adm_student_gradient_goes_through_fake_step_and_discriminator(tmp_path)
     adm.fake_step = lambda x_t, t, s, cond: torch.zeros_like(x_t).detach()
     loss, _ = adm.student_loss()
     assert not loss.requires_grad
+
+
+def test_normalised_surrogate_gives_each_sample_a_unit_rms_gradient_of_the_losss_direction():
+    """d surrogate / dx = (dL/dx per sample / its rms) / numel: the direction of L's gradient, each sample's scale 1."""
+    torch.manual_seed(0)
+    x = torch.randn(3, 2, 4, requires_grad=True)
+    scale = torch.tensor([1e-4, 1.0, 50.0]).view(3, 1, 1)  # per-sample gradient scales 5 decades apart
+    w = torch.randn(2, 4)
+
+    def loss_of_x(z):
+        return (scale * w * z).sum() + (z ** 3).sum() * 1e-6
+
+    sur, value = normalised_surrogate(x, loss_of_x)
+    assert value.item() == pytest.approx(loss_of_x(x.detach()).item())
+    sur.backward()
+    xd = x.detach().requires_grad_(True)
+    (g,) = torch.autograd.grad(loss_of_x(xd), xd)
+    expected = g / g.pow(2).mean(dim=(1, 2), keepdim=True).sqrt() / x.numel()
+    torch.testing.assert_close(x.grad, expected)
+    rms = (x.grad * x.numel()).pow(2).mean(dim=(1, 2)).sqrt()
+    torch.testing.assert_close(rms, torch.ones(3))
+
+
+def test_adm_normalised_generator_gradient_reaches_only_the_student(tmp_path):
+    """``grad_norm=sample`` (off by default: the paper's loss) changes the student's gradient, not its routing: the
+    fake score and heads get none, the gradient is cut with the fake step, and an unknown value is refused."""
+    assert METHODS["adm"].Config().grad_norm == "none"
+    cfg = tiny_config("adm")
+    cfg.method.grad_norm = "sample"
+    tr = make_trainer(cfg, tmp_path)
+    adm = tr.build_stage(0).method
+    for name, net in tr.build_stage(0).trainables.items():
+        net.requires_grad_(name == "student")
+    loss, logs = adm.student_loss()
+    assert "loss/gan_g" in logs
+    loss.backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in tr.ctx.student.parameters())
+    assert all(p.grad is None for p in adm.disc.heads.parameters())
+    assert all(p.grad is None for p in adm.fake_score.parameters())
+    with pytest.raises(ValueError, match="grad_norm"):
+        METHODS["adm"].check(METHODS["adm"].Config(grad_norm="tensor"), (2,))
 
 
 def test_adm_ode_step_is_the_samplers_step(tmp_path):

@@ -58,6 +58,22 @@ def hinge_g(d_fake: Tensor) -> Tensor:
     return -d_fake.mean()
 
 
+def normalised_surrogate(x: Tensor, loss_of_x) -> tuple[Tensor, Tensor]:
+    """A surrogate whose gradient on ``x`` is that of ``loss_of_x(x)``, rescaled per sample to unit rms.
+
+    ``0.5 * mse(x, x - g)`` with ``g = d loss / d x`` divided by its rms over each sample's elements: the trick DMD2
+    uses to apply its normalised DM gradient, here on ADM's generator gradient.  Returns (surrogate, loss value).
+    """
+    xd = x.detach().requires_grad_(True)
+    with torch.enable_grad():
+        value = loss_of_x(xd)
+        (g,) = torch.autograd.grad(value, xd)
+    g = g.float()
+    dims = tuple(range(1, x.ndim))
+    g = g / g.pow(2).mean(dim=dims, keepdim=True).sqrt().clamp_min(1e-12)
+    return 0.5 * F.mse_loss(x.float(), (x.float() - g).detach()), value.detach()
+
+
 def smoothness_penalty(disc, x: Tensor, d_x: Tensor, sigma: float) -> Tensor:
     """Approximate R1 (on real inputs) or R2 (on fake ones): ``E ||D(x) - D(x + sigma eps)||^2``.
 
@@ -101,6 +117,11 @@ class ADMConfig:
     fake_t_min: float = 1e-3
     gan_g_weight: float = 1.0
     gan_d_weight: float = 1.0
+    # "none": the paper's generator loss -E[D(x_fake)] as is.  "sample": its gradient on the student's x0 rescaled
+    # per sample to unit rms before it reaches the student (``normalised_surrogate``), as DMD2 normalises its DM
+    # gradient: through the fake score's step that gradient shrinks ~100x from t = 0.05 to t = 0.9
+    # (benchmarks/adm-study.md, 'Where ADM's student gradient points'), so without it the noisy times barely train
+    grad_norm: Literal["none", "sample"] = "none"
     head_arch: Literal["paper", "dmd2"] = "paper"  # conv heads: the paper's (appendix B.1) or DMD2's (nets/heads)
     # Optional regression anchor on teacher ODE pairs (collected or loaded by the set-up when it is on):
     # ``reg_weight * mse(G(noise_pair), x0_pair)``, into the student only.  0: the paper's pure-GAN ADM.
@@ -134,6 +155,8 @@ class ADM(Method):
             raise ValueError(f"critic_warmup must be >= 0, got {cfg.critic_warmup}")
         if cfg.reg_weight < 0:
             raise ValueError(f"reg_weight must be >= 0, got {cfg.reg_weight}")
+        if cfg.grad_norm not in ("none", "sample"):
+            raise ValueError(f"unknown grad_norm {cfg.grad_norm!r}; allowed: none, sample")
         if cfg.solver not in SOLVERS:
             raise ValueError(f"unknown solver {cfg.solver!r}; allowed: {', '.join(SOLVERS)}")
         check_penalties(cfg)
@@ -177,9 +200,16 @@ class ADM(Method):
     def student_loss(self):
         ctx = self.ctx
         x, cond, _ = ctx.student_x0(ctx.batch_size)
-        x_t, t, s = self.noised(x)
-        g = hinge_g(self.disc(self.fake_step(x_t, t, s, cond), s, cond))
-        loss, logs = self.cfg.gan_g_weight * g, {"loss/gan_g": g.item()}
+
+        def gan_g(x0):
+            x_t, t, s = self.noised(x0)
+            return hinge_g(self.disc(self.fake_step(x_t, t, s, cond), s, cond))
+
+        if self.cfg.grad_norm == "sample":
+            g, value = normalised_surrogate(x, gan_g)
+        else:
+            g = value = gan_g(x)
+        loss, logs = self.cfg.gan_g_weight * g, {"loss/gan_g": value.item()}
         if self.cfg.reg_weight > 0:
             noise, x0, pcond = ctx.pairs.batch(ctx.batch_size, ctx.device)
             reg = F.mse_loss(ctx.student(ctx.schedule.prior(noise), ctx.times[0], pcond).float(), x0.float())
