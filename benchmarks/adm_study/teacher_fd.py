@@ -1,7 +1,7 @@
 """FD of students against their teacher's own samples: the distillation gap, apart from the teacher's gap to data.
 
     python benchmarks/adm_study/teacher_fd.py --teacher T [--n 1000] [--steps 50] MODEL_OR_RUN ...
-A RUN folder stands for its last EMA snapshot (RUN/snapshots/step_*).  Features: the dataset's evaluation classifier
+A RUN folder stands for its last EMA snapshot (RUN/snapshots/step_*), RUN@600 for that of iteration 600.  Features: the dataset's evaluation classifier
 (as ``dmdx eval``).  The teacher's samples use seed 1 and the students seed 0, each with labels cycling 0..9; the
 first row, the teacher at ``--steps`` with seed 0 against seed 1, is the noise floor of this FD at ``--n``.
 The teacher's features are cached next to it (``teacher_fd_N_STEPS.pt``, plain tensors) for later calls.
@@ -11,6 +11,7 @@ import argparse
 from pathlib import Path
 
 import torch
+from fd_seeds import resolve  # RUN[@STEP] -> snapshot folder (same directory)
 
 from dmdx.eval.images import (
     _batched,
@@ -45,9 +46,7 @@ def main():
         torch.save((ref, floor), cache)
     rows = [(f"teacher, {args.steps} steps, seed 0", floor)]
     for spec in args.models:
-        p = Path(spec)
-        snaps = sorted((p / "snapshots").glob("step_*")) if (p / "snapshots").is_dir() else []
-        path = snaps[-1] if snaps else p
+        path = resolve(spec)
         rows.append((str(path), features(load_model(path), args.n, None, 0, clf)))
     print(f"| model | fd to the teacher's {args.steps}-step samples | precision | recall |")
     print("|---|---|---|---|")
