@@ -22,9 +22,10 @@ def test_demo_small_end_to_end_and_resume(tmp_path, capsys):
     assert main(["demo", "--small", "--out", str(out), "--quiet"]) == 0
     again = json.loads((out / "results.json").read_text())
     assert again["distill_seconds"] < 1.0
-    # the demo's small-scale GAN settings are in the run's resolved config
+    # the image recipe's settings are in the run's resolved config
     cfg = json.loads((out / "student" / "config.json").read_text())
-    assert cfg["train"]["lr_scale"]["latent_heads"] == 10 and cfg["method"]["adm"]["dt"] == 0.25
+    assert cfg["train"]["lr_scale"]["latent_heads"] == 10 and cfg["method"]["adm"]["dt"] == 1
+    assert cfg["method"]["adm"]["grad_norm"] == "sample" and cfg["method"]["adm"]["lr_scale"] == {"student": 0.5}
 
 
 def test_demo_set_rejects_unknown_keys(tmp_path, capsys):

@@ -145,3 +145,22 @@ def test_unknown_lr_scale_name_is_an_error(tmp_path):
     cfg = tiny_config("adm", steps=1, lr_scale={"disc_head": 10})
     with pytest.raises(ValueError, match=r"unknown networks \['disc_head'\].*'disc_heads', 'fake_score', 'student'"):
         make_trainer(cfg, tmp_path)
+
+
+def test_a_stage_lr_scale_sets_that_stages_rates_only(tmp_path):
+    """DMDX: ``method.adm.lr_scale`` gives ADM's stage its own student rate; ADP's stage keeps train.lr_scale's."""
+    cfg = tiny_config("dmdx", steps=4, lr_scale={"student": 0.5, "disc_heads": 10})
+    cfg.method.adm.lr_scale = {"student": 0.1}
+    tr = make_trainer(cfg, tmp_path)
+    adp, adm = tr.build_stage(0), tr.build_stage(1)
+    assert adp.optims["student"].param_groups[0]["lr"] == pytest.approx(0.5e-3)
+    assert adm.optims["student"].param_groups[0]["lr"] == pytest.approx(0.1e-3)
+    assert adm.optims["disc_heads"].param_groups[0]["lr"] == pytest.approx(1e-2)  # train.lr_scale still applies
+    tr.run()  # both stages train with their rates (the per-update rate is set from the stage's own)
+
+
+def test_unknown_name_in_a_stage_lr_scale_is_an_error(tmp_path):
+    cfg = tiny_config("dmdx", steps=2)
+    cfg.method.adm.lr_scale = {"latent_heads": 2}  # an ADP network: ADM's stage does not train it
+    with pytest.raises(ValueError, match=r"adm's lr_scale names unknown networks \['latent_heads'\]"):
+        make_trainer(cfg, tmp_path)

@@ -9,7 +9,7 @@ fake score's step.  The fake score keeps its denoising loss on student samples, 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
@@ -131,6 +131,9 @@ class ADMConfig:
     r1_weight: float = 0.0
     r2_weight: float = 0.0
     r1_sigma: float = 0.01  # the perturbation's scale, for both
+    # This stage's learning-rate multipliers, over ``train.lr_scale`` (the loop's ``stage_lr_scale``): in a DMDX
+    # run, e.g. ``method.adm.lr_scale={"student": 0.2}`` gives ADM's stage another student rate than ADP's
+    lr_scale: dict = field(default_factory=dict)
 
 
 class ADM(Method):

@@ -8,7 +8,7 @@ pixel one (a frozen vision backbone + heads on decoded samples), weighted 0.85 /
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
@@ -51,6 +51,7 @@ class ADPConfig:
     r1_weight: float = 0.0
     r2_weight: float = 0.0
     r1_sigma: float = 0.01
+    lr_scale: dict = field(default_factory=dict)  # this stage's rates over train.lr_scale (as ADMConfig.lr_scale)
 
 
 def adp_times(n: int, cubic: bool, device) -> Tensor:

@@ -69,13 +69,27 @@ def trained_network_names(method_cfg, steps: int) -> set[str]:
     return {"student"}.union(*(cls.network_names for cls, _, _ in stages))
 
 
+def stage_lr_scale(train: TrainConfig, stage_cfg) -> dict:
+    """A stage's learning-rate multipliers: ``train.lr_scale``, overridden by the stage's own ``lr_scale`` (a
+    method config field, so a DMDX run's ADP and ADM stages may give the student different rates)."""
+    return {**train.lr_scale, **(getattr(stage_cfg, "lr_scale", None) or {})}
+
+
 def check_lr_scale(method_cfg, train: TrainConfig) -> None:
-    """``train.lr_scale`` may only name networks the method trains (a typo would otherwise be silently ignored)."""
+    """``train.lr_scale`` (and a stage's ``lr_scale``) may only name networks the method (that stage) trains: a
+    typo would otherwise be silently ignored."""
     known = trained_network_names(method_cfg, train.steps)
     unknown = sorted(set(train.lr_scale) - known)
     if unknown:
         raise ValueError(f"train.lr_scale names unknown networks {unknown}; method {method_cfg.name!r} trains "
                          f"{sorted(known)}")
+    for cls, stage_cfg, _ in get_method(method_cfg.name).stages(method_cfg, train.steps):
+        own = getattr(stage_cfg, "lr_scale", None) or {}
+        stage_known = {"student", *cls.network_names}
+        unknown = sorted(set(own) - stage_known)
+        if unknown:
+            raise ValueError(f"{cls.name}'s lr_scale names unknown networks {unknown}; that stage trains "
+                             f"{sorted(stage_known)}")
 
 
 class Trainer:
@@ -134,15 +148,15 @@ class Trainer:
         for net in trainables.values():
             self.prepare(net)
         tc = self.tc
-        optims = {name: torch.optim.AdamW(net.parameters(), lr=self.base_lr(name), betas=tuple(tc.betas),
+        optims = {name: torch.optim.AdamW(net.parameters(), lr=self.base_lr(name, mcfg), betas=tuple(tc.betas),
                                           weight_decay=tc.weight_decay)
                   for name, net in trainables.items()}
         for name in trainables:
             self.updates[name] = 0
         return Stage(index, method, trainables, optims, self.starts[index])
 
-    def base_lr(self, name: str) -> float:
-        return self.tc.lr * float(self.tc.lr_scale.get(name, 1.0))
+    def base_lr(self, name: str, stage_cfg=None) -> float:
+        return self.tc.lr * float(stage_lr_scale(self.tc, stage_cfg).get(name, 1.0))
 
     def ckpt_nets(self, stage: Stage) -> dict[str, nn.Module]:
         return {**stage.trainables, "ema": self.ema}
@@ -184,7 +198,7 @@ class Trainer:
                 logs[f"grad/{name}"] = float(dist.full_tensor(norm))
             n = self.updates[name]
             for group in stage.optims[name].param_groups:
-                group["lr"] = self.base_lr(name) * (min(1.0, (n + 1) / tc.warmup) if tc.warmup > 0 else 1.0)
+                group["lr"] = self.base_lr(name, stage.method.cfg) * (min(1.0, (n + 1) / tc.warmup) if tc.warmup > 0 else 1.0)
             stage.optims[name].step()
             self.updates[name] = n + 1
             if name == "student":
