@@ -93,7 +93,8 @@ RECIPES[("image", "dmdx")] = [
     Setting("method.adp.d_t_max", 0.5, f"{_IMAGE_DIGITS} (latent-D times in [0, 0.5]; the paper: uniform, no range)"),
     # ADM's two ODE steps go to t = 0 (the two scores' x0 predictions): at dt = 0.25 ADM's critic stays near chance on
     # MNIST16 (accuracy 0.54-0.65), at dt = 1 it rises to 0.93; at dt = 1/64 it stays at chance (hinge 1.97, digits)
-    Setting("method.adm.dt", 1.0, f"{_IMAGE_MNIST} (critic accuracy 0.61 -> 0.93 at dt = 1, 0.54-0.65 at 0.25)"),
+    Setting("method.adm.dt", 1.0, "ours: benchmarks/adm-study.md, 'MNIST 16x16: ADM's step to t = 0' (critic accuracy "
+                                  "0.61 -> 0.93 at dt = 1, 0.54-0.65 at 0.25)"),
     # the regression anchor on the teacher's ODE pairs, as for mixtures (at 1 on digits: ADP alone reaches the
     # teacher's 50-step FD in 200 iterations, 1.054 without it); at 10 it holds MNIST16's ADM stage nearer the data
     # (ADM's anchor at 1 / 3 / 10 / 30 on cand-gn, the study's setting: FD 0.792 / 0.757 / 0.727 / 0.726)
@@ -103,8 +104,9 @@ RECIPES[("image", "dmdx")] = [
     # ADM's generator gradient on the student's x0, normalised per sample (as DMD2 normalises its DM gradient): through
     # the fake score's step it shrinks ~100x from t = 0.05 to t = 0.9, so without it the noisy times barely train
     # (one-step students only: four-step ADM with it ends at FD 1.055 against 0.836 without)
-    Setting("method.adm.grad_norm", "sample", f"{_IMAGE_MNIST} (three training seeds: FD 0.722 vs 0.790 without; "
-                                               "one-step students only)", when=_one_step),
+    Setting("method.adm.grad_norm", "sample", "ours: benchmarks/adm-study.md, 'MNIST 16x16: where ADM's student "
+                                              "gradient points' (three training seeds: FD 0.722 vs 0.790 without; "
+                                              "one-step students only)", when=_one_step),
     # the student x0.5 in ADM's stage (x0.2 in ADP's): x0.5 in ADP too slows digits (teacher's FD at 400, not 150)
     Setting("method.adm.lr_scale", {"student": 0.5}, f"{_IMAGE_MNIST} (MNIST16 FD {_HYB_MNIST}; digits {_HYB_DIGITS})",
             when=lambda cfg: cfg.train.lr_scale == _IMAGE_GAN_LR.value),  # only over the recipe's own rates
