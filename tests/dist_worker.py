@@ -91,7 +91,8 @@ def main(out: Path, single_run: Path) -> int:
     states = full_states(tr)
     if rank == 0:
         torch.save(states, out / "resumed_1to2_final.pt")
-    # 4. a NaN on rank 1 only, through the CLI
+    # 4. a NaN on rank 1 only, through the CLI (the trainers above let go first: the CLI's teardown frees them)
+    del tr, stage
     return cli(out / "nan", "nan")
 
 

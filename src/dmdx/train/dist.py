@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import gc
 import os
 from dataclasses import dataclass
 
@@ -206,6 +207,10 @@ def teardown() -> None:
     """Leave the process group (at the end of a run, or after an error that every rank agreed on)."""
     global _WORLD
     if torch.distributed.is_available() and torch.distributed.is_initialized():
+        # networks wrapped by DDP/FSDP that only reference cycles still hold (a finished Trainer) hold the group: free
+        # them now, while the group and the interpreter are alive; freed at interpreter exit instead, gloo's threads
+        # sometimes abort the process ("terminate called without an active exception", exit status 134)
+        gc.collect()
         torch.distributed.destroy_process_group()
     _WORLD = None
 
