@@ -166,6 +166,35 @@ def test_adm_normalised_generator_gradient_reaches_only_the_student(tmp_path):
         METHODS["adm"].check(METHODS["adm"].Config(grad_norm="tensor"), (2,))
 
 
+
+def test_adm_dm_term_is_zero_while_fake_equals_real_and_reaches_only_the_student(tmp_path):
+    """``dm_weight`` (off by default: the paper's ADM) adds DMD2's DM loss to ADM's student loss: zero while the fake
+    score equals the real one (no CFG), the student's alone once they differ; a negative weight is refused."""
+    assert METHODS["adm"].Config().dm_weight == 0.0
+    cfg = tiny_config("adm")
+    cfg.method.dm_weight, cfg.method.gan_g_weight, cfg.method.real_guidance = 1.0, 0.0, 1.0
+    tr = make_trainer(cfg, tmp_path)
+    tr.ctx.teacher = tr.ctx.teacher_net  # the fake score starts as a copy of this network
+    stage = tr.build_stage(0)
+    adm = stage.method
+    for name, net in stage.trainables.items():
+        net.requires_grad_(name == "student")
+    loss, logs = adm.student_loss()
+    assert logs["dm/grad_norm"] == 0.0
+    loss.backward()
+    assert all(p.grad is None or torch.count_nonzero(p.grad) == 0 for p in tr.ctx.student.parameters())
+    tr.ctx.student.zero_grad(set_to_none=True)
+    with torch.no_grad():
+        for p in adm.fake_score.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    loss, logs = adm.student_loss()
+    assert logs["dm/grad_norm"] > 0
+    loss.backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in tr.ctx.student.parameters())
+    assert all(p.grad is None for net in adm.networks().values() for p in net.parameters())
+    with pytest.raises(ValueError, match="dm_weight"):
+        METHODS["adm"].check(METHODS["adm"].Config(dm_weight=-1.0), (2,))
+
 def test_adm_ode_step_is_the_samplers_step(tmp_path):
     cfg = tiny_config("adm")
     tr = make_trainer(cfg, tmp_path)

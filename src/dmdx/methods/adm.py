@@ -19,6 +19,7 @@ from ..denoiser import Cond, FeatureTap
 from ..nets.heads import MultiHead
 from ..sampling import SOLVERS, ode_step
 from .base import Method, Phase, critic_logs, dsm_loss, frozen_copy, uniform_t
+from .dmd2 import dm_term
 
 Tensor = torch.Tensor
 
@@ -126,6 +127,10 @@ class ADMConfig:
     # Optional regression anchor on teacher ODE pairs (collected or loaded by the set-up when it is on):
     # ``reg_weight * mse(G(noise_pair), x0_pair)``, into the student only.  0: the paper's pure-GAN ADM.
     reg_weight: float = 0.0
+    # Optional DM term: ``dm_weight`` x DMD2's normalised DM loss (real minus fake score, on the student's samples
+    # re-noised at t ~ U[t_min, t_max]) added to the student's loss.  Not in the paper, which replaces the DM loss;
+    # 0: the paper's ADM
+    dm_weight: float = 0.0
     # Critic smoothness penalties (``smoothness_penalty``), on the real step's latents (R1) and the fake step's (R2);
     # 0: off (the paper names none)
     r1_weight: float = 0.0
@@ -158,6 +163,8 @@ class ADM(Method):
             raise ValueError(f"critic_warmup must be >= 0, got {cfg.critic_warmup}")
         if cfg.reg_weight < 0:
             raise ValueError(f"reg_weight must be >= 0, got {cfg.reg_weight}")
+        if cfg.dm_weight < 0:
+            raise ValueError(f"dm_weight must be >= 0, got {cfg.dm_weight}")
         if cfg.grad_norm not in ("none", "sample"):
             raise ValueError(f"unknown grad_norm {cfg.grad_norm!r}; allowed: none, sample")
         if cfg.solver not in SOLVERS:
@@ -213,6 +220,10 @@ class ADM(Method):
         else:
             g = value = gan_g(x)
         loss, logs = self.cfg.gan_g_weight * g, {"loss/gan_g": value.item()}
+        if self.cfg.dm_weight > 0:
+            dm, dm_logs = dm_term(ctx, self.fake_score, x, cond, self.cfg.real_guidance, self.cfg.t_min,
+                                  self.cfg.t_max)
+            loss, logs = loss + self.cfg.dm_weight * dm, {**logs, **dm_logs}
         if self.cfg.reg_weight > 0:
             noise, x0, pcond = ctx.pairs.batch(ctx.batch_size, ctx.device)
             reg = F.mse_loss(ctx.student(ctx.schedule.prior(noise), ctx.times[0], pcond).float(), x0.float())

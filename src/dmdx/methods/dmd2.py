@@ -42,6 +42,23 @@ def dm_loss(x: Tensor, x0_real: Tensor, x0_fake: Tensor) -> tuple[Tensor, Tensor
     return 0.5 * F.mse_loss(x, (x - grad).detach()), grad
 
 
+def dm_term(ctx, fake_score, x: Tensor, cond: Cond, guidance: float | None, t_min: float, t_max: float
+            ) -> tuple[Tensor, dict]:
+    """The DM loss (``dm_loss``) of student samples ``x`` re-noised at t ~ U[t_min, t_max]: the real score is the
+    teacher with CFG ``guidance`` (None: its default), the fake score ``fake_score``.  Returns (loss, log entries)."""
+    t = uniform_t(x.shape[0], t_min, t_max, x.device, ctx.schedule)
+    x_t = ctx.schedule.add_noise(x.detach(), torch.randn_like(x), t)
+    with torch.no_grad():
+        # the real score runs in the teacher's dtype (bf16 by default); the fake score's prediction in float32 even
+        # under train.bf16 autocast, as the DMD2 reference does on purpose (the DM gradient is the small difference
+        # of the two predictions)
+        x0_real = ctx.teacher(x_t, t, cond, guidance=ctx.real_guidance(guidance))
+        with ctx.float32():
+            x0_fake = fake_score(x_t, t, cond)
+    loss, grad = dm_loss(x, x0_real, x0_fake)
+    return loss, {"loss/dm": loss.item(), "dm/grad_norm": grad.flatten(1).norm(dim=1).mean().item()}
+
+
 class DMD2(Method):
     name = "dmd2"
     network_names = ("fake_score", "gan_head")
@@ -77,18 +94,8 @@ class DMD2(Method):
 
     # -- pieces ----------------------------------------------------------------------------------------------
     def dm_term(self, x: Tensor, cond: Cond) -> tuple[Tensor, dict]:
-        cfg, ctx = self.cfg, self.ctx
-        t = uniform_t(x.shape[0], cfg.dm_t_min, cfg.dm_t_max, x.device, ctx.schedule)
-        x_t = ctx.schedule.add_noise(x.detach(), torch.randn_like(x), t)
-        with torch.no_grad():
-            # the real score runs in the teacher's dtype (bf16 by default); the fake score's prediction in float32
-            # even under train.bf16 autocast, as the DMD2 reference does on purpose (the DM gradient is the small
-            # difference of the two predictions)
-            x0_real = ctx.teacher(x_t, t, cond, guidance=ctx.real_guidance(cfg.real_guidance))
-            with ctx.float32():
-                x0_fake = self.fake_score(x_t, t, cond)
-        loss, grad = dm_loss(x, x0_real, x0_fake)
-        return loss, {"loss/dm": loss.item(), "dm/grad_norm": grad.flatten(1).norm(dim=1).mean().item()}
+        cfg = self.cfg
+        return dm_term(self.ctx, self.fake_score, x, cond, cfg.real_guidance, cfg.dm_t_min, cfg.dm_t_max)
 
     def logits(self, x0: Tensor, cond: Cond) -> Tensor:
         """GAN classifier on the fake score's bottleneck, after re-noising x0 at t ~ U[0, gan_t_max)."""
