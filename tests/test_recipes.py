@@ -22,7 +22,8 @@ def test_teacher_kinds(tmp_path):
 def test_vector_teachers_get_the_mixtures_settings():
     vec = {s.key: s.value for s in recipe("vector", "dmdx")}
     assert vec == {s.key: s.value for s in recipe("gmm", "dmdx")}
-    assert vec["method.adp.reg_weight"] == 1.0 and vec["method.adm.reg_weight"] == 1.0
+    assert vec["method.adp.reg_weight"] == 10.0 and vec["method.adm.reg_weight"] == 10.0
+    assert vec["train.lr_scale"]["student"] == 1  # the MLP student at the shared rate, unlike the image recipe's 0.2
     assert all("Trained vector teacher" in s.source for s in recipe("vector", "dmd2"))
 
 
