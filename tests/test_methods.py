@@ -195,6 +195,44 @@ def test_adm_dm_term_is_zero_while_fake_equals_real_and_reaches_only_the_student
     with pytest.raises(ValueError, match="dm_weight"):
         METHODS["adm"].check(METHODS["adm"].Config(dm_weight=-1.0), (2,))
 
+@pytest.mark.parametrize("grad_norm", ["none", "sample"])
+@pytest.mark.parametrize("dt", [1.0, 0.25])
+def test_adm_generator_gradient_points_from_fake_to_real_once_its_critic_has_learned(tmp_path, dt, grad_norm):
+    """Exact scores of two shifted Gaussians (real N(mu_r, s^2), fake = the student's N(mu_f, s^2)) and a small
+    critic trained on ADM's own inputs: the critic separates the two ODE steps, and ADM's generator loss, through
+    ``student_loss`` and the fake score's step, moves the student's samples along mu_r - mu_f, as the DM loss would."""
+    torch.manual_seed(0)
+    cfg = tiny_config("adm")
+    cfg.method.dt, cfg.method.grad_norm = dt, grad_norm
+    tr = make_trainer(cfg, tmp_path)
+    adm, ctx = tr.build_stage(0).method, tr.ctx
+    mu_r, mu_f = torch.tensor([2.0, 0.0]), torch.tensor([-1.0, 1.0])
+    real = AnalyticDenoiser(GaussianMixture([mu_r.tolist()], [1.0], 0.3), ctx.schedule)
+    adm.fake_score = AnalyticDenoiser(GaussianMixture([mu_f.tolist()], [1.0], 0.3), ctx.schedule)
+    ctx.teacher = lambda x, t, cond, guidance=None: real(x, t, cond)
+    critic = torch.nn.Sequential(torch.nn.Linear(3, 64), torch.nn.SiLU(), torch.nn.Linear(64, 1))
+    adm.disc = lambda x, s, cond: critic(torch.cat([x, s[:, None].float()], 1))
+    opt = torch.optim.Adam(critic.parameters(), lr=3e-3)
+    for _ in range(200):
+        with torch.no_grad():
+            x_t, t, s = adm.noised(mu_f + 0.3 * torch.randn(256, 2))
+            x_real, x_fake = adm.real_step(x_t, t, s, None), adm.fake_step(x_t, t, s, None)
+        d_real, d_fake = adm.disc(x_real, s, None), adm.disc(x_fake, s, None)
+        opt.zero_grad()
+        hinge_d(d_real, d_fake).backward()
+        opt.step()
+    acc = 0.5 * ((d_real > 0).float().mean() + (d_fake < 0).float().mean())
+    assert acc > 0.75, acc
+    x0 = (mu_f + 0.3 * torch.randn(512, 2)).requires_grad_(True)
+    ctx.student_x0 = lambda n, grad=True: (x0, None, 1.0)
+    critic.requires_grad_(False)
+    loss, _ = adm.student_loss()
+    loss.backward()
+    move = -x0.grad.mean(0)
+    cos = torch.nn.functional.cosine_similarity(move, mu_r - mu_f, dim=0)
+    assert cos > 0.9, cos
+
+
 def test_adm_ode_step_is_the_samplers_step(tmp_path):
     cfg = tiny_config("adm")
     tr = make_trainer(cfg, tmp_path)
