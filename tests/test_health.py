@@ -57,9 +57,9 @@ class ConstantBackbone(nn.Module):
 
     feature_layers = ()
 
-    def __init__(self, dim: int):
+    def __init__(self, *shape: int):
         super().__init__()
-        self.point = nn.Parameter(torch.full((dim,), 0.7))
+        self.point = nn.Parameter(torch.full(shape, 0.7))
 
     def forward(self, x, time, cond):
         return self.point.expand_as(x)
@@ -100,6 +100,41 @@ def test_collapse_raises_the_alarm_once_and_a_healthy_sampler_does_not(tmp_path)
     assert "health/alarm" not in health(method, 3)  # once per occurrence
     ctx.student, ctx.times = ctx.teacher, time_grid(20)[:-1]
     assert health(method, 4)["health/alarm"].startswith("recovered")
+
+
+def test_image_quality_is_read_against_the_teachers_own_figure(tmp_path, monkeypatch):
+    """On labelled built-in images the small-sample FD and class accuracy are read against the teacher's figure on
+    the same noise and labels (written once into health_ref.json): the teacher as its own stochastic student is not
+    flagged; a student forced to one grey image is far from the teacher and has lost its classes."""
+    from pathlib import Path
+
+    from dmdx.config import TrainConfig
+    from dmdx.data import load_dataset
+    from dmdx.eval import get_classifier
+    from dmdx.methods.base import Context, Method
+    from dmdx.models import load_model
+
+    monkeypatch.setenv("DMDX_HOME", str(tmp_path / "home"))
+    get_classifier("digits", epochs=10, max_train=300, batch_size=32, progress=False)  # small (test acc ~0.8), cached
+    model = load_model(Path(__file__).resolve().parents[1] / "src" / "dmdx" / "assets" / "teacher_digits")
+    teacher = model.denoiser
+    ctx = Context(teacher=teacher, teacher_net=teacher, student=teacher, data=load_dataset("digits", "train"),
+                  num_classes=10, shape=(1, 8, 8), batch_size=16, device=torch.device("cpu"),
+                  times=time_grid(10)[:-1], guidance=model.info.guidance)
+    tc = TrainConfig(batch_size=16, health_n=16, health_every=1, health_quality_n=40, progress=False)
+    health, method = Health(tmp_path / "run", tc, ctx), Method(None, ctx)
+    rows = [{"step": 1, **health(method, 1)}]
+    ref = json.loads((tmp_path / "run" / "health_ref.json").read_text())
+    tq = ref["teacher_quality"]
+    assert set(tq) == {"fd", "class_acc"} and "quality" not in ref
+    problems, _ = diagnose(rows, ref, 2, 0.3)
+    assert not [p for p in problems if "teacher" in p or "class" in p], problems
+    ctx.student, ctx.times = Denoiser(ConstantBackbone(1, 8, 8), ctx.schedule, "x0"), [1.0]
+    rows.append({"step": 2, **health(method, 2)})
+    assert json.loads((tmp_path / "run" / "health_ref.json").read_text())["teacher_quality"] == tq  # computed once
+    problems, _ = diagnose(rows, ref, 2, 0.3)
+    assert any(p.startswith("far from the teacher") for p in problems), (rows[-1], tq)
+    assert any(p.startswith("samples lost their class") for p in problems), (rows[-1], tq)
 
 
 def test_health_signals_leave_training_bit_identical(tmp_path):
