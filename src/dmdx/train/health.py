@@ -336,7 +336,7 @@ LAG_LIMIT = 1.1  # fake score lagging: median fake_lag over the last third of th
 FD_WORSE = 1.5  # quality degraded: the last small-sample FD above this multiple of the first one
 # images, against the teacher's figure on the same noise and labels: far from the teacher above this multiple of its
 # small-sample FD; samples that lost their class below this fraction of its class accuracy (judgements: a diverged
-# MNIST16 DMDX student, FD 43.6 at n = 1,000, scored 50x and 0.17 / 0.99; students near the teacher 1-1.5x)
+# MNIST16 DMDX student, FD 43.6 at n = 1,000, scored 77x and 0.17 / 0.99; students near the teacher 1-2x)
 FD_FAR = 3.0
 CLASS_ACC_FRACTION = 0.5
 IN_MODE_FRACTION = 0.5  # mixtures: samples off the modes when the in-mode fraction is below half the real data's
