@@ -241,18 +241,17 @@ def cmd_distill(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from .export import export_run, sampling_args, usage
+    from .export import CARD, comfyui_notes, export_run, student_call, usage
     from .models import read_info
 
     out = export_run(Path(args.run), Path(args.out), args.format)
     info = read_info(Path(args.run))
-    print(f"{args.format} export written to {out}; sample the student with its own sampler:\n")
-    print(usage(info, args.format, args.out))
+    call = student_call(info)
+    card = (out.with_suffix("") if args.format == "comfyui" else out) / CARD
+    print(f"{args.format} export written to {out} (model card: {card}); sample the student with its own sampler:\n")
+    print(usage(info, args.format, args.out, call=call))
     if args.format == "comfyui":
-        a = sampling_args(info)
-        print(f"\nComfyUI: LoraLoader on the base checkpoint, KSampler sampler 'lcm', steps "
-              f"{a['num_inference_steps']}, cfg 1.0 (the student's timesteps {a['timesteps']}; not verified in "
-              "ComfyUI itself)")
+        print("\n" + comfyui_notes(info, call))
     return 0
 
 

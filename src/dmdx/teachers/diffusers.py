@@ -262,11 +262,29 @@ def add_lora(model: nn.Module, rank: int, alpha: float, targets: list[str]) -> N
 
 
 def lora_state_dict(model: nn.Module) -> dict[str, Tensor]:
-    """diffusers-format LoRA weights of a model that went through :func:`add_lora`."""
-    from diffusers.utils import convert_state_dict_to_diffusers
+    """The LoRA weights of a model that went through :func:`add_lora`, in peft's key format
+    (``<module>.lora_A.weight`` / ``.lora_B.weight``), float32, the format diffusers' ``load_lora_weights`` reads
+    unconverted.
+
+    Not ``diffusers.utils.convert_state_dict_to_diffusers``: it renames only the attention projections (``to_q``,
+    ``to_out.0``, ...) to the old ``.lora.down`` names and leaves conv, feed-forward, projection and time-embedding
+    keys in peft's format; the loader picks one format from the first key, and the modules of the other format were
+    injected without their weights.
+    """
     from peft.utils import get_peft_model_state_dict
 
-    return convert_state_dict_to_diffusers(get_peft_model_state_dict(model))
+    return {k: v.detach().float().contiguous() for k, v in get_peft_model_state_dict(model).items()}
+
+
+def lora_config(model: nn.Module) -> dict:
+    """The adapter's peft ``LoraConfig`` (rank, alpha, target modules) as diffusers' ``*_lora_adapter_metadata``,
+    stored in the LoRA file so that ``load_lora_weights`` rebuilds the same adapter; without it the loader knows no
+    alpha and scales every module by 1 instead of alpha / rank.  Only the keys diffusers itself infers for a
+    ``LoraConfig`` (``get_peft_kwargs``), so that other peft versions read it too."""
+    cfg = model.peft_config["default"]
+    return {"r": cfg.r, "lora_alpha": cfg.lora_alpha, "target_modules": sorted(cfg.target_modules),
+            "rank_pattern": dict(cfg.rank_pattern), "alpha_pattern": dict(cfg.alpha_pattern),
+            "use_dora": bool(cfg.use_dora), "lora_bias": bool(getattr(cfg, "lora_bias", False))}
 
 
 # -- backbones -------------------------------------------------------------------------------------------------
