@@ -51,7 +51,8 @@ def memory(out: Path) -> None:
 
     from dmdx.train import dist
     from dmdx.train.loop import Trainer
-    from dmdx.train.run import build_run, default_run_config
+    from dmdx.teachers import build_run
+    from dmdx.train.run import default_run_config
 
     rows = []
     for mode in ("ddp", "fsdp"):

@@ -29,7 +29,7 @@ def pipeline_students(tmp_path_factory):
     PNDM scheduler) at the recipe's LoRA settings, its LoRA weights randomised (helpers.lora_student); built once
     per session on first use (tests/test_export.py, test_pipeline_eval.py)."""
     from helpers import lora_student, pndm_pipeline
-    from dmdx.teachers.tiny import make_tiny_pipeline
+    from dmdx.teachers.image.tiny import make_tiny_pipeline
 
     root = tmp_path_factory.mktemp("pipeline_students")
     cache: dict = {}

@@ -31,7 +31,7 @@ def seed_dir(run_dir: Path, surrogate: Path) -> Path:
 def trainer(cfg, run_dir):
     from dmdx.train import dist
     from dmdx.train.loop import Trainer
-    from dmdx.train.run import build_run
+    from dmdx.teachers import build_run
 
     world = dist.setup(cfg.train.parallel, torch.device("cpu"))
     with dist.rank_zero_first(world):

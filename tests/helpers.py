@@ -9,7 +9,8 @@ import torch
 
 from dmdx.config import TrainConfig
 from dmdx.train.loop import Trainer
-from dmdx.train.run import RunConfig, build_run, default_run_config
+from dmdx.teachers import build_run
+from dmdx.train.run import RunConfig, default_run_config
 
 
 def tiny_config(method: str, teacher: str = "gmm:ring8", steps: int = 4, **train) -> RunConfig:
@@ -39,7 +40,7 @@ def pndm_pipeline(folder: Path) -> Path:
     """A tiny SD pipeline with SD1.5's own scheduler (PNDM), which has no ``timesteps=`` argument."""
     from diffusers import PNDMScheduler
 
-    from dmdx.teachers.tiny import make_tiny_pipeline
+    from dmdx.teachers.image.tiny import make_tiny_pipeline
 
     make_tiny_pipeline("sd", folder)
     cfg = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
@@ -54,7 +55,7 @@ def lora_student(pipe: Path, root: Path, times=(1.0, 0.5), rank: int = 64) -> Pa
     """A one-step DMD2 LoRA student of ``pipe`` with the recipe's LoRA (alpha 8, the reference's target list: convs,
     attention, feed-forward, projections, time embedding; rank 64 as in the reference), its LoRA weights then
     randomised (:func:`randomise_lora`)."""
-    from dmdx.recipes import apply_recipe
+    from dmdx.teachers import apply_recipe
 
     (root / "prompts.txt").write_text("a red cat\na blue dog\n")
     cfg = tiny_config("dmd2", teacher=str(pipe), steps=1, batch_size=2)

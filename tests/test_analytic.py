@@ -6,7 +6,7 @@ import torch
 from dmdx.denoiser import Denoiser
 from dmdx.sampling import SOLVERS, nfe, ode_step, sample_ode, student_sample, time_grid
 from dmdx.schedules import SCHEDULES, FlowMatching, make_schedule
-from dmdx.teachers.analytic import AnalyticDenoiser, GaussianMixture, load_mixture
+from dmdx.mixtures import AnalyticDenoiser, GaussianMixture, load_mixture
 
 
 def test_exact_denoiser_matches_monte_carlo():

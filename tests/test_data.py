@@ -6,7 +6,7 @@ import torch
 from PIL import Image
 
 from dmdx.data import DATASETS, Dataset, cache_dir, list_datasets, load_dataset, sample_batch
-from dmdx.teachers.analytic import BUILTIN_MIXTURES
+from dmdx.mixtures import BUILTIN_MIXTURES
 
 
 @pytest.mark.parametrize("name", list(BUILTIN_MIXTURES))

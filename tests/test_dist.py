@@ -139,7 +139,7 @@ def test_fsdp_and_ddp_reach_the_same_weights(job, tmp_path):
 
 
 def test_the_exported_model_is_the_full_ema_from_rank_0(job):
-    from dmdx.models import load_model
+    from dmdx.teachers import load_model
 
     final = torch.load(job["out"] / "fsdp_final.pt", weights_only=True)
     model = load_model(str(job["out"] / "fsdp"))
@@ -249,7 +249,7 @@ def test_global_batch_rule():
 def test_fsdp_in_one_process_sample_grids_and_snapshots(opts, tmp_path, surrogate):
     """FSDP2 without a launcher (a group of one), with CPU offload or the bf16 mixed-precision policy; sample grids
     and snapshots come from the gathered EMA."""
-    from dmdx.models import load_model
+    from dmdx.teachers import load_model
     from dmdx.train import dist
 
     cfg = tiny_config("dmd2", steps=2, parallel="fsdp", ckpt_every=2, sample_every=2, snapshot_every=2, **opts)
@@ -274,7 +274,7 @@ def test_fsdp_in_one_process_sample_grids_and_snapshots(opts, tmp_path, surrogat
 def wan(tmp_path_factory):
     pytest.importorskip("diffusers")
     pytest.importorskip("av")
-    from dmdx.teachers.tiny_video import make_tiny_video_pipeline
+    from dmdx.teachers.video.tiny import make_tiny_video_pipeline
 
     from helpers import video_inputs
 
@@ -365,7 +365,7 @@ def test_fsdp_video_cogvideox_adm_in_one_process(tmp_path, monkeypatch):
     transformer block its own unit, gradient checkpointing on (the recipe)."""
     pytest.importorskip("diffusers")
     from dmdx.cli import main
-    from dmdx.teachers.tiny_video import make_tiny_video_pipeline
+    from dmdx.teachers.video.tiny import make_tiny_video_pipeline
     from dmdx.train import dist
 
     monkeypatch.setattr(dist, "UNIT_MIN_PARAMS", 1)

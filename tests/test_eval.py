@@ -7,7 +7,7 @@ import torch
 from dmdx.data import cache_dir, load_dataset
 from dmdx.eval import (FeatureClassifier, PixelBackbone, chi2_quantile, frechet_distance, get_classifier,
                        get_pixel_backbone, image_metrics, mixture_metrics, precision_recall, sliced_wasserstein)
-from dmdx.teachers.analytic import load_mixture
+from dmdx.mixtures import load_mixture
 
 TINY = {"epochs": 1, "max_train": 96, "batch_size": 32, "progress": False}
 
@@ -61,7 +61,7 @@ def test_mixture_metrics_dropped_modes_and_junk():
 def test_mixture_metrics_high_dim():
     gmm = load_mixture("ring8")
     means = torch.randn(4, 10, generator=torch.Generator().manual_seed(0), dtype=torch.float64) * 10
-    from dmdx.teachers.analytic import GaussianMixture
+    from dmdx.mixtures import GaussianMixture
 
     gmm = GaussianMixture(means, [0.25] * 4, 0.3)
     x, _ = gmm.sample(8000, generator=torch.Generator().manual_seed(2))

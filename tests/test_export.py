@@ -21,7 +21,8 @@ import torch
 pytest.importorskip("diffusers")
 pytest.importorskip("peft")
 
-from dmdx.teachers import diffusers as dfs  # noqa: E402
+from dmdx.nets.pipeline import lora_state_dict, pack, unpack  # noqa: E402
+from dmdx.pipelines.image import encode_prompts  # noqa: E402
 
 DOCS = Path(__file__).resolve().parents[1] / "docs" / "real-models.md"
 FAMILIES = ("sd", "sd_v", "sdxl", "sd3", "flux")
@@ -46,13 +47,13 @@ def run_code(code: str) -> dict:
 
 def student_latents(run: Path, pipe, args: dict, prompt: str = PROMPT):
     """(dmdx student sample, ``pipe(prompt, **args)``) as latents, for the same start latents and re-noise seed."""
-    from dmdx.models import load_model
+    from dmdx.teachers import load_model
     from dmdx.sampling import student_sample
 
     m = load_model(run)
     den, info = m.denoiser, m.info
     fam = info.extra["family"]
-    bank, _ = dfs.encode_prompts(Path(info.extra["pipeline"]), [prompt], tuple(info.shape))
+    bank, _ = encode_prompts(Path(info.extra["pipeline"]), [prompt], tuple(info.shape))
     noise = torch.randn(1, *info.shape, generator=torch.Generator().manual_seed(1))
     vp = fam == "unet"
     torch.manual_seed(5)  # SD3 / Flux pipelines re-noise from the global RNG
@@ -61,9 +62,9 @@ def student_latents(run: Path, pipe, args: dict, prompt: str = PROMPT):
     latents = den.schedule.prior(noise)
     torch.manual_seed(5)
     got = pipe(prompt, generator=torch.Generator().manual_seed(5), output_type="latent",
-               latents=dfs.pack(latents) if fam == "flux" else latents, **args).images
+               latents=pack(latents) if fam == "flux" else latents, **args).images
     if fam == "flux":
-        got = dfs.unpack(got, *info.shape[1:])
+        got = unpack(got, *info.shape[1:])
     return ref, got
 
 
@@ -81,8 +82,9 @@ def test_printed_code_reproduces_student(students, tmp_path, family, fmt):
     student, at the recipe's LoRA settings."""
     from diffusers import DiffusionPipeline
 
-    from dmdx.export import export_run, usage
-    from dmdx.models import load_model, read_info
+    from dmdx.teachers import export_run, usage
+    from dmdx.models import read_info
+    from dmdx.teachers import load_model
 
     run = students[family]
     info = read_info(run)
@@ -107,7 +109,7 @@ def test_printed_code_reproduces_student(students, tmp_path, family, fmt):
 
         with safe_open(str(out), "pt") as h:
             keys, meta = list(h.keys()), h.metadata()
-        lora = dfs.lora_state_dict(load_model(run).denoiser.backbone.model)
+        lora = lora_state_dict(load_model(run).denoiser.backbone.model)
         assert len(keys) == 3 * len(lora) // 2  # every module: down, up, alpha (convs and time embeddings too)
         assert all(k.startswith("lora_unet_") for k in keys) and meta["ss_network_alpha"] == "8.0"
         assert json.loads(meta["dmdx_student"]) == ns["args"]
@@ -120,7 +122,7 @@ def test_shortest_call_on_pipeline_export(students, tmp_path, family):
     grid; more steps than the student has are refused."""
     from diffusers import DiffusionPipeline
 
-    from dmdx.export import export_run, student_call
+    from dmdx.teachers import export_run, student_call
     from dmdx.models import read_info
 
     run = students[family]
@@ -151,7 +153,7 @@ def test_sd3_times_off_the_scheduler_grid(students, tmp_path):
     """Times whose sigmas no shift makes the scheduler's own grid: the call passes sigmas= (the printed lines)."""
     from helpers import with_times
 
-    from dmdx.export import export_run, student_call, usage
+    from dmdx.teachers import export_run, student_call, usage
     from dmdx.models import read_info
 
     run = with_times(students["sd3"], [1.0, 0.9, 0.5], tmp_path / "run")
@@ -170,11 +172,11 @@ def test_lora_file_is_checked_against_the_student(students, tmp_path):
     from diffusers import StableDiffusionPipeline
 
     from dmdx.export import check_lora_file
-    from dmdx.models import load_model
+    from dmdx.teachers import load_model
 
     m = load_model(students["sd"])
     model = m.denoiser.backbone.model
-    StableDiffusionPipeline.save_lora_weights(str(tmp_path), unet_lora_layers=dfs.lora_state_dict(model))
+    StableDiffusionPipeline.save_lora_weights(str(tmp_path), unet_lora_layers=lora_state_dict(model))
     with pytest.raises(ValueError, match=r"down_blocks\.0\.resnets\.0\.conv1 \(scale 1 instead of 0\.125"):
         check_lora_file(Path(m.info.extra["pipeline"]), "unet", tmp_path, model)
 
@@ -183,7 +185,7 @@ def test_base_scheduler_cannot_run_the_student(students):
     """Why the LoRA ships a scheduler: SD1.5's PNDM refuses the student's timesteps."""
     from diffusers import DiffusionPipeline
 
-    from dmdx.export import sampling_args
+    from dmdx.teachers import sampling_args
     from dmdx.models import read_info
 
     info = read_info(students["sd"])
@@ -195,7 +197,7 @@ def test_base_scheduler_cannot_run_the_student(students):
 def test_docs_show_the_printed_usage(tmp_path, monkeypatch):
     """docs/real-models.md holds the lines `dmdx export` prints for its example: a one-step SD1.5 student (the
     published configs of its folder ./sd15: PNDM scheduler, 64x64 latents, 8x VAE)."""
-    from dmdx.export import usage
+    from dmdx.teachers import usage
     from dmdx.models import ModelInfo
 
     monkeypatch.chdir(tmp_path)
@@ -219,7 +221,7 @@ def test_docs_show_the_printed_usage(tmp_path, monkeypatch):
 
 
 def test_comfyui_refuses_other_families(students, tmp_path):
-    from dmdx.export import export_run
+    from dmdx.teachers import export_run
 
     with pytest.raises(ValueError, match="supports SD1.5/SD2/SDXL"):
         export_run(students["sd3"], tmp_path / "x.safetensors", "comfyui")

@@ -33,7 +33,7 @@ def test_critic_logs_on_hand_made_logits():
 def test_fake_score_lag_against_exact_denoisers(tmp_path):
     """A fake score equal to the teacher lags by exactly 1; one that is the exact denoiser of the student's
     distribution (a point mass: x0 is that point whatever x_t) has zero error, lag 0."""
-    from dmdx.models import gmm_model
+    from dmdx.teachers.analytic import gmm_model
 
     teacher = gmm_model("ring8").denoiser
     point = Denoiser(ConstantBackbone(2), teacher.schedule, "x0")
@@ -68,7 +68,7 @@ class ConstantBackbone(nn.Module):
 def _ring8_context(student, times):
     from dmdx.data import load_dataset
     from dmdx.methods.base import Context
-    from dmdx.models import gmm_model
+    from dmdx.teachers.analytic import gmm_model
 
     teacher = gmm_model("ring8").denoiser
     return Context(teacher=teacher, teacher_net=teacher, student=student or teacher, data=load_dataset("ring8", "train"),
@@ -112,7 +112,7 @@ def test_image_quality_is_read_against_the_teachers_own_figure(tmp_path, monkeyp
     from dmdx.data import load_dataset
     from dmdx.eval import get_classifier
     from dmdx.methods.base import Context, Method
-    from dmdx.models import load_model
+    from dmdx.teachers import load_model
 
     monkeypatch.setenv("DMDX_HOME", str(tmp_path / "home"))
     get_classifier("digits", epochs=10, max_train=300, batch_size=32, progress=False)  # small (test acc ~0.8), cached
@@ -140,7 +140,7 @@ def test_image_quality_is_read_against_the_teachers_own_figure(tmp_path, monkeyp
 def test_health_signals_leave_training_bit_identical(tmp_path):
     """A run with every health signal (quality figure included) trains exactly as one with none."""
     from dmdx.train.loop import Trainer
-    from dmdx.train.run import build_run
+    from dmdx.teachers import build_run
 
     on = tiny_config("dmd2", steps=4, health_every=2, health_quality_n=64)
     off = tiny_config("dmd2", steps=4, health_n=0)

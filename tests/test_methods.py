@@ -8,7 +8,7 @@ from dmdx.methods.adp import adp_times
 from dmdx.methods.dmd2 import DMD2, dm_loss
 from dmdx.sampling import ode_step
 from dmdx.schedules import FlowMatching
-from dmdx.teachers.analytic import AnalyticDenoiser, GaussianMixture
+from dmdx.mixtures import AnalyticDenoiser, GaussianMixture
 
 from helpers import make_trainer, state_of, tiny_config
 
@@ -51,7 +51,7 @@ def test_dm_gradient_sharpens_a_smeared_ring_toward_the_modes():
     the DM update moves samples along the ring toward their nearest teacher mode; at high noise it vanishes."""
     import math
 
-    from dmdx.teachers.analytic import _ring, load_mixture
+    from dmdx.mixtures import _ring, load_mixture
 
     torch.manual_seed(0)
     sched = FlowMatching()

@@ -4,7 +4,8 @@ import json
 
 from dmdx import recipes
 from dmdx.cli import main
-from dmdx.recipes import Setting, apply_recipe, recipe, teacher_kind
+from dmdx.recipes import Setting, recipe
+from dmdx.teachers import apply_recipe, teacher_kind
 from dmdx.train.run import default_run_config
 
 

@@ -100,7 +100,7 @@ def test_ema_warmup_decay():
 
 
 def test_snapshots_are_loadable_ema_students(tmp_path):
-    from dmdx.models import load_model
+    from dmdx.teachers import load_model
 
     cfg = tiny_config("dmd2", steps=4, snapshot_every=2)
     tr = make_trainer(cfg, tmp_path)

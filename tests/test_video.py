@@ -15,9 +15,12 @@ pytest.importorskip("peft")
 av = pytest.importorskip("av")
 
 from dmdx.cli import main  # noqa: E402
-from dmdx.teachers import video as vid  # noqa: E402
-from dmdx.teachers.diffusers import load_cond  # noqa: E402
-from dmdx.teachers.tiny_video import make_tiny_video_pipeline  # noqa: E402
+from dmdx.config import VideoConfig  # noqa: E402
+from dmdx.nets.video import WanBackbone  # noqa: E402
+from dmdx.pipelines.video import check_video_folder, geometry  # noqa: E402
+from dmdx.teachers.video import load_teacher  # noqa: E402
+from dmdx.pipelines.folder import load_cond  # noqa: E402
+from dmdx.teachers.video.tiny import make_tiny_video_pipeline  # noqa: E402
 
 WAN_SIZE = ["--set", "video.frames=9", "--set", "video.height=16", "--set", "video.width=16"]  # no native size
 
@@ -59,7 +62,7 @@ def last_log(run):
 def test_x0_matches_scheduler(pipes, family):
     from diffusers import CogVideoXDDIMScheduler, UniPCMultistepScheduler
 
-    m = vid.load_teacher(pipes[family], vc=vid.VideoConfig(9, 16, 16))
+    m = load_teacher(pipes[family], vc=VideoConfig(9, 16, 16))
     den, bb = m.denoiser, m.denoiser.backbone
     torch.manual_seed(0)
     x = torch.randn(2, *m.info.shape)
@@ -105,7 +108,7 @@ def test_folder_is_a_working_pipeline(pipes, family):
 def test_features_are_3d_maps(pipes):
     from dmdx.denoiser import FeatureTap
 
-    m = vid.load_teacher(pipes["cogvideox"])
+    m = load_teacher(pipes["cogvideox"])
     bb = m.denoiser.backbone
     with FeatureTap(bb, bb.feature_layers) as tap:
         bb(torch.randn(2, *m.info.shape), torch.tensor([500.0]), bb.null_cond(None))
@@ -113,11 +116,11 @@ def test_features_are_3d_maps(pipes):
 
 
 def test_grad_checkpointing_same_gradients(pipes):
-    m = vid.load_teacher(pipes["wan"], vc=vid.VideoConfig(9, 16, 16))
+    m = load_teacher(pipes["wan"], vc=VideoConfig(9, 16, 16))
     x = torch.randn(2, *m.info.shape)
     grads = []
     for gc in (False, True):
-        bb = vid.WanBackbone(**{**m.info.backbone["config"], "grad_checkpointing": gc}).train()
+        bb = WanBackbone(**{**m.info.backbone["config"], "grad_checkpointing": gc}).train()
         assert bb.model.is_gradient_checkpointing == gc
         bb(x, torch.tensor([500.0]), None).square().mean().backward()
         grads.append(torch.cat([p.grad.flatten() for p in bb.parameters() if p.grad is not None]))
@@ -126,16 +129,16 @@ def test_grad_checkpointing_same_gradients(pipes):
 
 # -- errors --------------------------------------------------------------------------------------------------------
 def test_errors(pipes, tmp_path):
-    from dmdx.models import load_model
+    from dmdx.teachers import load_model
 
     with pytest.raises(FileNotFoundError, match="local diffusers pipeline folder"):
-        vid.check_video_folder(tmp_path / "missing")
+        check_video_folder(tmp_path / "missing")
     with pytest.raises(ValueError, match=r"frames must be 4k \+ 1"):
-        vid.geometry(pipes["cogvideox"], frames=8)
+        geometry(pipes["cogvideox"], frames=8)
     with pytest.raises(ValueError, match="height=20 is not a multiple of 8 pixels"):
-        vid.geometry(pipes["cogvideox"], height=20)
+        geometry(pipes["cogvideox"], height=20)
     with pytest.raises(ValueError, match="width=24 is not a multiple of 16 pixels"):
-        vid.geometry(pipes["wan"], 9, 16, 24)
+        geometry(pipes["wan"], 9, 16, 24)
     bad = tmp_path / "bad"
     shutil.copytree(pipes["wan"], bad)
     index = json.loads((bad / "model_index.json").read_text())
@@ -149,7 +152,7 @@ def test_errors(pipes, tmp_path):
     with pytest.raises(ValueError, match="unsupported transformer class 'LTXVideoTransformer3DModel'; supported: "
                        ".*CogVideoXTransformer3DModel, WanTransformer3DModel"):
         load_model(bad)
-    assert vid.geometry(pipes["cogvideox"]).shape == (4, 3, 2, 2)  # the transformer's native 9 x 16 x 16
+    assert geometry(pipes["cogvideox"]).shape == (4, 3, 2, 2)  # the transformer's native 9 x 16 x 16
 
 
 def test_video_folder_errors(tmp_path):
@@ -223,7 +226,7 @@ def test_backward_simulation_over_student_times(pipes, inputs, tmp_path):
     from helpers import tiny_config
 
     from dmdx.sampling import student_sample
-    from dmdx.train.run import build_run
+    from dmdx.teachers import build_run
 
     cfg = tiny_config("adm", teacher=str(pipes["cogvideox"]), steps=1, batch_size=1)
     cfg.real.prompts, cfg.real.teacher_dtype = str(inputs / "p.txt"), "float32"
@@ -247,7 +250,7 @@ def test_backward_simulation_over_student_times(pipes, inputs, tmp_path):
 def video_latents(run, pipe, args: dict, prompt: str):
     """(dmdx student sample, ``pipe(prompt, **args)``) as latents [1, C, T, H, W], from the same start latents and
     re-noise seed; the pipeline encodes the prompt string itself (the run's prompt bank holds its encoding)."""
-    from dmdx.models import load_model
+    from dmdx.teachers import load_model
     from dmdx.sampling import student_sample
 
     m = load_model(run)
@@ -279,7 +282,7 @@ def video_latents(run, pipe, args: dict, prompt: str):
 def test_export_reproduces_student(runs, inputs, name, tmp_path):
     from diffusers import DiffusionPipeline
 
-    from dmdx.export import export_run
+    from dmdx.teachers import export_run
 
     run = runs[name]
     out = export_run(run, tmp_path / "pipe")
@@ -333,7 +336,7 @@ def test_printed_code_reproduces_lora_student(lora_runs, pipes, inputs, tmp_path
 
     from diffusers import DiffusionPipeline
 
-    from dmdx.export import export_run, usage
+    from dmdx.teachers import export_run, usage
     from dmdx.models import read_info
 
     run = lora_runs[family]
@@ -364,7 +367,7 @@ def test_wan_times_off_the_scheduler_grid(lora_runs, inputs, tmp_path):
     lines point set_timesteps at them, and then reproduce the student."""
     from helpers import with_times
 
-    from dmdx.export import export_run, usage
+    from dmdx.teachers import export_run, usage
     from dmdx.models import read_info
 
     run = with_times(lora_runs["wan"], [1.0, 0.9, 0.5], tmp_path / "run")
@@ -379,7 +382,7 @@ def test_wan_times_off_the_scheduler_grid(lora_runs, inputs, tmp_path):
 
 
 def test_video_comfyui_refused(lora_runs, tmp_path):
-    from dmdx.export import export_run
+    from dmdx.teachers import export_run
 
     with pytest.raises(ValueError, match="use --format lora or --format diffusers"):
         export_run(lora_runs["wan"], tmp_path / "x.safetensors", "comfyui")

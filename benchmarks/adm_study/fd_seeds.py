@@ -15,7 +15,8 @@ import torch
 
 from dmdx.eval import image_metrics
 from dmdx.eval.images import get_classifier
-from dmdx.models import generate, load_model
+from dmdx.models import generate
+from dmdx.teachers import load_model
 
 
 def resolve(spec: str) -> Path:

@@ -3,12 +3,32 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
+import subprocess
 import sys
+from dataclasses import fields
 from pathlib import Path
 
 import torch
+
+from .config import EvalRequest, SampleRequest, apply_overrides, from_dict, set_path, to_dict
+from .data import list_datasets, load_dataset
+from .demo import run_demo
+from .export import CARD, comfyui_notes
+from .export import usage as export_usage
+from .methods import METHODS
+from .models import device_of, read_info
+from .pairs import collect_pairs
+from .recipes import format_settings
+from .sampling import SOLVERS
+from .teachers import apply_recipe, distill, export_run, kind_for, load_model, student_call, teacher_kind
+from .train import dist
+from .train.health import inspect_run
+from .train.loop import NonFiniteLossError
+from .train.run import TeacherConfig, check_run_config, default_run_config, load_run_config, train_teacher
+from .viz import format_table
 
 
 def _add_common_train(p: argparse.ArgumentParser) -> None:
@@ -41,9 +61,6 @@ def torchrun_command(argv: list[str], nproc: int) -> list[str]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .methods import METHODS
-    from .sampling import SOLVERS
-
     ap = argparse.ArgumentParser(prog="dmdx", description="Distil diffusion / flow-matching teachers into few-step "
                                  "students (DMD, DMD2, ADM, ADP, DMDX).")
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -140,8 +157,6 @@ def build_parser() -> argparse.ArgumentParser:
 # -- commands ---------------------------------------------------------------------------------------------------
 def _load_overrides(cfg, args) -> set[str]:
     """Apply --config, --set, --steps and --quiet to ``cfg``; returns the config keys the user set."""
-    from .config import apply_overrides, set_path
-
     keys: set[str] = set()
 
     if getattr(args, "config", None):
@@ -152,8 +167,6 @@ def _load_overrides(cfg, args) -> set[str]:
             data = json.loads(path.read_text())
         except json.JSONDecodeError as e:
             raise ValueError(f"{path}: not valid JSON ({e})") from None
-
-        import dataclasses
 
         def walk(obj, prefix, d):
             for k, v in d.items():
@@ -176,19 +189,12 @@ def _load_overrides(cfg, args) -> set[str]:
 
 
 def cmd_teacher_train(args) -> int:
-    from .config import to_dict
-    from .train.run import TeacherConfig, train_teacher
-
     cfg = TeacherConfig(data=args.data)
     if args.resume and (Path(args.out) / "config.json").is_file():
-        from .config import from_dict
-
         saved = json.loads((Path(args.out) / "config.json").read_text())
         saved.pop("method", None)
         cfg = from_dict(TeacherConfig, saved)
     _load_overrides(cfg, args)
-    from .data import load_dataset
-
     load_dataset(cfg.data, "train")  # validate the name early
     if args.dry_run:
         print(json.dumps(to_dict(cfg), indent=2))
@@ -199,11 +205,6 @@ def cmd_teacher_train(args) -> int:
 
 
 def cmd_distill(args) -> int:
-    from .config import to_dict
-    from .train.run import default_run_config, distill, load_run_config
-
-    from .recipes import apply_recipe, format_settings, teacher_kind
-
     out = Path(args.out)
     resumed = args.resume and (out / "config.json").is_file()
     if resumed:
@@ -226,47 +227,34 @@ def cmd_distill(args) -> int:
         if os.environ.get("RANK", "0") == "0":  # once, not from every torchrun rank
             print(format_settings(teacher_kind(cfg.teacher), cfg.method.name, applied), file=sys.stderr)
     if args.dry_run:
-        from .models import load_model
-        from .train.loop import check_lr_scale
-
-        check_lr_scale(cfg.method, cfg.train)
+        check_run_config(cfg)
         load_model(cfg.teacher)  # validates the teacher path
         print(json.dumps(to_dict(cfg), indent=2))
         return 0
     run = distill(cfg, out, resume=args.resume)
-    from .teachers.adapter import adapter_for
-
-    print(f"student written to {run}; try: {adapter_for(run).hint(run)}")
+    print(f"student written to {run}; try: {kind_for(run).hint(run)}")
     return 0
 
 
 def cmd_export(args) -> int:
-    from .export import CARD, comfyui_notes, export_run, student_call, usage
-    from .models import read_info
-
     out = export_run(Path(args.run), Path(args.out), args.format)
     info = read_info(Path(args.run))
     call = student_call(info)
     card = (out.with_suffix("") if args.format == "comfyui" else out) / CARD
     print(f"{args.format} export written to {out} (model card: {card}); sample the student with its own sampler:\n")
-    print(usage(info, args.format, args.out, call=call))
+    print(export_usage(info, args.format, args.out, call))
     if args.format == "comfyui":
         print("\n" + comfyui_notes(info, call))
     return 0
 
 
 def cmd_inspect(args) -> int:
-    from .train.health import inspect_run
-
     text, _, _ = inspect_run(Path(args.run))
     print(text)
     return 0
 
 
 def cmd_pairs(args) -> int:
-    from .models import load_model
-    from .pairs import collect_pairs
-
     m = load_model(args.teacher)
     out = collect_pairs(m, Path(args.out), args.n, args.steps, args.solver, args.guidance, args.seed)
     print(f"{args.n} pairs in {out}")
@@ -274,43 +262,22 @@ def cmd_pairs(args) -> int:
 
 
 def _device(name: str) -> torch.device:
-    from .models import device_of
-
     return device_of(name)
 
 
 def _request(cls, args):
-    """The sample / eval options of the CLI as the adapters' request dataclass (never the namespace itself)."""
-    from dataclasses import fields
-
+    """The sample / eval options of the CLI as the teacher kinds' request dataclass (never the namespace itself)."""
     vals = {f.name: getattr(args, f.name) for f in fields(cls) if hasattr(args, f.name)}
     return cls(**{**vals, "device": _device(args.device)})
 
 
 def cmd_sample(args) -> int:
-    from .teachers.adapter import SampleRequest, adapter_for
-
-    print(adapter_for(args.model).sample(_request(SampleRequest, args)))
+    print(kind_for(args.model).sample(_request(SampleRequest, args)))
     return 0
 
 
-def format_table(rows: list[dict], cols: list[str]) -> str:
-    def fmt(v):
-        if isinstance(v, float):
-            return f"{v:.4g}"
-        return str(v)
-
-    cells = [[c for c in cols]] + [[fmt(r.get(c, "")) for c in cols] for r in rows]
-    widths = [max(len(row[i]) for row in cells) for i in range(len(cols))]
-    lines = ["  ".join(v.rjust(w) for v, w in zip(row, widths)) for row in cells]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)
-
-
 def cmd_eval(args) -> int:
-    from .teachers.adapter import EvalRequest, adapter_for
-
-    rows = adapter_for(args.model).evaluate(_request(EvalRequest, args))
+    rows = kind_for(args.model).evaluate(_request(EvalRequest, args))
     cols = [k for k in rows[0] if not isinstance(rows[0][k], (list, dict))]
     cols += [k for r in rows[1:] for k in r if k not in cols]
     print(format_table(rows, cols))
@@ -321,8 +288,6 @@ def cmd_eval(args) -> int:
 
 
 def cmd_data_list(args) -> int:
-    from .data import list_datasets
-
     rows = list_datasets()
     cols = [c for c in ("name", "kind", "shape", "classes", "about") if c in rows[0]] if rows else []
     print(format_table(rows, cols))
@@ -330,8 +295,6 @@ def cmd_data_list(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    from .demo import run_demo
-
     run_demo(data=args.data, method=args.method, out=Path(args.out), steps=args.steps, teacher=args.teacher,
              n=args.n, small=args.small, progress=not args.quiet, overrides=args.overrides)
     return 0
@@ -341,8 +304,6 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
     if getattr(args, "nproc", None) is not None and not args.dry_run:
-        import subprocess
-
         try:
             if "TORCHELASTIC_RUN_ID" in os.environ or int(os.environ.get("WORLD_SIZE", "1")) > 1:
                 raise ValueError("--nproc launches torchrun itself; under torchrun, leave it out")
@@ -366,15 +327,11 @@ def main(argv: list[str] | None = None) -> int:
         print("interrupted; the last finished checkpoint is kept (continue with --resume)", file=sys.stderr)
         return 130
     except Exception as e:  # noqa: BLE001 - NonFiniteLossError and friends get a one-line message
-        from .train.loop import NonFiniteLossError
-
         if isinstance(e, NonFiniteLossError):
             print(f"dmdx {args.cmd}: {e}", file=sys.stderr)
             return 3
         raise
     finally:
-        from .train import dist
-
         dist.teardown()  # leave a torch.distributed group (if the command joined one)
 
 

@@ -10,6 +10,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+import torch
+
 
 @dataclass
 class TrainConfig:
@@ -57,6 +59,50 @@ class StudentConfig:
 
 
 # ------------------------------------------------------------------------------------------------------------
+@dataclass
+class VideoConfig:
+    """Video teachers (``--teacher`` a CogVideoX / Wan pipeline folder); see docs/video.md."""
+
+    frames: int | None = None  # pixel frames (4k + 1); default: the model's native count
+    height: int | None = None  # pixels; default: the model's native size
+    width: int | None = None
+    max_sequence_length: int | None = None  # text tokens; default: CogVideoX's max_text_seq_length, Wan's 512
+
+
+@dataclass
+class SampleRequest:
+    """What ``dmdx sample`` asks of a teacher kind (the CLI's options; each kind refuses the ones it cannot use)."""
+
+    model: str
+    out: Path | None = None  # sample: the PNG / NPZ file (built-in models) or the folder (pipelines)
+    n: int = 64
+    steps: int | None = None
+    seed: int = 0
+    guidance: float | None = None
+    solver: str | None = None
+    device: torch.device | str = "cpu"
+    prompts: str | None = None  # pipeline models: one prompt a line
+    per_prompt: int = 1
+    batch_size: int = 4
+
+
+@dataclass
+class EvalRequest(SampleRequest):
+    """What ``dmdx eval`` asks: the sampling options plus the metrics' local files."""
+
+    n: int = 2000
+    per_prompt: int = 2
+    clip: str | None = None
+    pickscore: str | None = None
+    ref: str | None = None
+    inception: str | None = None
+    lpips: str | None = None
+    kid_subset_size: int = 1000
+    teacher_steps: int | None = None
+    hpsv2: str | None = None
+    imagereward: str | None = None
+
+
 def to_dict(cfg) -> dict:
     return json.loads(json.dumps(dataclasses.asdict(cfg)))
 

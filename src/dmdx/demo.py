@@ -11,7 +11,18 @@ from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
+import numpy as np
 import torch
+from PIL import Image
+
+from .config import apply_overrides, save_json, to_dict
+from .evaluate import evaluate
+from .models import generate
+from .recipes import format_settings
+from .teachers import apply_recipe, build_run, load_model, teacher_kind
+from .train.loop import Trainer
+from .train.run import TeacherConfig, default_run_config, load_run_config, train_teacher
+from .viz import format_table, image_grid
 
 # The shipped digits teacher was made by (see docs/demo.md):
 #   dmdx teacher train --data digits --out teacher_digits --steps 3000   (then copy model.json + model.safetensors)
@@ -52,8 +63,6 @@ def _log(msg: str) -> None:
 
 
 def get_teacher(data: str, out: Path, budget: DemoBudget, teacher: str | None, small: bool, progress: bool) -> str:
-    from .train.run import TeacherConfig, train_teacher
-
     if teacher:
         return teacher
     shipped = None if small else shipped_teacher(data)
@@ -78,14 +87,6 @@ def get_teacher(data: str, out: Path, budget: DemoBudget, teacher: str | None, s
 def run_demo(data: str = "digits", method: str = "dmdx", out: Path = Path("dmdx-demo"), steps: int | None = None,
              teacher: str | None = None, n: int = 1000, small: bool = False, progress: bool = True,
              overrides: list[str] | None = None) -> dict:
-    from .cli import format_table
-    from .evaluate import evaluate
-    from .models import load_model
-    from .train.loop import Trainer
-    from .train.run import build_run, default_run_config, load_run_config
-    from .config import apply_overrides, save_json, to_dict
-    from .recipes import apply_recipe, format_settings, teacher_kind
-
     t_start = time.perf_counter()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -159,9 +160,6 @@ def _finished(run_dir: Path, steps: int) -> bool:
 
 def _side_by_side(t_model, s_model, path: Path, steps: int) -> None:
     """Teacher at ``steps`` steps (left) next to the one-step student (right), same classes, 10 per class."""
-    from .models import generate
-    from .viz import image_grid
-
     if len(t_model.info.shape) != 3:
         return
     k = max(t_model.info.num_classes, 1)
@@ -169,9 +167,6 @@ def _side_by_side(t_model, s_model, path: Path, steps: int) -> None:
     n = 8 * k
     a = generate(t_model, n, steps, seed=1, labels=labels).x
     b = generate(s_model, n, 1, seed=1, labels=labels).x
-    import numpy as np
-    from PIL import Image
-
     ga, gb = image_grid(a, nrow=8), image_grid(b, nrow=8)
     gap = np.full((ga.shape[0], 6, 3), 255, np.uint8)
     img = Image.fromarray(np.concatenate([ga, gap, gb], axis=1))

@@ -1,35 +1,20 @@
-"""``dmdx export``: a distilled diffusers-teacher student as a diffusers pipeline folder, diffusers-format LoRA
-weights, or one kohya-style LoRA file (ComfyUI and most UIs); each with a model card (README.md) holding the call.
+"""What every diffusers export of a student shares (image kinds: :mod:`dmdx.teachers.image.export`; video kinds:
+:mod:`dmdx.teachers.video.export`): the stock schedulers whose step is the student's sampler, the call that runs it
+(:class:`StudentCall`), the lines a user runs (:func:`usage`), the model card, LoRA files checked by loading them
+back, kohya-style files, and the pipeline folder.
 
-Scheduler choice (stock diffusers schedulers, so that ``DiffusionPipeline.from_pretrained(OUT)`` needs no dmdx):
-
-- VP teachers (SD1.5/SD2/SDXL UNets): ``LCMScheduler``.  Its multistep rule *is* the student sampler: predict x0
-  at timestep t_k, re-noise it with fresh noise to t_{k+1}.  ``timestep_scaling`` is set to 1e6 so that its
-  consistency boundary scalings are c_skip ~ 1e-13, c_out ~ 1 (plain x0).  ``original_inference_steps`` is the
-  smallest value for which the scheduler's own ``set_timesteps(len(times))`` gives the student's timesteps (1 for a
-  one-step student at 999): the call then needs only ``num_inference_steps``, and more steps than the student has
-  are refused by the scheduler.  Students off LCM's grid (dmdx rounds 0.5 * 999 to 500, LCM's grid has 499) pass
-  ``timesteps=``.
-- Flow teachers (SD3, Flux): ``FlowMatchEulerDiscreteScheduler(stochastic_sampling=True)``: x0 = x - sigma v,
-  then x = (1 - sigma_next) x0 + sigma_next noise, the student sampler again.  SD3: a shift and ``shift_terminal``
-  solved so that ``set_timesteps(n)`` gives the student's sigmas (:func:`flow_scheduler`; the recipe's 1, .75, .5,
-  .25 at any teacher shift), else the teacher's shift and ``sigmas=``.  Flux: the pipeline passes
-  ``sigmas = linspace(1, 1/n, n)`` itself, which the teacher's resolution-dependent shift turns into the student's
-  sigmas when its times are those (1; 1, .5; 1, .75, .5, .25), else ``sigmas=``.
-
-Classifier-free guidance: the exported SD/SDXL UNet carries an all-zero guidance-scale embedding input
-(``time_cond_proj_dim``, as LCM checkpoints do), so the stock pipelines skip CFG whatever ``guidance_scale`` says and
-the added embedding is exactly zero.  SD3, CogVideoX and Wan pipelines have no such switch in any config: call them
-with ``guidance_scale=1``; Flux: ``guidance_scale`` = the guidance embedding the student was trained with.  No
-config can set the number of steps (``num_inference_steps`` defaults to 50 or 28 in ``__call__``), so the call
-always names it.
+The student sampler as a stock scheduler: each step predicts x0 and re-noises it with fresh noise to the next time.
+VP teachers: ``LCMScheduler`` with ``timestep_scaling`` 1e6, so that its consistency boundary scalings are
+c_skip ~ 1e-13, c_out ~ 1 (plain x0), and ``original_inference_steps`` the smallest value for which the scheduler's
+own ``set_timesteps(len(times))`` gives the student's timesteps (:func:`lcm_scheduler`).  Flow teachers:
+``FlowMatchEulerDiscreteScheduler(stochastic_sampling=True)``, with a shift and ``shift_terminal`` solved so that its
+own ``set_timesteps(n)`` gives the student's sigmas where possible (:func:`flow_scheduler`).
 
 A LoRA export ships that scheduler too (``scheduler_config.json`` in the LoRA folder): the base pipeline's own
-scheduler (PNDM for SD1.5, Euler for SDXL/SD3/Flux) either refuses ``timesteps=`` or samples the student with a
-deterministic ODE step it was not trained for.  The LoRA file holds peft-format keys and the adapter's
-``LoraConfig`` as diffusers' adapter metadata, so ``load_lora_weights`` rebuilds the student's rank, alpha and
-targets; every LoRA file is read back through diffusers' own loader at export time and refused if a module is
-missing or scaled differently.  :func:`usage` writes the lines that load and call each export.
+scheduler either refuses the student's timesteps or samples it with a deterministic ODE step it was not trained for.
+The LoRA file holds peft-format keys and the adapter's ``LoraConfig`` as diffusers' adapter metadata, so
+``load_lora_weights`` rebuilds the student's rank, alpha and targets; every LoRA file is read back through
+diffusers' own loader at export time and refused if a module is missing or scaled differently.
 
 The start noise: diffusers draws unit noise, dmdx starts VP students from ``sigma(1) * noise`` (0.998 noise for SD
 schedules); pass ``latents=`` for bit-level agreement.
@@ -45,18 +30,20 @@ import shutil
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import torch
+from safetensors.torch import save_file
 
-from .models import ModelInfo, load_model, read_info
-from .teachers import diffusers as dfs
+from .models import ModelInfo
+from .nets.pipeline import lora_config, lora_state_dict
+from .pipelines.folder import model_index
+from .schedules import make_schedule
 
 FORMATS = ("diffusers", "lora", "comfyui")
 STUDENT_JSON = "dmdx_student.json"
 CARD = "README.md"
-GUIDANCE_EMBED_DIM = 256  # time_cond_proj_dim of the exported UNets (LCM-Dreamshaper's)
 
 
 @dataclass
@@ -68,7 +55,7 @@ class StudentCall:
     args: dict  # __call__ arguments that reproduce the student
     exact: bool  # num_inference_steps alone (no timesteps= / sigmas=) gives the student's steps
     plain: dict = field(default_factory=dict)  # the fewest of ``args`` that give the student on the pipeline export
-    set_timesteps_sigmas: list[float] | None = None  # Wan students off the scheduler's grid (see video_export)
+    set_timesteps_sigmas: list[float] | None = None  # Wan students off the scheduler's grid (see teachers.video.export)
     global_noise: bool = False  # the pipeline re-noises from the global RNG (SD3, Flux, Wan: multi-step students)
 
     @property
@@ -96,7 +83,7 @@ def lcm_scheduler(config: dict, timesteps: list[int]):
     which the scheduler's own ``set_timesteps(len(timesteps))`` returns ``timesteps``; k = len(timesteps) if none.
 
     LCM's grid: ``(1..o) * (T // o) - 1`` reversed, then the entries at ``floor(linspace(0, o, k))``."""
-    from diffusers import LCMScheduler
+    from diffusers import LCMScheduler  # optional, heavy: imported on use
 
     n_train, k = int(config.get("num_train_timesteps", 1000)), len(timesteps)
 
@@ -122,7 +109,7 @@ def flow_scheduler(sigmas: list[float], teacher_shift: float, num_train_timestep
     sigmas: q = 1) lies on that family: matching ``1 - f_q(t_k)`` term by term gives ``c = (r - 1) / (q - 1)`` and
     ``A r^2 + (A (N - 1) - B) r + B = 0`` with ``A = d (q - 1) (n - 1)``, ``B = q (N - 1)``.  The solution is
     checked against the scheduler's own ``set_timesteps`` (to 1e-6)."""
-    from diffusers import FlowMatchEulerDiscreteScheduler
+    from diffusers import FlowMatchEulerDiscreteScheduler  # optional, heavy: imported on use
 
     n, N = len(sigmas), num_train_timesteps
     if n == 1:
@@ -148,8 +135,6 @@ def flow_scheduler(sigmas: list[float], teacher_shift: float, num_train_timestep
 
 def student_sigmas(info: ModelInfo) -> list[float]:
     """The student's sigmas (flow schedules): its times through the teacher's shift."""
-    from .schedules import make_schedule
-
     sched = make_schedule(info.schedule)
     return [float(sched.sigma(torch.tensor(t, dtype=torch.float64))) for t in info.times or [1.0]]
 
@@ -160,81 +145,10 @@ def student_timesteps(info: ModelInfo) -> list[int]:
     return [int(round(t * T)) for t in info.times or [1.0]]
 
 
-def student_call(info: ModelInfo) -> StudentCall:
-    """The scheduler and call arguments of an exported student (image pipelines here; video ones in
-    ``teachers.video_export``)."""
-    fam = info.extra.get("family")
-    from .teachers.video import FAMILIES as VIDEO_FAMILIES
-
-    if fam in VIDEO_FAMILIES:
-        from .teachers.video_export import student_call as video_student_call
-
-        return video_student_call(info)
-    from diffusers import FlowMatchEulerDiscreteScheduler
-
-    pipe_dir = Path(info.extra["pipeline"])
-    sched_cfg = json.loads((pipe_dir / "scheduler" / "scheduler_config.json").read_text())
-    times = info.times or [1.0]
-    k = len(times)
-    steps: dict = {"num_inference_steps": k}
-    if fam == "unet":
-        ts = student_timesteps(info)
-        sched, exact = lcm_scheduler(sched_cfg, ts)
-        if not exact:
-            steps["timesteps"] = ts
-        guidance = {"guidance_scale": 1.0}  # off by config in the pipeline export (without_cfg)
-        native = tuple(info.shape) == dfs.default_shape(pipe_dir)  # the pipeline's default size: the UNet's
-    elif fam == "flux":
-        sched = FlowMatchEulerDiscreteScheduler.from_config(sched_cfg, stochastic_sampling=True)
-        mu = dfs.flux_mu((info.shape[1] // 2) * (info.shape[2] // 2), sched_cfg)
-        pipeline_sigmas = np.linspace(1.0, 1 / k, k)  # what FluxPipeline passes when sigmas= is not given
-        sched.set_timesteps(sigmas=pipeline_sigmas, mu=mu if sched.config.use_dynamic_shifting else None)
-        exact = bool(np.allclose(sched.sigmas[:k].double().numpy(), student_sigmas(info), rtol=0, atol=1e-6))
-        if not exact:
-            steps["sigmas"] = [float(t) for t in times]  # unshifted: the scheduler applies the teacher's shift
-        guidance = {"guidance_scale": float(info.backbone["config"].get("guidance", 3.5))}  # the embedding
-        native = info.shape[1] == info.shape[2] == 128  # FluxPipeline's default: 128 latents a side
-    else:  # sd3
-        sched = flow_scheduler(student_sigmas(info), float(info.schedule.get("shift", 1.0)),
-                               sched_cfg.get("num_train_timesteps", 1000))
-        exact = sched is not None
-        if not exact:
-            sched = FlowMatchEulerDiscreteScheduler.from_config(sched_cfg, stochastic_sampling=True)
-            steps["sigmas"] = [float(t) for t in times]
-        guidance = {"guidance_scale": 1.0}
-        native = tuple(info.shape) == dfs.default_shape(pipe_dir)
-    vs = dfs.vae_scale_factor(pipe_dir)
-    size = {"height": info.shape[-2] * vs, "width": info.shape[-1] * vs}
-    # the pipeline's defaults: no CFG in a UNet export, Flux's guidance 3.5, the native size
-    default_guidance = fam == "unet" or (fam == "flux" and guidance["guidance_scale"] == 3.5)
-    plain = {**steps, **({} if default_guidance else guidance), **({} if native else size)}
-    return StudentCall(fam, sched, {**steps, **guidance, **size}, exact, plain, global_noise=fam != "unet" and k > 1)
-
-
-def sampling_args(info: ModelInfo) -> dict:
-    """What to pass to the exported pipeline's ``__call__`` to run the student's steps at its times."""
-    return student_call(info).args
-
-
-def without_cfg(unet: torch.nn.Module, dim: int = GUIDANCE_EMBED_DIM) -> None:
-    """Give a ``UNet2DConditionModel`` an all-zero guidance-scale embedding input (``time_cond_proj_dim``): the
-    SD/SDXL pipelines then skip classifier-free guidance for any ``guidance_scale`` (as for LCM checkpoints), and
-    ``time_embedding.cond_proj(w) = 0`` leaves every output as it was."""
-    emb = unet.time_embedding
-    if getattr(emb, "cond_proj", None) is None:
-        emb.cond_proj = torch.nn.Linear(dim, emb.linear_1.in_features, bias=False)
-        unet.register_to_config(time_cond_proj_dim=dim)
-    with torch.no_grad():
-        for p in emb.cond_proj.parameters():
-            p.zero_()
-
-
 # -- what a user runs ------------------------------------------------------------------------------------------
-def usage(info: ModelInfo, fmt: str, out: str | Path, prompt: str = "a photo of a cat",
-          call: StudentCall | None = None) -> str:
+def usage(info: ModelInfo, fmt: str, out: str | Path, call: StudentCall, prompt: str = "a photo of a cat") -> str:
     """Python lines that load an export and sample the student with its own sampler (what ``dmdx export`` prints,
     the model card holds and docs show; tests run them as written)."""
-    call = call or student_call(info)
     out = str(out)
     sched = type(call.scheduler).__name__
     lines = ["import torch", "from diffusers import DiffusionPipeline" + ("" if fmt == "diffusers" else f", {sched}")]
@@ -262,8 +176,8 @@ def usage(info: ModelInfo, fmt: str, out: str | Path, prompt: str = "a photo of 
 def call_notes(call: StudentCall, fmt: str) -> list[str]:
     """What the call needs and why (model card)."""
     k = call.args["num_inference_steps"]
-    steps = (f"- `num_inference_steps` must be given: its default is an argument of `__call__` that no config can "
-             f"change" + (f", and this scheduler refuses more steps than the student's {k}." if call.family in
+    steps = ("- `num_inference_steps` must be given: its default is an argument of `__call__` that no config can "
+             "change" + (f", and this scheduler refuses more steps than the student's {k}." if call.family in
                           ("unet", "cogvideox") else "."))
     if not call.exact and "timesteps" in call.args:
         steps += (f" `num_inference_steps={k}` alone would run the scheduler's own grid "
@@ -290,8 +204,7 @@ def call_notes(call: StudentCall, fmt: str) -> list[str]:
     return out
 
 
-def comfyui_notes(info: ModelInfo, call: StudentCall | None = None) -> str:
-    call = call or student_call(info)
+def comfyui_notes(info: ModelInfo, call: StudentCall) -> str:
     return (f"ComfyUI: LoraLoader on the base checkpoint, KSampler sampler 'lcm', steps "
             f"{call.args['num_inference_steps']}, cfg 1.0 (the student's timesteps {student_timesteps(info)}; not "
             "verified in ComfyUI itself)")
@@ -318,7 +231,7 @@ def model_card(info: ModelInfo, fmt: str, out: Path, call: StudentCall) -> str:
              "to the next time"]
     if lora:
         lines.append(f"- LoRA: rank {lora['rank']}, alpha {lora['alpha']}, targets {', '.join(lora['targets'])}")
-    lines += ["", "## Use", "", "```python", usage(info, fmt, out, call=call), "```", "",
+    lines += ["", "## Use", "", "```python", usage(info, fmt, out, call), "```", "",
               "`args` is also in `dmdx_student.json` (`call`). The shortest call that is the student"
               + (" (with the scheduler pointed at its times as above)" if call.set_timesteps_sigmas else "") + ": "
               f"`pipe(prompt{''.join(f', {k}={v!r}' for k, v in call.shortest(fmt).items())})`.",
@@ -348,18 +261,18 @@ def write_card_and_call(info: ModelInfo, fmt: str, out: Path, folder: Path, call
 # -- LoRA files ------------------------------------------------------------------------------------------------
 def save_lora(pipe_dir: Path, comp: str, model: torch.nn.Module, out: Path) -> Path:
     """diffusers-format LoRA weights of ``model`` (peft keys + its LoraConfig as adapter metadata) in ``out``."""
-    import diffusers
+    import diffusers  # optional, heavy: imported on use
 
-    cls = getattr(diffusers, dfs.model_index(pipe_dir)["_class_name"])
+    cls = getattr(diffusers, model_index(pipe_dir)["_class_name"])
     out.mkdir(parents=True, exist_ok=True)
-    cls.save_lora_weights(str(out), **{f"{comp}_lora_layers": dfs.lora_state_dict(model),
-                                       f"{comp}_lora_adapter_metadata": dfs.lora_config(model)})
+    cls.save_lora_weights(str(out), **{f"{comp}_lora_layers": lora_state_dict(model),
+                                       f"{comp}_lora_adapter_metadata": lora_config(model)})
     return out
 
 
 def _lora_layers(model: torch.nn.Module) -> dict[str, tuple[float, tuple, tuple]]:
     """{module: (scale, lora_A shape, lora_B shape)} of a model's single LoRA adapter."""
-    from peft.tuners.tuners_utils import BaseTunerLayer
+    from peft.tuners.tuners_utils import BaseTunerLayer  # optional, heavy: imported on use
 
     out = {}
     for name, mod in model.named_modules():
@@ -373,9 +286,9 @@ def check_lora_file(pipe_dir: Path, comp: str, lora: str | Path, student: torch.
     """Load ``lora`` the way a user does (the pipeline class's ``load_lora_weights``) onto a weightless (meta
     device) copy of the base model and compare every LoRA module, its scale (alpha / rank) and shapes with the
     student's; a ``ValueError`` names what differs."""
-    import diffusers
+    import diffusers  # optional, heavy: imported on use
 
-    index = dfs.model_index(pipe_dir)
+    index = model_index(pipe_dir)
     mcls, pcls = getattr(diffusers, index[comp][-1]), getattr(diffusers, index["_class_name"])
     with torch.device("meta"):
         base = mcls.from_config(mcls.load_config(str(Path(pipe_dir) / comp)))
@@ -422,13 +335,13 @@ def _kohya_back(key: str) -> str:
 def kohya_state_dict(lora: dict[str, torch.Tensor], alpha: float, prefix: str = "lora_unet_"
                      ) -> dict[str, torch.Tensor]:
     """peft-format LoRA weights (``<module>.lora_A.weight`` / ``.lora_B.weight``, as
-    :func:`dmdx.teachers.diffusers.lora_state_dict` gives them) -> kohya keys (``lora_unet_<module with _>``
+    :func:`dmdx.nets.pipeline.lora_state_dict` gives them) -> kohya keys (``lora_unet_<module with _>``
     ``.lora_down.weight`` / ``.lora_up.weight`` / ``.alpha``).
 
     Every name is checked against diffusers' own kohya -> diffusers key converter, so what is written loads back
     onto the same modules (``pipe.load_lora_weights(FILE)``); a module name that would not round-trip is refused.
     """
-    from diffusers.loaders.lora_conversion_utils import _convert_unet_lora_key
+    from diffusers.loaders.lora_conversion_utils import _convert_unet_lora_key  # optional: on use
 
     other = [k for k in lora if not k.endswith((".lora_A.weight", ".lora_B.weight"))]
     if other:
@@ -451,15 +364,6 @@ def kohya_state_dict(lora: dict[str, torch.Tensor], alpha: float, prefix: str = 
 
 
 # -- the command -----------------------------------------------------------------------------------------------
-def export_run(run: str | Path, out: str | Path, fmt: Literal["diffusers", "lora", "comfyui"] = "diffusers") -> Path:
-    """``dmdx export``: the student of ``run`` in ``fmt``, written by the adapter of the teacher it was distilled
-    from (image pipelines: :func:`export_pipeline_student`; video pipelines: ``teachers.video_export``)."""
-    if fmt not in FORMATS:
-        raise ValueError(f"unknown export format {fmt!r}; allowed: {', '.join(FORMATS)}")
-    from .teachers.adapter import adapter_for
-
-    read_info(Path(run))  # a clear error for a folder that is not a dmdx run
-    return adapter_for(run).export(Path(run), Path(out), fmt)
 
 
 def check_out(out: Path, fmt: str) -> None:
@@ -494,9 +398,7 @@ def export_lora(run: Path, out: Path, fmt: str, info: ModelInfo, bb, call: Stude
             check_lora_file(pipe_dir, comp, out, bb.model)
             write_card_and_call(info, fmt, out, out, call)
             return out
-        from safetensors.torch import save_file
-
-        state = kohya_state_dict(dfs.lora_state_dict(bb.model), lora["alpha"])
+        state = kohya_state_dict(lora_state_dict(bb.model), lora["alpha"])
         meta = {"ss_network_module": "networks.lora", "ss_network_dim": str(lora["rank"]),
                 "ss_network_alpha": str(lora["alpha"]), "dmdx_student": json.dumps(call.args)}
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -509,30 +411,6 @@ def export_lora(run: Path, out: Path, fmt: str, info: ModelInfo, bb, call: Stude
         raise
 
 
-def export_pipeline_student(run: Path, out: Path, fmt: str = "diffusers") -> Path:
-    """An SD / SDXL / SD3 / Flux student as a pipeline folder (``diffusers``), LoRA weights (``lora``) or one
-    kohya-style file (``comfyui``), each with its model card."""
-    info = read_info(run)
-    if info.kind != "student" or "pipeline" not in info.extra:
-        raise ValueError(f"{run} is not a student distilled from a diffusers pipeline; nothing to export")
-    check_out(out, fmt)
-    pipe_dir = Path(info.extra["pipeline"])
-    dfs.check_folder(pipe_dir)
-    family = info.extra.get("family")
-    if fmt == "comfyui" and family != "unet":
-        raise ValueError(f"--format comfyui supports SD1.5/SD2/SDXL UNet students; {family} students: use "
-                         "--format lora (diffusers 0.42 has no kohya converter for SD3 and needs the original BFL "
-                         "layout for Flux, which dmdx does not write)")
-    bb = load_model(run).denoiser.backbone
-    call = student_call(info)
-    if fmt in ("lora", "comfyui"):
-        return export_lora(run, out, fmt, info, bb, call)
-    model = _merged_model(bb)
-    if call.family == "unet":
-        without_cfg(model)
-    return write_pipeline(info, pipe_dir, out, bb.component, model, call)
-
-
 def write_pipeline(info: ModelInfo, pipe_dir: Path, out: Path, comp: str, model: torch.nn.Module,
                    call: StudentCall) -> Path:
     """``--format diffusers`` (image and video students): the teacher's folder with the student's ``comp`` and
@@ -540,28 +418,10 @@ def write_pipeline(info: ModelInfo, pipe_dir: Path, out: Path, comp: str, model:
     shutil.copytree(pipe_dir, out, dirs_exist_ok=True, ignore=shutil.ignore_patterns(comp, "scheduler", CARD))
     model.save_pretrained(str(out / comp))
     call.scheduler.save_pretrained(str(out / "scheduler"))
-    index = dfs.model_index(out)
+    index = model_index(out)
     index["scheduler"] = ["diffusers", type(call.scheduler).__name__]
     (out / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
     write_card_and_call(info, "diffusers", out, out, call, scheduler=False)
     return out
 
 
-def _merged_model(backbone) -> torch.nn.Module:
-    """The student's diffusers model as a plain (LoRA merged) model, float32."""
-    model = backbone.model
-    fresh = dfs.load_component(Path(backbone.config["path"]), backbone.component, torch.float32)
-    if not backbone.config.get("lora"):
-        fresh.load_state_dict(model.state_dict())
-        return fresh
-    from peft.tuners.tuners_utils import BaseTunerLayer
-
-    for mod in model.modules():
-        if isinstance(mod, BaseTunerLayer):
-            mod.merge()
-    state = {k.replace(".base_layer.", "."): v for k, v in model.state_dict().items() if "lora_" not in k}
-    fresh.load_state_dict(state)
-    for mod in model.modules():
-        if isinstance(mod, BaseTunerLayer):
-            mod.unmerge()
-    return fresh

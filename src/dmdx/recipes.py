@@ -15,8 +15,9 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, replace
-from pathlib import Path
 from typing import Any, Callable
+
+from .config import set_path
 
 # The teacher kinds a recipe can be keyed by.
 TEACHER_KINDS = ("gmm", "vector", "image", "sd", "sdxl", "sd3", "flux", "cogvideox", "wan")
@@ -147,16 +148,6 @@ RECIPES[("image", "adm")] = [
 ]
 
 
-def teacher_kind(spec: str | Path | None) -> str | None:
-    """The kind of a ``--teacher`` value (its adapter's answer), or None when it cannot be told (a missing folder:
-    set-up reports it)."""
-    if spec is None:
-        return None
-    from .teachers.adapter import adapter_for
-
-    return adapter_for(spec).kind(str(spec))
-
-
 def recipe(kind: str | None, method: str) -> list[Setting]:
     """The settings of ``kind`` for ``method``: the kind's ``*`` entries, then the method's own (later wins)."""
     if kind is None:
@@ -169,17 +160,16 @@ def _covered(key: str, user_keys: set[str]) -> bool:
     return any(key == k or key.startswith(k + ".") for k in user_keys)
 
 
-def apply_recipe(cfg, user_keys: set[str] = frozenset()) -> list[Setting]:
-    """Apply the recipe of ``cfg``'s teacher kind and method to ``cfg`` (a RunConfig), skipping keys the user set.
+def apply_recipe(cfg, kind: str | None, user_keys: set[str] = frozenset()) -> list[Setting]:
+    """Apply the recipe of teacher kind ``kind`` (:func:`dmdx.teachers.teacher_kind` of ``cfg.teacher``) and
+    ``cfg``'s method to ``cfg`` (a RunConfig), skipping keys the user set.
 
     Returns the settings applied (empty when ``cfg.recipe == "none"``).
     """
-    from .config import set_path
-
     if getattr(cfg, "recipe", "auto") == "none":
         return []
     applied = []
-    for s in recipe(teacher_kind(cfg.teacher), cfg.method.name):
+    for s in recipe(kind, cfg.method.name):
         if _covered(s.key, set(user_keys)) or (s.when is not None and not s.when(cfg)):
             continue
         value = json.dumps(s.value) if isinstance(s.value, (list, dict)) else s.value

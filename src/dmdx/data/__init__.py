@@ -23,7 +23,7 @@ from typing import Literal
 import numpy as np
 import torch
 
-from ..teachers.analytic import BUILTIN_MIXTURES, GaussianMixture, load_mixture
+from ..mixtures import BUILTIN_MIXTURES, GaussianMixture, load_mixture
 from .files import load_folder, load_npz
 
 Tensor = torch.Tensor

@@ -15,7 +15,7 @@ import math
 
 import torch
 
-from ..teachers.analytic import GaussianMixture
+from ..mixtures import GaussianMixture
 
 Tensor = torch.Tensor
 

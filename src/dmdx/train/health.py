@@ -36,6 +36,9 @@ from pathlib import Path
 import torch
 
 from ..config import TrainConfig
+from ..data import DATASETS, load_dataset
+from ..eval.images import _batched, frechet_distance, get_classifier
+from ..eval.vectors import mixture_metrics, sliced_wasserstein
 from ..methods.base import Context, Method
 from ..sampling import sample_ode, student_sample
 
@@ -230,9 +233,6 @@ class Health:
             else:
                 self._quality = ("sw", ds.x[:2000].cpu())
         elif ds.kind == "image" and ds.num_classes >= 2:
-            from ..data import DATASETS, load_dataset
-            from ..eval.images import _batched, get_classifier
-
             if ds.name not in DATASETS:  # user data sets have no cached evaluation classifier
                 return None
             with torch.enable_grad():  # trained (once, then cached) when missing
@@ -245,18 +245,12 @@ class Health:
         kind, ref = self._quality
         x = x.detach().float().cpu()
         if kind == "mixture":
-            from ..eval.vectors import mixture_metrics
-
             m = mixture_metrics(x, ref)
             return {"modes_covered": float(m["modes_covered"]), "max_weight_error": m["max_weight_error"],
                     "in_mode": m["quality"], "sw": m["sw"]}
         if kind == "sw":
-            from ..eval.vectors import sliced_wasserstein
-
             finite = torch.isfinite(x).all(1)
             return {"sw": sliced_wasserstein(x[finite], ref) if finite.any() else math.inf}
-        from ..eval.images import _batched, frechet_distance
-
         model, real = ref
         x = x.nan_to_num(0.0).clamp(-1, 1)
         out = {"fd": frechet_distance(real, _batched(model.features, x))}

@@ -1,4 +1,4 @@
-"""Analytic teachers: isotropic Gaussian mixtures whose denoiser E[x0 | x_t] is exact for every schedule.
+"""Exact Gaussian mixtures: isotropic mixtures whose denoiser E[x0 | x_t] is exact for every schedule.
 
 For ``x0 ~ sum_k w_k N(mu_k, s_k^2 I)`` and ``x_t = alpha x0 + sigma eps``:
 ``x_t | k ~ N(alpha mu_k, v_k I)`` with ``v_k = alpha^2 s_k^2 + sigma^2``, and
@@ -16,8 +16,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..denoiser import Cond, Denoiser
-from ..schedules import Schedule, _as_batch
+from .denoiser import Cond, Denoiser
+from .schedules import Schedule, _as_batch
 
 Tensor = torch.Tensor
 

@@ -27,26 +27,29 @@ from pathlib import Path
 
 import torch
 
-from . import video as vid
+from ...data.video import write_preview, write_video
+from ...export import (FORMATS, StudentCall, check_out, export_lora, flow_scheduler, lcm_scheduler, student_sigmas,
+                       student_timesteps, write_pipeline)
+from ...models import Model, load_folder, read_info
+from ...nets.pipeline import merged_model
+from ...pipelines.folder import read_prompts
+from ...pipelines.video import FAMILIES, VideoVAE, check_video_folder, encode_prompts, encoder_placement, text_length
+from ...sampling import sample_ode, student_sample
+from ...schedules import make_schedule
 
 Tensor = torch.Tensor
 
 
 def _student(run: Path):
-    from ..models import load_model, read_info
-
     info = read_info(run)
-    if info.kind != "student" or info.extra.get("family") not in vid.FAMILIES:
+    if info.kind != "student" or info.extra.get("family") not in FAMILIES:
         raise ValueError(f"{run} is not a student distilled from a video pipeline; nothing to export")
-    return load_model(run), info
+    return load_folder(run), info
 
 
 def student_call(info):
     """The scheduler and ``__call__`` arguments that run a video student (:class:`dmdx.export.StudentCall`)."""
-    import diffusers
-
-    from ..export import StudentCall, flow_scheduler, lcm_scheduler, student_sigmas, student_timesteps
-    from ..schedules import make_schedule
+    import diffusers  # optional, heavy: imported on use
 
     fam = info.extra.get("family")
     times = info.times or [1.0]
@@ -80,8 +83,6 @@ def student_call(info):
 
 
 def export_video_run(run: str | Path, out: str | Path, fmt: str = "diffusers") -> Path:
-    from ..export import FORMATS, _merged_model, check_out, export_lora, write_pipeline
-
     if fmt not in FORMATS:
         raise ValueError(f"unknown export format {fmt!r}; allowed: {', '.join(FORMATS)}")
     if fmt == "comfyui":
@@ -90,35 +91,29 @@ def export_video_run(run: str | Path, out: str | Path, fmt: str = "diffusers") -
     run, out = Path(run), Path(out)
     m, info = _student(run)
     check_out(out, fmt)
-    pipe_dir, _family = vid.check_video_folder(info.extra["pipeline"])
+    pipe_dir, _family = check_video_folder(info.extra["pipeline"])
     bb = m.denoiser.backbone
     call = student_call(info)
     if fmt == "lora":
         return export_lora(run, out, fmt, info, bb, call)
-    return write_pipeline(info, pipe_dir, out, bb.component, _merged_model(bb), call)
+    return write_pipeline(info, pipe_dir, out, bb.component, merged_model(bb), call)
 
 
 # -- samples ---------------------------------------------------------------------------------------------------
 @torch.no_grad()
-def sample_videos(model: str | Path, prompts_file: str | None, out: str | Path, n: int = 1, seed: int = 0,
+def sample_videos(m: Model, prompts_file: str | None, out: str | Path, n: int = 1, seed: int = 0,
                   steps: int | None = None, guidance: float | None = None, device="cpu", fps: int = 8) -> list[Path]:
     """One mp4 + GIF preview per prompt (``n`` per prompt) from a video student (its few-step sampler) or a video
-    teacher folder (Euler ODE with CFG); returns the mp4 paths."""
-    from ..data.video import write_preview, write_video
-    from ..models import load_model
-    from ..sampling import sample_ode, student_sample
-    from .diffusers import read_prompts
-
+    teacher (Euler ODE with CFG); returns the mp4 paths."""
     if not prompts_file:
         raise ValueError("video models need --prompts FILE (one prompt a line)")
     prompts = read_prompts(prompts_file)
-    m = load_model(model, device)
     info, den = m.info, m.denoiser
     path = Path(info.extra["pipeline"])
-    _, family = vid.check_video_folder(path)
-    length = info.backbone["config"].get("max_sequence_length") or vid.text_length(path, family)
-    bank, _ = vid.encode_prompts(path, prompts, length, **vid.encoder_placement())
-    vae = vid.VideoVAE(path).to(device)
+    _, family = check_video_folder(path)
+    length = info.backbone["config"].get("max_sequence_length") or text_length(path, family)
+    bank, _ = encode_prompts(path, prompts, length, **encoder_placement())
+    vae = VideoVAE(path).to(device)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     gen = torch.Generator().manual_seed(seed)

@@ -1,0 +1,307 @@
+"""Image pipelines' networks behind the dmdx backbone contract: SD1.5/SD2/SDXL UNets, SD3 and Flux transformers
+(``forward(x, time, cond)``, ``null_cond``, ``feature_layers`` for the discriminator heads), their LoRA adapters,
+and a frozen vision encoder on decoded latents for ADP's pixel discriminator.
+
+The folder is read by :mod:`dmdx.pipelines`; the frozen teacher, the student and the fake score are each one of
+these backbones (the student and fake score trainable float32 copies, with a LoRA when asked).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+from ..pipelines.folder import DTYPES, check_folder, load_cond, load_component
+from ..pipelines.image import VAEDecoder, default_shape, denoiser_component, encode_prompts
+
+Tensor = torch.Tensor
+Cond = dict[str, Tensor] | None
+
+
+# -- LoRA ------------------------------------------------------------------------------------------------------
+def add_lora(model: nn.Module, rank: int, alpha: float, targets: list[str]) -> None:
+    """Inject a peft LoRA adapter and turn every other parameter into a buffer.
+
+    Buffers keep the frozen base weights in ``state_dict`` (so checkpoints and EMA work unchanged) while
+    ``parameters()`` yields only the LoRA weights: whatever ``requires_grad_`` the loop sets, the base never trains.
+    """
+    from peft import LoraConfig  # optional, heavy: imported on use (the diffusers extra)
+
+    model.add_adapter(LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(targets), init_lora_weights="gaussian"))
+    for name, mod in model.named_modules():
+        if "lora_" in name:
+            continue
+        for pname, p in list(mod._parameters.items()):
+            if p is None:
+                continue
+            del mod._parameters[pname]
+            mod.register_buffer(pname, p.detach(), persistent=True)
+
+
+def lora_state_dict(model: nn.Module) -> dict[str, Tensor]:
+    """The LoRA weights of a model that went through :func:`add_lora`, in peft's key format
+    (``<module>.lora_A.weight`` / ``.lora_B.weight``), float32, the format diffusers' ``load_lora_weights`` reads
+    unconverted.
+
+    Not ``diffusers.utils.convert_state_dict_to_diffusers``: it renames only the attention projections (``to_q``,
+    ``to_out.0``, ...) to the old ``.lora.down`` names and leaves conv, feed-forward, projection and time-embedding
+    keys in peft's format; the loader picks one format from the first key, and the modules of the other format were
+    injected without their weights.
+    """
+    from peft.utils import get_peft_model_state_dict  # optional: imported on use
+
+    return {k: v.detach().float().contiguous() for k, v in get_peft_model_state_dict(model).items()}
+
+
+def lora_config(model: nn.Module) -> dict:
+    """The adapter's peft ``LoraConfig`` (rank, alpha, target modules) as diffusers' ``*_lora_adapter_metadata``,
+    stored in the LoRA file so that ``load_lora_weights`` rebuilds the same adapter; without it the loader knows no
+    alpha and scales every module by 1 instead of alpha / rank.  Only the keys diffusers itself infers for a
+    ``LoraConfig`` (``get_peft_kwargs``), so that other peft versions read it too."""
+    cfg = model.peft_config["default"]
+    return {"r": cfg.r, "lora_alpha": cfg.lora_alpha, "target_modules": sorted(cfg.target_modules),
+            "rank_pattern": dict(cfg.rank_pattern), "alpha_pattern": dict(cfg.alpha_pattern),
+            "use_dora": bool(cfg.use_dora), "lora_bias": bool(getattr(cfg, "lora_bias", False))}
+
+
+def merged_model(backbone) -> nn.Module:
+    """The student's diffusers model as a plain (LoRA merged) model, float32."""
+    model = backbone.model
+    fresh = load_component(Path(backbone.config["path"]), backbone.component, torch.float32)
+    if not backbone.config.get("lora"):
+        fresh.load_state_dict(model.state_dict())
+        return fresh
+    from peft.tuners.tuners_utils import BaseTunerLayer  # optional: imported on use
+
+    for mod in model.modules():
+        if isinstance(mod, BaseTunerLayer):
+            mod.merge()
+    state = {k.replace(".base_layer.", "."): v for k, v in model.state_dict().items() if "lora_" not in k}
+    fresh.load_state_dict(state)
+    for mod in model.modules():
+        if isinstance(mod, BaseTunerLayer):
+            mod.unmerge()
+    return fresh
+
+
+# -- backbones -------------------------------------------------------------------------------------------------
+class _Tap(nn.Identity):
+    """A named point whose forward output is a feature map (FeatureTap hooks it)."""
+
+
+class PipelineBackbone(nn.Module):
+    """A pipeline's UNet / transformer behind the dmdx backbone contract.
+
+    ``config`` rebuilds it: the pipeline folder, the dtype of the weights, the null conditioning file (else the
+    empty prompt is encoded here), LoRA and gradient checkpointing.  Only the wrapped model's weights are state;
+    the null conditioning is a non-persistent buffer.
+    """
+
+    family: ClassVar[str] = ""
+
+    def __init__(self, path: str, dtype: str = "float32", cond_file: str | None = None, lora: dict | None = None,
+                 grad_checkpointing: bool = False, shape: list[int] | None = None, guidance: float = 3.5):
+        super().__init__()
+        path = str(check_folder(path))
+        self.component, family = denoiser_component(Path(path))
+        if family != self.family:
+            raise ValueError(f"{path} holds a {family} model, not {self.family}")
+        self.config = dict(path=path, dtype=dtype, cond_file=cond_file, lora=lora,
+                           grad_checkpointing=grad_checkpointing, shape=shape, guidance=guidance)
+        self.model = load_component(Path(path), self.component, DTYPES[dtype])
+        self.shape = tuple(shape) if shape else default_shape(Path(path))
+        if cond_file and Path(cond_file).is_file():
+            _, null = load_cond(Path(cond_file))
+        else:
+            _, null = encode_prompts(Path(path), [], self.shape)
+        self._null_keys = list(null)
+        for k, v in null.items():
+            self.register_buffer(f"null_{k}", v, persistent=False)
+        self.copy_options: dict = {}  # LoRA / checkpointing applied when a trainable copy is made (fake score)
+        self._setup()
+        if lora:
+            add_lora(self.model, **lora)
+        if grad_checkpointing:
+            self.model.enable_gradient_checkpointing()
+
+    def _run(self, grid: tuple[int, ...], **kwargs) -> Tensor:
+        """The model's forward with tap hooks (``self._hook``) on the blocks ``self._tap_blocks`` of ``self._blocks()``,
+        registered per call so that deep copies (student, fake score) stay apart."""
+        blocks = self._blocks()
+        handles = [blocks[i].register_forward_hook(self._hook(j, grid)) for j, i in enumerate(self._tap_blocks)]
+        try:
+            return self.model(**kwargs, return_dict=False)[0]
+        finally:
+            for hd in handles:
+                hd.remove()
+
+    def _setup(self) -> None:
+        pass
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return DTYPES[self.config["dtype"]]
+
+    def make_trainable(self, lora: dict | None = None, grad_checkpointing: bool | None = None) -> None:
+        """Turn a (deep-copied) teacher backbone into a trainable float32 one, with LoRA if asked."""
+        opts = {**self.copy_options}
+        lora = lora if lora is not None else opts.get("lora")
+        gc = grad_checkpointing if grad_checkpointing is not None else opts.get("grad_checkpointing", False)
+        if self.config["dtype"] != "float32":
+            full = load_component(Path(self.config["path"]), self.component, torch.float32)
+            self.model.to(torch.float32).load_state_dict(full.state_dict())
+            self.config["dtype"] = "float32"
+        if lora and not self.config["lora"]:
+            add_lora(self.model, **lora)
+            self.config["lora"] = dict(lora)
+        if gc:
+            self.model.enable_gradient_checkpointing()
+            self.config["grad_checkpointing"] = True
+        self.copy_options = {}
+
+    def null_cond(self, cond: Cond) -> Cond:
+        b = 1 if cond is None else next(iter(cond.values())).shape[0]
+        out = dict(cond) if cond is not None else {}
+        for k in self._null_keys:
+            v = getattr(self, f"null_{k}")
+            out[k] = v.expand(b, *v.shape[1:]) if v.shape[0] == 1 else v[:b]
+        return out
+
+    def _cond(self, cond: Cond, b: int, dev) -> dict[str, Tensor]:
+        if cond is None:
+            cond = self.null_cond(None)
+        dt = self.dtype
+        return {k: (v.expand(b, *v.shape[1:]) if v.shape[0] == 1 and b > 1 else v).to(dev, dt) for k, v in cond.items()}
+
+
+class UNetBackbone(PipelineBackbone):
+    """``UNet2DConditionModel`` (SD1.5/SD2; SDXL adds ``text_embeds`` = pooled and ``time_ids``)."""
+
+    family = "unet"
+
+    def _setup(self):
+        n = len(self.model.down_blocks)
+        self.feature_layers = tuple(f"model.down_blocks.{i}" for i in range(n)) + ("model.mid_block",)
+
+    def forward(self, x: Tensor, time: Tensor, cond: Cond = None) -> Tensor:
+        b = x.shape[0]
+        c = self._cond(cond, b, x.device)
+        added = {"text_embeds": c["pooled"], "time_ids": c["time_ids"]} if "pooled" in c else None
+        return self.model(x.to(self.dtype), time.to(x.device).float().expand(b), encoder_hidden_states=c["text"],
+                          added_cond_kwargs=added, return_dict=False)[0]
+
+
+class _TransformerBackbone(PipelineBackbone):
+    """Shared by SD3 and Flux: the image-token stream of every ``feature_every``-th block, as a map [B, D, h, w]."""
+
+    def _setup(self):
+        blocks = list(self.model.transformer_blocks)
+        idx = sorted({*range(0, len(blocks), max(1, len(blocks) // 4)), len(blocks) - 1})
+        self.taps = nn.ModuleList(_Tap() for _ in idx)
+        self._tap_blocks = idx
+        self.feature_layers = tuple(f"taps.{j}" for j in range(len(idx)))
+
+    def _blocks(self) -> nn.ModuleList:
+        return self.model.transformer_blocks
+
+    def _hook(self, j: int, grid: tuple[int, int]):
+        def hook(_mod, _inp, out):
+            h, w = grid
+            outs = out if isinstance(out, tuple) else (out,)
+            img = next(o for o in outs if o is not None and o.ndim == 3 and o.shape[1] == h * w)
+            self.taps[j](img.transpose(1, 2).reshape(img.shape[0], img.shape[2], h, w))
+
+        return hook
+
+
+class SD3Backbone(_TransformerBackbone):
+    """``SD3Transformer2DModel``: timestep = shifted sigma * 1000, joint text embeddings + pooled projections."""
+
+    family = "sd3"
+
+    def forward(self, x: Tensor, time: Tensor, cond: Cond = None) -> Tensor:
+        b = x.shape[0]
+        c = self._cond(cond, b, x.device)
+        p = self.model.config.patch_size
+        return self._run((x.shape[-2] // p, x.shape[-1] // p), hidden_states=x.to(self.dtype),
+                         timestep=time.to(x.device).float().expand(b), encoder_hidden_states=c["text"],
+                         pooled_projections=c["pooled"])
+
+
+def pack(x: Tensor) -> Tensor:
+    """Flux's 2x2 patch packing [B, C, H, W] -> [B, H/2 * W/2, 4C] (diffusers ``_pack_latents``)."""
+    b, c, h, w = x.shape
+    x = x.view(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5)
+    return x.reshape(b, (h // 2) * (w // 2), c * 4)
+
+
+def unpack(x: Tensor, h: int, w: int) -> Tensor:
+    b, _, d = x.shape
+    x = x.view(b, h // 2, w // 2, d // 4, 2, 2).permute(0, 3, 1, 4, 2, 5)
+    return x.reshape(b, d // 4, h, w)
+
+
+class FluxBackbone(_TransformerBackbone):
+    """``FluxTransformer2DModel``: timestep = shifted sigma in [0, 1]; packed latents; a guidance-distilled model
+    gets its guidance embedding fixed at ``guidance`` (its CFG is an input, not two passes)."""
+
+    family = "flux"
+
+    def forward(self, x: Tensor, time: Tensor, cond: Cond = None) -> Tensor:
+        b, _, h, w = x.shape
+        c = self._cond(cond, b, x.device)
+        ids = torch.zeros(h // 2, w // 2, 3, device=x.device)
+        ids[..., 1] += torch.arange(h // 2, device=x.device)[:, None]
+        ids[..., 2] += torch.arange(w // 2, device=x.device)[None, :]
+        img_ids = ids.reshape(-1, 3).to(self.dtype)
+        txt_ids = torch.zeros(c["text"].shape[1], 3, device=x.device, dtype=self.dtype)
+        g = None
+        if self.model.config.guidance_embeds:
+            g = torch.full((b,), float(self.config["guidance"]), device=x.device, dtype=torch.float32)
+        out = self._run((h // 2, w // 2), hidden_states=pack(x.to(self.dtype)),
+                        timestep=time.to(x.device).float().expand(b), guidance=g, pooled_projections=c["pooled"],
+                        encoder_hidden_states=c["text"], txt_ids=txt_ids, img_ids=img_ids)
+        return unpack(out, h, w)
+
+    @property
+    def guidance_distilled(self) -> bool:
+        return bool(self.model.config.guidance_embeds)
+
+
+BACKBONES = {"sd_unet": UNetBackbone, "sd3_transformer": SD3Backbone, "flux_transformer": FluxBackbone}
+
+
+FAMILY_BACKBONE = {"unet": "sd_unet", "sd3": "sd3_transformer", "flux": "flux_transformer"}
+
+
+class PixelBackbone(nn.Module):
+    """ADP's pixel discriminator backbone on latents: VAE decode, then a frozen ``transformers`` vision encoder
+    (DINOv2 or any model with ``hidden_states``); features are the patch tokens of a few layers as maps."""
+
+    def __init__(self, pipeline: Path, encoder: str | Path, size: int = 224, layers: int = 4):
+        super().__init__()
+        from transformers import AutoModel  # optional, heavy: imported on use
+
+        enc_path = Path(encoder).expanduser()
+        if not enc_path.is_dir():
+            raise FileNotFoundError(f"vision encoder {str(encoder)!r} not found: a local transformers folder "
+                                    "(e.g. facebook/dinov2-small downloaded beforehand) is needed")
+        self.decoder = VAEDecoder(pipeline)
+        self.encoder = AutoModel.from_pretrained(str(enc_path), local_files_only=True).eval().requires_grad_(False)
+        self.size = size
+        self.layers = layers
+        self.patch = getattr(self.encoder.config, "patch_size", 14)
+        self.register_buffer("mean", torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1), persistent=False)
+
+    def features(self, z: Tensor) -> list[Tensor]:
+        x = self.decoder(z).clamp(-1, 1)
+        x = torch.nn.functional.interpolate((x + 1) / 2, size=(self.size, self.size), mode="bilinear",
+                                            align_corners=False)
+        hs = self.encoder(pixel_values=(x - self.mean) / self.std, output_hidden_states=True).hidden_states
+        g = self.size // self.patch
+        pick = [hs[round(i * (len(hs) - 1) / self.layers)] for i in range(1, self.layers + 1)]
+        return [h[:, -g * g:].transpose(1, 2).reshape(h.shape[0], h.shape[2], g, g) for h in pick]
