@@ -4,10 +4,11 @@ import torch
 
 from dmdx.methods import METHODS
 from dmdx.methods.adm import hinge_d, hinge_g, normalised_surrogate, smoothness_penalty
-from dmdx.methods.adp import adp_times
+from dmdx.methods.adp import adp_input, adp_times
 from dmdx.methods.dmd2 import DMD2, dm_loss
-from dmdx.sampling import ode_step
-from dmdx.schedules import FlowMatching
+from dmdx.sampling import ode_step, student_sample
+from dmdx.schedules import FlowMatching, VPDiscrete
+from dmdx.teachers.common import student_times
 from dmdx.teachers.analytic import AnalyticDenoiser, GaussianMixture
 
 from helpers import make_trainer, state_of, tiny_config
@@ -86,6 +87,69 @@ def test_adp_time_sampler_follows_cubic_law():
     # P(t <= c) = P(1 - u^3 <= c) = 1 - (1 - c)^(1/3)
     for c in (0.1, 0.5, 0.9, 0.99):
         assert float((t <= c).double().mean()) == pytest.approx(1 - (1 - c) ** (1 / 3), abs=0.005)
+
+
+@pytest.fixture(scope="module")
+def adp_method(tmp_path_factory):
+    """An ADP method of a tiny run (its student and pairs are replaced per test)."""
+    tr = make_trainer(tiny_config("adp"), tmp_path_factory.mktemp("adp"))
+    return tr.build_stage(0).method
+
+
+class _InputSpy(torch.nn.Module):
+    """A student that records what it is fed: (x_t, t) per call; returns x_t."""
+
+    def __init__(self, schedule):
+        super().__init__()
+        self.schedule, self.calls = schedule, []
+
+    def forward(self, x, t, cond=None):
+        self.calls.append((x.detach().clone(), torch.as_tensor(t).detach().clone()))
+        return x
+
+
+@pytest.mark.parametrize("first", [1.0, 0.399])
+@pytest.mark.parametrize("schedule", [FlowMatching(), VPDiscrete()], ids=["flow", "vp"])
+def test_adp_input_at_the_students_first_time_is_the_samplers(adp_method, monkeypatch, schedule, first):
+    """ADP's training input at the student's first time is exactly what sampling feeds there (``prior(noise)``: no
+    ``alpha(1) x0`` leak on VP, no image at t = 0.399); below it, the pair's path at that time."""
+    import types
+
+    import dmdx.methods.adp as adp_module
+
+    ctx = adp_method.ctx
+    times = student_times([first], schedule)  # VP: snapped to the integer step, as at set-up
+    n = 101
+    noise, x0 = torch.randn(n, 2), 3 + torch.randn(n, 2)
+    monkeypatch.setattr(ctx, "student", _InputSpy(schedule))
+    monkeypatch.setattr(ctx, "times", times)
+    monkeypatch.setattr(ctx, "pairs", types.SimpleNamespace(batch=lambda k, device: (noise, x0, None)))
+    monkeypatch.setattr(adp_module, "adp_times", lambda k, cubic, device: torch.linspace(1, 0, k, dtype=torch.float64))
+    adp_method.predict(grad=False)
+    (x_in, t), = ctx.student.calls
+    ctx.student.calls.clear()
+    student_sample(ctx.student, schedule, noise, times)
+    (x_sample, t_sample), = ctx.student.calls
+    at_first = t == times[0]
+    assert int(at_first.sum()) >= 1 and torch.equal(t_sample, torch.full((n,), times[0], dtype=torch.float64))
+    assert torch.equal(x_in[at_first], x_sample[at_first])
+    assert torch.equal(x_in[at_first], schedule.prior(noise)[at_first])
+    below = ~at_first
+    assert (t[below] < times[0]).all() and int(below.sum()) >= 30
+    torch.testing.assert_close(x_in[below], schedule.add_noise(x0, noise, t)[below])
+
+
+def test_adp_cubic_law_puts_its_mass_above_the_first_time_on_it():
+    """With the paper's t' = 1 - u^3, the share fed at the first time t1 is P(t' >= t1) = (1 - t1)^(1/3): 0.84 at
+    0.399; at t1 = 1 the VP step grid gives it P(t' rounds to 999/999) = (0.5 / 999)^(1/3) = 0.079."""
+    torch.manual_seed(0)
+    n = 200_000
+    x0, noise = torch.zeros(n, 1), torch.randn(n, 1)
+    flow, vp = FlowMatching(), VPDiscrete()
+    _, t = adp_input(flow, x0, noise, adp_times(n, True, "cpu"), 0.399)
+    assert float((t == 0.399).double().mean()) == pytest.approx((1 - 0.399) ** (1 / 3), abs=0.005)
+    _, t = adp_input(vp, x0, noise, vp.training_time(adp_times(n, True, "cpu")), 1.0)
+    assert float((t == 1.0).double().mean()) == pytest.approx((0.5 / 999) ** (1 / 3), abs=0.003)
 
 
 @pytest.mark.parametrize("method", ["dmd", "dmd2", "adm", "adp"])
