@@ -25,7 +25,7 @@ def test_demo_small_end_to_end_and_resume(tmp_path, capsys):
     # the image recipe's settings are in the run's resolved config
     cfg = json.loads((out / "student" / "config.json").read_text())
     assert cfg["train"]["lr_scale"]["latent_heads"] == 10 and cfg["method"]["adm"]["dt"] == 1
-    assert cfg["method"]["adm"]["grad_norm"] == "sample" and cfg["method"]["adm"]["lr_scale"] == {"student": 0.5}
+    assert cfg["method"]["adm"]["grad_norm"] == "none" and cfg["method"]["adm"]["lr_scale"] == {"student": 0.5}
 
 
 def test_demo_set_rejects_unknown_keys(tmp_path, capsys):

@@ -267,6 +267,52 @@ def test_fake_score_dm_prediction_in_float32_under_bf16(root, pipes):
     assert dtypes == {"fake": torch.float32, "real": torch.bfloat16}  # ...but not inside the fake score's
 
 
+@pytest.mark.parametrize("family", ["sd", "sd3"])
+def test_adm_steps_and_critic_run_in_float32_under_a_bf16_teacher(root, pipes, family):
+    """ADM's two ODE steps and its discriminator's passes compute in float32 under the default bf16 teacher, inside
+    train.bf16 autocast too; the teacher's own weights stay bf16 and unchanged, the student's gradient flows back
+    through the float32 pass after the block, and ``float32_steps=false`` leaves the teacher in bf16."""
+    from dmdx.methods import adm as adm_module
+
+    tr = trainer(root, pipes, family, "adm", f"f32-adm-{family}", data=False)
+    stage = tr.build_stage(0)
+    adm, ctx = stage.method, tr.ctx
+    teacher = ctx.teacher.backbone.model
+    assert {p.dtype for p in teacher.parameters()} == {torch.bfloat16}
+    before = {k: v.clone() for k, v in teacher.state_dict().items()}
+    seen = {"teacher": set(), "steps": set()}
+    hooks = [m.register_forward_hook(lambda _m, _i, out: seen["teacher"].add(out.dtype))
+             for m in teacher.modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))]
+    ode_step = adm_module.ode_step
+
+    def spy(den, sched, x_t, t, s, cond, solver, x0=None):
+        x0 = den(x_t, t, cond) if x0 is None else x0
+        seen["steps"].update({x0.dtype, "autocast" if torch.is_autocast_enabled("cpu") else "no autocast"})
+        return ode_step(den, sched, x_t, t, s, cond, solver, x0=x0)
+
+    adm_module.ode_step = spy
+    try:
+        for name, net in stage.trainables.items():
+            net.requires_grad_(name == "student")
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss, _ = adm.student_loss()
+            adm.critic_loss()
+        loss.backward()  # the float32 copies the graph kept, after the block put the bf16 weights back
+        assert seen == {"teacher": {torch.float32}, "steps": {torch.float32, "no autocast"}}
+        assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in ctx.student.parameters())
+        assert {p.dtype for p in teacher.parameters()} == {torch.bfloat16}
+        assert all(torch.equal(v, before[k]) for k, v in teacher.state_dict().items())
+        seen["teacher"].clear()
+        adm.cfg.float32_steps = False
+        adm.critic_loss()
+        assert seen["teacher"] == {torch.bfloat16}
+    finally:
+        adm_module.ode_step = ode_step
+        adm.cfg.float32_steps = True
+        for h in hooks:
+            h.remove()
+
+
 @pytest.mark.parametrize("method", ["dmd2", "adm", "adp"])
 def test_unet_teachers_see_integer_timesteps(root, pipes, method):
     """DM, fake-score, GAN, ADM and ADP terms draw their times on the VP schedule's integer steps."""

@@ -22,15 +22,36 @@ def _final_student(cfg, run_dir, split=None):
     return state_of(tr.student), state_of(tr.ema)
 
 
-@pytest.mark.parametrize("method,split", [("dmd2", 4), ("dmdx", 2)])
-def test_resume_equals_uninterrupted(method, split, tmp_path):
-    """dmd2: stop after 4 of 6; dmdx (3 ADP + 3 ADM): stop inside ADP and resume across the stage boundary."""
-    cfg = tiny_config(method, steps=6, ckpt_every=2)
+@pytest.mark.parametrize("method,split,every", [("dmd2", 4, 2), ("dmdx", 2, 2), ("dmdx", 3, 3), ("dmdx", 4, 2)])
+def test_resume_equals_uninterrupted(method, split, every, tmp_path):
+    """dmd2: stop after 4 of 6; dmdx (3 ADP + 3 ADM): stop inside ADP and resume across the stage boundary, stop at
+    the boundary itself (the last ADP checkpoint), and stop inside ADM."""
+    cfg = tiny_config(method, steps=6, ckpt_every=every)
     a, a_ema = _final_student(cfg, tmp_path / "a")
     b, b_ema = _final_student(cfg, tmp_path / "b", split=split)
     for k in a:
         assert torch.equal(a[k], b[k]), k
         assert torch.equal(a_ema[k], b_ema[k]), k
+
+
+def test_dmdx_adm_stage_starts_from_adps_ema(tmp_path):
+    """At the ADP -> ADM boundary the student is set to ADP's EMA (what ADP would export) before ADM builds on it."""
+    cfg = tiny_config("dmdx", steps=4, ckpt_every=2)
+    tr = make_trainer(cfg, tmp_path)
+    tr.run(stop_after=2)  # ADP's two iterations, and a checkpoint
+    ema, raw = state_of(tr.ema), state_of(tr.student)
+    assert any(not torch.equal(v, ema[k]) for k, v in raw.items())  # the raw student is not its EMA
+    seen = {}
+    build = tr.build_stage
+
+    def spy(index):
+        seen[index] = state_of(tr.student)
+        return build(index)
+
+    tr.build_stage = spy
+    tr.run(resume=True, stop_after=1)  # restores ADP's stage from the checkpoint, then switches
+    assert set(seen) == {0, 1} and all(torch.equal(v, raw[k]) for k, v in seen[0].items())
+    assert all(torch.equal(v, ema[k]) for k, v in seen[1].items())
 
 
 def test_checkpoint_contents_and_partial_write_is_ignored(tmp_path):

@@ -89,11 +89,23 @@ class Context:
     # loss); the loop replaces it where the parameters themselves are bf16 in forward (FSDP2's bf16 policy)
     full_precision: Callable[[], contextlib.AbstractContextManager] | None = None
 
-    def float32(self) -> contextlib.AbstractContextManager:
-        """A block whose network calls run in float32 even under train.bf16 autocast (where the loop allows it)."""
-        if self.full_precision is not None:
-            return self.full_precision()
-        return torch.autocast(self.device.type, enabled=False)
+    @contextlib.contextmanager
+    def float32(self, teacher: bool = False):
+        """A block whose network calls run in float32 even under train.bf16 autocast (where the loop allows it).
+
+        With ``teacher`` the frozen teacher network computes in float32 inside it too, whatever its weights' dtype
+        (``real.teacher_dtype``): a backbone that stores lower-precision weights offers ``float32()``, a block in which
+        it runs on float32 copies of them (``nets.pipeline.PipelineBackbone.float32``).
+        """
+        with contextlib.ExitStack() as stack:
+            stack.enter_context(self.full_precision() if self.full_precision is not None
+                                else torch.autocast(self.device.type, enabled=False))
+            if teacher:
+                for net in {id(n): n for n in (self.teacher, self.teacher_net) if n is not None}.values():
+                    up = getattr(getattr(net, "backbone", None), "float32", None)
+                    if up is not None:
+                        stack.enter_context(up())
+            yield
 
     def randint_shared(self, high: int) -> int:
         """A random integer in [0, high), the same on every rank of a distributed run."""

@@ -8,6 +8,7 @@ these backbones (the student and fake score trainable float32 copies, with a LoR
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 from typing import ClassVar
 
@@ -161,6 +162,39 @@ class PipelineBackbone(nn.Module):
             self.model.enable_gradient_checkpointing()
             self.config["grad_checkpointing"] = True
         self.copy_options = {}
+
+    def _recast(self, dtypes: dict[int, torch.dtype]) -> dict[int, torch.dtype]:
+        """Replace each parameter / buffer whose id is in ``dtypes`` by a copy in that dtype (a tied weight by one
+        copy); returns the copies' ids with the dtypes they had before."""
+        copies, before = {}, {}
+        for mod in self.model.modules():
+            for name, v in [*mod.named_parameters(recurse=False), *mod.named_buffers(recurse=False)]:
+                if id(v) not in dtypes:
+                    continue
+                if id(v) not in copies:
+                    new = v.detach().to(dtypes[id(v)])
+                    copies[id(v)] = nn.Parameter(new, v.requires_grad) if isinstance(v, nn.Parameter) else new
+                    before[id(copies[id(v)])] = v.dtype
+                setattr(mod, name, copies[id(v)])
+        return before
+
+    @contextlib.contextmanager
+    def float32(self):
+        """Inside the block the model computes in float32 whatever its weights' dtype (ADM's ODE steps and critic).
+
+        Each lower-precision parameter and buffer is replaced by a float32 copy (exact: every bf16 / fp16 value is a
+        float32 value) and put back in its own dtype on exit, so the block holds the memory of a float32 model.
+        The copies are new tensors: a graph built inside keeps its own until its backward.
+        """
+        low = {id(v): torch.float32 for v in [*self.model.parameters(), *self.model.buffers()]
+               if v.is_floating_point() and v.dtype != torch.float32}
+        back = self._recast(low)
+        dtype, self.config["dtype"] = self.config["dtype"], "float32"
+        try:
+            yield
+        finally:
+            self._recast(back)
+            self.config["dtype"] = dtype
 
     def null_cond(self, cond: Cond) -> Cond:
         b = 1 if cond is None else next(iter(cond.values())).shape[0]

@@ -52,6 +52,16 @@ def update_ema(ema: nn.Module, model: nn.Module, decay: float) -> None:
         be.copy_(bm)
 
 
+@torch.no_grad()
+def copy_weights(dst: nn.Module, src: nn.Module) -> None:
+    """``dst``'s parameters and buffers set to ``src``'s, in place (same structure and sharding; optimisers keep
+    their parameters)."""
+    for pd, ps in zip(dst.parameters(), src.parameters()):
+        pd.copy_(ps)
+    for bd, bs in zip(dst.buffers(), src.buffers()):
+        bd.copy_(bs)
+
+
 def ema_decay(decay: float, n: int, warmup: bool = True) -> float:
     """The EMA decay for the student's ``n``-th update (0-based) of a stage.
 
@@ -382,6 +392,8 @@ class Trainer:
         try:
             while step < end:
                 while stage.index + 1 < len(self.stages) and step >= self.starts[stage.index + 1]:
+                    # the next stage starts from what this one would export, its EMA (docs/methods.md, DMDX)
+                    copy_weights(self.student, self.ema)
                     stage = self.build_stage(stage.index + 1)
                 local = step - stage.start
                 for phase in stage.method.phases():
@@ -458,4 +470,4 @@ def _tensorboard(path: Path):
     return SummaryWriter(str(path))
 
 
-__all__ = ["Trainer", "NonFiniteLossError", "update_ema", "ema_decay"]
+__all__ = ["Trainer", "NonFiniteLossError", "update_ema", "ema_decay", "copy_weights"]
