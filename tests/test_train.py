@@ -166,7 +166,55 @@ def test_unknown_name_in_a_stage_lr_scale_is_an_error(tmp_path):
         make_trainer(cfg, tmp_path)
 
 
-# -- checkpoints that survive any kill (docs/scaling.md) -----------------------------------------------------
+# -- life on a cluster: preemption signals and checkpoints that survive any kill (docs/scaling.md) -------------
+def test_a_preemption_signal_stops_after_the_step_with_a_checkpoint_and_resume_is_exact(tmp_path):
+    """SIGUSR1 (a real signal, sent to this process during step 3 of 6) ends the run after that step with a
+    checkpoint there marked preempted; the signal's previous handler is back; resuming gives the uninterrupted
+    run's weights bit for bit."""
+    import dataclasses
+    import os
+    import signal
+
+    from dmdx.train.loop import Preempted, Trainer
+
+    cfg = tiny_config("dmd2", steps=6, ckpt_every=4)
+    a, a_ema = _final_student(cfg, tmp_path / "a")
+    tr = make_trainer(cfg, tmp_path / "b")
+    run_phase = tr.run_phase
+
+    def signalled(stage, phase, step):
+        if step == 2:
+            os.kill(os.getpid(), signal.SIGUSR1)
+        return run_phase(stage, phase, step)
+
+    tr.run_phase = signalled
+    bad = dataclasses.replace(cfg.train, preempt_signals=["SIGSTOP"])
+    with pytest.raises(ValueError, match="SIGSTOP"):  # checked when the trainer is made, not at the first signal
+        Trainer(tmp_path / "c", cfg.method, bad, tr.ctx, tr.export_info)
+    before = signal.getsignal(signal.SIGUSR1)
+    with pytest.raises(Preempted, match=r"preempted by SIGUSR1 at step 3 of 6: checkpoint .*step_0000003 written"):
+        tr.run()
+    assert signal.getsignal(signal.SIGUSR1) is before
+    ck = latest_checkpoint(tmp_path / "b")
+    assert ck["step"] == 3 and json.loads((ck["path"] / "state.json").read_text())["preempted"] == "SIGUSR1"
+    assert not (tmp_path / "b" / "model.json").exists()  # a preemption checkpoint does not export, to stop sooner
+    tr = make_trainer(cfg, tmp_path / "b")
+    tr.run(resume=True)
+    for k in a:
+        assert torch.equal(a[k], tr.student.state_dict()[k]), k
+        assert torch.equal(a_ema[k], tr.ema.state_dict()[k]), k
+
+
+def test_preempt_signals_are_checked():
+    from dmdx.train.loop import parse_signals
+
+    assert [s.name for s in parse_signals(["term", "SIGUSR2", "USR1"])] == ["SIGTERM", "SIGUSR2", "SIGUSR1"]
+    for bad in ("SIGKILL", "SIGFOO"):
+        with pytest.raises(ValueError, match=rf"train.preempt_signals: '{bad}' is not a signal a process can catch; "
+                                             r"allowed: .*SIGUSR1"):
+            parse_signals(["SIGTERM", bad])
+
+
 def test_a_checkpoint_is_fsynced_before_its_rename_and_replaces_an_old_one_only_when_complete(tmp_path, monkeypatch):
     """Every file and the folder are fsynced before the rename, the parent after; a checkpoint of the same step is
     moved aside (not deleted) before the rename and read if a kill comes between the two renames."""
