@@ -431,7 +431,11 @@ def _run(args) -> int:
     except Exception as e:  # noqa: BLE001 - NonFiniteLossError and friends get a one-line message
         from .train.loop import NonFiniteLossError, Preempted, RankLostError
 
-        if isinstance(e, Preempted):  # the loop printed where the checkpoint is (rank 0)
+        if isinstance(e, Preempted):
+            if os.environ.get("RANK", "0") == "0":  # once, not from every torchrun rank
+                again = ("run the same command again to continue" if args.cmd == "demo"
+                         else "continue with the same command and --resume")
+                print(f"dmdx {args.cmd}: {e}; {again}", file=sys.stderr, flush=True)
             return EXIT_PREEMPTED
         if isinstance(e, (NonFiniteLossError, RankLostError)):
             print(f"dmdx {args.cmd}: {e}", file=sys.stderr, flush=True)

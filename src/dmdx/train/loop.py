@@ -18,7 +18,6 @@ import contextlib
 import copy
 import json
 import signal
-import sys
 import threading
 import time
 import weakref
@@ -527,10 +526,7 @@ class Trainer:
         name, ranks = stop
         who = f" (received by rank(s) {ranks} of {self.world.size})" if self.world.size > 1 else ""
         since = f" {time.monotonic() - signals.at:.1f} s after the signal" if signals.at is not None else ""
-        msg = (f"preempted by {name}{who} at step {step} of {self.tc.steps}: checkpoint {self.last_ckpt} written"
-               f"{since}; continue with the same command and --resume")
-        if self.world.main:
-            print(msg, file=sys.stderr, flush=True)
+        msg = f"preempted by {name}{who} at step {step} of {self.tc.steps}: checkpoint {self.last_ckpt} written{since}"
         return Preempted(msg, step, self.last_ckpt, name)
 
 
