@@ -561,9 +561,9 @@ def test_on_a_cluster(tmp_path):
     requeued job resumes on two nodes, where rank 1 is frozen (SIGSTOP): rank 0 names it and the step within
     train.dist_timeout, and when rank 1 wakes both have exited with status 4.  Then the Kubernetes manifest's
     container command on two "pods": killing the pod of rank 1 (its torchrun and its worker) makes rank 0 exit
-    within the timeout, naming it.  ``dmdx distill --resume --nproc 2`` continues on one node until SIGTERM sent to
-    it (the launcher only) stops its workers with status 75.  Last, one node of one process resumes the run to its
-    end: every step logged once (only global rank 0 writes)."""
+    within the timeout, naming it.  Last, ``dmdx distill --resume --nproc 2`` continues the two nodes' run on one
+    node until SIGTERM sent to it (the launcher only) stops its workers with status 75; every step was logged once
+    (only global rank 0 writes)."""
     import signal
     import time
 
@@ -590,7 +590,7 @@ def test_on_a_cluster(tmp_path):
     script = tmp_path / "dmdx.sbatch"
     script.write_text(_doc_block("bash", "#!/bin/bash\n#SBATCH"))
     run = tmp_path / "run"
-    steps, timeout = 60, 8
+    steps, timeout = 1000, 8  # never reached: every launch is stopped
     args = (f"--method dmd2 --teacher gmm:ring8 --steps {steps} --quiet --set recipe=none --set surrogate_steps=20 "
             f"--set train.batch_size=16 --set train.sample_every=0 --set train.health_n=0 --set train.log_every=1 "
             f"--set train.ckpt_every=4 --set train.dist_timeout={timeout}")
@@ -615,7 +615,7 @@ def test_on_a_cluster(tmp_path):
         job.send_signal(signal.SIGUSR1)
         assert job.wait(timeout=120) == 1, output("slurm1")  # torchrun's status when its workers end non-zero
         text = output("slurm1")
-        stops = re.findall(r"preempted by SIGTERM \(received by rank\(s\) \[[01, ]+\] of 2\) at step (\d+) of 60: "
+        stops = re.findall(r"preempted by SIGTERM \(received by rank\(s\) \[[01, ]+\] of 2\) at step (\d+) of 1000: "
                            r"checkpoint (\S+) written", text)
         assert len(stops) == 1, text[-5000:]  # printed once: by global rank 0 only
         assert "s after the signal; continue with the same command and --resume" in text
@@ -658,8 +658,9 @@ def test_on_a_cluster(tmp_path):
         assert survivor.wait(timeout=120) != 0
         assert time.monotonic() - killed < timeout  # within the collective timeout: the peer's connection closed
         text = output(f"pod{pods.index(survivor)}")
-        assert re.search(r"rank 0 of 2: a collective in step \d+ failed after [0-9.]+ s \(.*\); rank\(s\) \[1\] did "
-                         r"not answer", text), text[-5000:]
+        # named whether its wait ran out or its torchrun, finding the rendezvous gone with the killed pod, stopped it
+        assert re.search(r"rank 0 of 2: a collective in step \d+ failed after [0-9.]+ s \(.*\); rank\(s\) \[1\] "
+                         r"(did not answer|had not answered when a stop signal came)", text), text[-5000:]
         # 4. `dmdx distill --nproc 2` resumes on one node; SIGTERM to it reaches its workers: status 75
         logged = len(_rows(run))
         job = start([sys.executable, "-m", "dmdx", "distill", "--method", "dmd2", "--out", str(run), "--resume",
@@ -671,12 +672,7 @@ def test_on_a_cluster(tmp_path):
                               output("nproc"))[0])
         assert latest_checkpoint(run)["step"] == stop and _rows(run)[-1] == stop
         assert not _workers(run)  # no process of the run is left
-        # 5. one node, one process, resumes the checkpoint of two and finishes
-        job = start(["bash", str(script)], "slurm3", SLURM_NNODES="1")
-        assert job.wait(timeout=300) == 0, output("slurm3")[-5000:]
-        assert _rows(run) == list(range(1, steps + 1))
-        ck = latest_checkpoint(run)
-        assert ck["step"] == steps and ck["format"] == "single" and (run / "model.json").is_file()
+        assert _rows(run) == list(range(1, stop + 1))  # each step logged once, the steps redone after a failure too
     finally:
         for p in started:
             if p.poll() is None:

@@ -75,7 +75,10 @@ def launch(cmd: list[str]) -> int:
         proc = subprocess.Popen(cmd, start_new_session=True, env={**os.environ, STATUS_DIR_ENV: status_dir})
 
         def forward(signum, frame):
-            os.killpg(proc.pid, signum)
+            try:
+                os.killpg(proc.pid, signum)
+            except ProcessLookupError:  # the group has just ended
+                pass
 
         old = {}
         for name in FORWARDED_SIGNALS:
