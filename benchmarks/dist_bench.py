@@ -11,6 +11,9 @@ two iterations, measured from the tensors' local shards).
 ``--nproc 2`` under ddp and fsdp) of DMD2 on digits and on a tiny SD pipeline, once it has logged 3 steps: the
 seconds from the signal to the checkpoint (as the run prints it) and to the command's exit, its status, and the size
 of the preemption checkpoint.
+
+``python benchmarks/dist_bench.py fsync OUT``: milliseconds per single-process checkpoint (three 1024x1024 linear
+layers with their AdamW states, 24 MB) written into OUT with the fsyncs and with them switched off.
 """
 
 from __future__ import annotations
@@ -146,7 +149,32 @@ def preempt(out: Path) -> None:
     (out / "preempt.json").write_text(json.dumps(rows, indent=2) + "\n")
 
 
+def fsync_cost(out: Path, saves: int = 5) -> None:
+    import shutil
+    import time
+
+    import torch
+
+    from dmdx.train import checkpoint
+
+    nets = {name: torch.nn.Linear(1024, 1024) for name in ("student", "fake_score", "ema")}
+    optims = {name: torch.optim.AdamW(net.parameters()) for name, net in nets.items()}
+    for net in nets.values():
+        net(torch.randn(2, 1024)).sum().backward()
+    for opt in optims.values():
+        opt.step()
+    synced = checkpoint._fsync
+    for label, fsync in (("with fsync", synced), ("without fsync", lambda path: None)):
+        checkpoint._fsync = fsync
+        shutil.rmtree(out / "fsync", ignore_errors=True)
+        t = time.perf_counter()
+        for step in range(1, saves + 1):
+            checkpoint.save_checkpoint(out / "fsync", step, 0, nets, optims, {})
+        print(f"{label}: {(time.perf_counter() - t) / saves * 1000:.0f} ms per checkpoint", flush=True)
+    checkpoint._fsync = synced
+
+
 if __name__ == "__main__":
     what, out = sys.argv[1], Path(sys.argv[2])
     out.mkdir(parents=True, exist_ok=True)
-    {"speed": speed, "memory": memory, "preempt": preempt}[what](out)
+    {"speed": speed, "memory": memory, "preempt": preempt, "fsync": fsync_cost}[what](out)
