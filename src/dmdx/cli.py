@@ -44,6 +44,11 @@ STATUS_DIR_ENV = "DMDX_STATUS_DIR"
 FORWARDED_SIGNALS = ("SIGINT", "SIGTERM", "SIGUSR1")
 
 
+def _main_rank() -> bool:
+    """True in a plain process and on torchrun's global rank 0: messages are printed once, not by every rank."""
+    return os.environ.get("RANK", "0") == "0"
+
+
 def _add_common_train(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, help="run folder (created; holds config, checkpoints, logs, the model)")
     p.add_argument("--config", help="JSON file with config values (applied before --set)")
@@ -276,7 +281,7 @@ def cmd_distill(args) -> int:
         raise ValueError("--teacher is required (a dmdx model folder or gmm:NAME)")
     if not resumed:  # a resumed run's config.json already holds its resolved values
         applied = apply_recipe(cfg, user_keys)
-        if os.environ.get("RANK", "0") == "0":  # once, not from every torchrun rank
+        if _main_rank():
             print(format_settings(teacher_kind(cfg.teacher), cfg.method.name, applied), file=sys.stderr)
     if args.dry_run:
         check_run_config(cfg)
@@ -284,7 +289,8 @@ def cmd_distill(args) -> int:
         print(json.dumps(to_dict(cfg), indent=2))
         return 0
     run = distill(cfg, out, resume=args.resume)
-    print(f"student written to {run}; try: {kind_for(run).hint(run)}")
+    if _main_rank():
+        print(f"student written to {run}; try: {kind_for(run).hint(run)}")
     return 0
 
 
@@ -391,7 +397,7 @@ def _run(args) -> int:
         return EXIT_INTERRUPTED
     except Exception as e:  # noqa: BLE001 - NonFiniteLossError and friends get a one-line message
         if isinstance(e, Preempted):
-            if os.environ.get("RANK", "0") == "0":  # once, not from every torchrun rank
+            if _main_rank():
                 again = ("run the same command again to continue" if args.cmd == "demo"
                          else "continue with the same command and --resume")
                 print(f"dmdx {args.cmd}: {e}; {again}", file=sys.stderr, flush=True)
