@@ -9,6 +9,8 @@ these backbones (the student and fake score trainable float32 copies, with a LoR
 from __future__ import annotations
 
 import contextlib
+import copy
+import weakref
 from pathlib import Path
 from typing import ClassVar
 
@@ -16,30 +18,54 @@ import torch
 from torch import nn
 
 from ..pipelines.folder import DTYPES, check_folder, load_cond, load_component
-from ..pipelines.image import VAEDecoder, default_shape, denoiser_component, encode_prompts
+from ..pipelines.image import VAEDecoder, cond_shapes, default_shape, denoiser_component, encode_prompts
 
 Tensor = torch.Tensor
 Cond = dict[str, Tensor] | None
 
 
 # -- LoRA ------------------------------------------------------------------------------------------------------
-def add_lora(model: nn.Module, rank: int, alpha: float, targets: list[str]) -> None:
-    """Inject a peft LoRA adapter and turn every other parameter into a buffer.
+BASE_KEEP = ("state", "folder", "shared")
 
-    Buffers keep the frozen base weights in ``state_dict`` (so checkpoints and EMA work unchanged) while
-    ``parameters()`` yields only the LoRA weights: whatever ``requires_grad_`` the loop sets, the base never trains.
+
+def add_lora(model: nn.Module, rank: int, alpha: float, targets: list[str], base: str = "state"
+             ) -> list[tuple[nn.Module, str]]:
+    """Inject a peft LoRA adapter and freeze everything else: ``parameters()`` then yields only the LoRA weights, so
+    whatever ``requires_grad_`` the loop sets, the base never trains.  What becomes of the base weights:
+
+    - ``state``: persistent buffers, in ``state_dict`` (checkpoints and EMA work unchanged, a model folder holds
+      them);
+    - ``folder``: non-persistent buffers, re-read from the pipeline folder when the model is rebuilt (a model
+      folder holds only the LoRA);
+    - ``shared``: plain attributes, neither parameters nor buffers: tensors another network owns (the teacher of a
+      run with ``real.shared_base``), which ``state_dict``, ``.to()``, EMA and checkpoints never touch.
+
+    Returns the ``(module, name)`` slots of the base tensors.
     """
     from peft import LoraConfig  # optional, heavy: imported on use (the diffusers extra)
 
+    if base not in BASE_KEEP:
+        raise ValueError(f"unknown base {base!r}; allowed: {', '.join(BASE_KEEP)}")
     model.add_adapter(LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(targets), init_lora_weights="gaussian"))
+    slots = []
     for name, mod in model.named_modules():
         if "lora_" in name:
             continue
-        for pname, p in list(mod._parameters.items()):
-            if p is None:
-                continue
-            del mod._parameters[pname]
-            mod.register_buffer(pname, p.detach(), persistent=True)
+        for table in (mod._parameters, *((mod._buffers,) if base == "shared" else ())):
+            for pname, p in list(table.items()):
+                if p is None:
+                    continue
+                del table[pname]
+                if base == "shared":
+                    mod.__dict__[pname] = p  # the owner's tensor itself, out of parameters() and buffers()
+                else:
+                    mod.register_buffer(pname, p.detach(), persistent=base == "state")
+                slots.append((mod, pname))
+    for mod in model.modules():  # the LoRA weights train in float32, whatever the base's dtype
+        for pname, p in mod._parameters.items():
+            if p is not None and p.is_floating_point() and p.dtype != torch.float32:
+                mod._parameters[pname] = nn.Parameter(p.detach().float(), p.requires_grad)
+    return slots
 
 
 def lora_state_dict(model: nn.Module) -> dict[str, Tensor]:
@@ -80,8 +106,12 @@ def merged_model(backbone) -> nn.Module:
     for mod in model.modules():
         if isinstance(mod, BaseTunerLayer):
             mod.merge()
-    state = {k.replace(".base_layer.", "."): v for k, v in model.state_dict().items() if "lora_" not in k}
-    fresh.load_state_dict(state)
+    # the base weights with the LoRA merged in: buffers, persistent or not (a shared-base student's model folder
+    # holds only its LoRA; its base is read from the pipeline folder)
+    want = set(fresh.state_dict())
+    named = {**dict(model.named_buffers()), **model.state_dict()}
+    state = {k.replace(".base_layer.", "."): v for k, v in named.items() if "lora_" not in k}
+    fresh.load_state_dict({k: v for k, v in state.items() if k in want})
     for mod in model.modules():
         if isinstance(mod, BaseTunerLayer):
             mod.unmerge()
@@ -93,18 +123,60 @@ class _Tap(nn.Identity):
     """A named point whose forward output is a feature map (FeatureTap hooks it)."""
 
 
+class SharedBase:
+    """The frozen base network a teacher shares with its LoRA copies (``real.shared_base``): the student, the fake
+    score and the EMA are LoRA adapters on the teacher's own weight tensors (held once), the teacher is the base
+    with no adapter.  Each network keeps its own modules (hooks, feature taps, gradient checkpointing and FSDP units
+    stay per network); only the frozen tensors are common, so nothing is switched between calls."""
+
+    def __init__(self):
+        self.members: weakref.WeakSet = weakref.WeakSet()
+
+
+def _slot(mod: nn.Module, name: str) -> Tensor:
+    return mod.__dict__[name] if name in mod.__dict__ else getattr(mod, name)
+
+
+def _set_slot(mod: nn.Module, name: str, value: Tensor) -> None:
+    """Put ``value`` where ``mod.name`` lives: its parameters, its buffers, or a plain attribute (a shared base)."""
+    if name in mod._parameters:
+        mod._parameters[name] = value if isinstance(value, nn.Parameter) else nn.Parameter(value, False)
+    elif name in mod._buffers:
+        mod._buffers[name] = value
+    else:
+        mod.__dict__[name] = value
+
+
+def cast_module(model: nn.Module, dtype: torch.dtype) -> None:
+    """Every floating parameter and buffer of ``model`` in ``dtype``, replaced in the modules' dictionaries (not
+    through ``Module.to``, which fake tensors refuse; a tied weight stays tied)."""
+    new: dict[int, Tensor] = {}
+    for mod in model.modules():
+        for name, v in [*mod._parameters.items(), *mod._buffers.items()]:
+            if v is None or not v.is_floating_point() or v.dtype == dtype:
+                continue
+            if id(v) not in new:
+                t = v.detach().to(dtype)
+                new[id(v)] = nn.Parameter(t, v.requires_grad) if isinstance(v, nn.Parameter) else t
+            _set_slot(mod, name, new[id(v)])
+
+
 class PipelineBackbone(nn.Module):
     """A pipeline's UNet / transformer behind the dmdx backbone contract.
 
     ``config`` rebuilds it: the pipeline folder, the dtype of the weights, the null conditioning file (else the
-    empty prompt is encoded here), LoRA and gradient checkpointing.  Only the wrapped model's weights are state;
-    the null conditioning is a non-persistent buffer.
+    empty prompt is encoded here), LoRA (``frozen_base``: a LoRA whose base is re-read from the pipeline folder and
+    is not state) and gradient checkpointing.  Only the wrapped model's weights are state; the null conditioning is
+    a non-persistent buffer.  ``weights=False`` (not config) builds the network from the folder's configs alone,
+    uninitialised, with zero null conditioning of the configs' shapes: ``dmdx plan`` does so under a
+    ``FakeTensorMode``.
     """
 
     family: ClassVar[str] = ""
 
     def __init__(self, path: str, dtype: str = "float32", cond_file: str | None = None, lora: dict | None = None,
-                 grad_checkpointing: bool = False, shape: list[int] | None = None, guidance: float = 3.5):
+                 grad_checkpointing: bool = False, shape: list[int] | None = None, guidance: float = 3.5,
+                 frozen_base: bool = False, weights: bool = True):
         super().__init__()
         path = str(check_folder(path))
         self.component, family = denoiser_component(Path(path))
@@ -112,19 +184,34 @@ class PipelineBackbone(nn.Module):
             raise ValueError(f"{path} holds a {family} model, not {self.family}")
         self.config = dict(path=path, dtype=dtype, cond_file=cond_file, lora=lora,
                            grad_checkpointing=grad_checkpointing, shape=shape, guidance=guidance)
-        self.model = load_component(Path(path), self.component, DTYPES[dtype])
+        if frozen_base:
+            self.config["frozen_base"] = True
+        self.weights = weights
+        self.model = load_component(Path(path), self.component, DTYPES[dtype], weights=weights)
         self.shape = tuple(shape) if shape else default_shape(Path(path))
-        if cond_file and Path(cond_file).is_file():
+        self._set_null(cond_file, lambda: encode_prompts(Path(path), [], self.shape)[1],
+                       lambda: cond_shapes(Path(path)))
+        self._setup()
+        self._finish(lora, grad_checkpointing)
+
+    def _set_null(self, cond_file, encode, shapes) -> None:
+        """The null conditioning: from the run's prompts file, encoded here, or zeros of the configs' shapes."""
+        if not self.weights:
+            null = {k: torch.zeros(1, *shape) for k, shape in shapes().items()}
+        elif cond_file and Path(cond_file).is_file():
             _, null = load_cond(Path(cond_file))
         else:
-            _, null = encode_prompts(Path(path), [], self.shape)
+            null = encode()
         self._null_keys = list(null)
         for k, v in null.items():
             self.register_buffer(f"null_{k}", v, persistent=False)
-        self.copy_options: dict = {}  # LoRA / checkpointing applied when a trainable copy is made (fake score)
-        self._setup()
+
+    def _finish(self, lora: dict | None, grad_checkpointing: bool) -> None:
+        self.copy_options: dict = {}  # LoRA / checkpointing / sharing applied when a trainable copy is made
+        self.shared_base: SharedBase | None = None
+        self._base_slots: list[tuple[nn.Module, str]] = []  # a LoRA copy's slots of the shared base tensors
         if lora:
-            add_lora(self.model, **lora)
+            add_lora(self.model, **lora, base="folder" if self.config.get("frozen_base") else "state")
         if grad_checkpointing:
             self.model.enable_gradient_checkpointing()
 
@@ -146,55 +233,105 @@ class PipelineBackbone(nn.Module):
     def dtype(self) -> torch.dtype:
         return DTYPES[self.config["dtype"]]
 
+    # -- trainable copies, maybe on a shared base --------------------------------------------------------------
+    def share_base(self) -> None:
+        """Make this (frozen teacher) backbone the base of its LoRA copies: a deep copy made while
+        ``copy_options`` names a LoRA holds the teacher's weight tensors instead of copies (``SharedBase``)."""
+        if self.shared_base is None:
+            self.shared_base = SharedBase()
+            self.shared_base.members.add(self)
+
+    def _shares_on_copy(self) -> bool:
+        return self.shared_base is not None and bool(self.config["lora"] or self.copy_options.get("lora"))
+
+    def __deepcopy__(self, memo):
+        shared = self.shared_base
+        if self._shares_on_copy():
+            for mod, name in self.base_slots():
+                t = _slot(mod, name)
+                memo.setdefault(id(t), t)
+            memo[id(shared)] = shared
+        elif shared is not None:
+            memo[id(shared)] = None  # a full copy (no LoRA) owns its weights
+        new = type(self).__new__(type(self))
+        memo[id(self)] = new
+        new.__setstate__(copy.deepcopy(self.__dict__, memo))
+        if new.shared_base is not None:
+            new.shared_base.members.add(new)
+        return new
+
+    def base_slots(self) -> list[tuple[nn.Module, str]]:
+        """``(module, name)`` of every frozen base tensor: a shared-base LoRA copy's plain attributes, else every
+        parameter and buffer of the model."""
+        if self._base_slots:
+            return self._base_slots
+        return [(mod, name) for mod in self.model.modules()
+                for name, v in [*mod._parameters.items(), *mod._buffers.items()] if v is not None]
+
+    def saved_config(self) -> dict:
+        """``config`` as ``model.json`` holds it: a LoRA copy on a shared base is rebuilt from the pipeline folder
+        (a float32 base, not state) and its LoRA weights."""
+        if not self._base_slots:
+            return dict(self.config)
+        return {**self.config, "dtype": "float32", "frozen_base": True}
+
     def make_trainable(self, lora: dict | None = None, grad_checkpointing: bool | None = None) -> None:
-        """Turn a (deep-copied) teacher backbone into a trainable float32 one, with LoRA if asked."""
+        """Turn a (deep-copied) teacher backbone into a trainable one, with LoRA if asked: float32 weights, or, on a
+        shared base, a float32 LoRA on the teacher's own (frozen) tensors."""
         opts = {**self.copy_options}
         lora = lora if lora is not None else opts.get("lora")
         gc = grad_checkpointing if grad_checkpointing is not None else opts.get("grad_checkpointing", False)
-        if self.config["dtype"] != "float32":
-            full = load_component(Path(self.config["path"]), self.component, torch.float32)
-            self.model.to(torch.float32).load_state_dict(full.state_dict())
-            self.config["dtype"] = "float32"
-        if lora and not self.config["lora"]:
-            add_lora(self.model, **lora)
+        if self.shared_base is not None:
+            assert lora and not self.config["lora"], "only a LoRA copy shares its base"
+            self._base_slots = add_lora(self.model, **lora, base="shared")
             self.config["lora"] = dict(lora)
+        else:
+            if self.config["dtype"] != "float32":
+                if self.weights:  # the float32 weights from the folder, exact (not the teacher's rounded ones)
+                    full = load_component(Path(self.config["path"]), self.component, torch.float32)
+                    self.model.load_state_dict(full.state_dict(), assign=True)
+                    del full
+                else:
+                    cast_module(self.model, torch.float32)
+                self.config["dtype"] = "float32"
+            if lora and not self.config["lora"]:
+                add_lora(self.model, **lora)
+                self.config["lora"] = dict(lora)
         if gc:
             self.model.enable_gradient_checkpointing()
             self.config["grad_checkpointing"] = True
         self.copy_options = {}
-
-    def _recast(self, dtypes: dict[int, torch.dtype]) -> dict[int, torch.dtype]:
-        """Replace each parameter / buffer whose id is in ``dtypes`` by a copy in that dtype (a tied weight by one
-        copy); returns the copies' ids with the dtypes they had before."""
-        copies, before = {}, {}
-        for mod in self.model.modules():
-            for name, v in [*mod.named_parameters(recurse=False), *mod.named_buffers(recurse=False)]:
-                if id(v) not in dtypes:
-                    continue
-                if id(v) not in copies:
-                    new = v.detach().to(dtypes[id(v)])
-                    copies[id(v)] = nn.Parameter(new, v.requires_grad) if isinstance(v, nn.Parameter) else new
-                    before[id(copies[id(v)])] = v.dtype
-                setattr(mod, name, copies[id(v)])
-        return before
 
     @contextlib.contextmanager
     def float32(self):
         """Inside the block the model computes in float32 whatever its weights' dtype (ADM's ODE steps and critic).
 
         Each lower-precision parameter and buffer is replaced by a float32 copy (exact: every bf16 / fp16 value is a
-        float32 value) and put back in its own dtype on exit, so the block holds the memory of a float32 model.
-        The copies are new tensors: a graph built inside keeps its own until its backward.
+        float32 value) and the original put back on exit, so the block holds the memory of a float32 model.  On a
+        shared base every network of the group computes in float32 inside the block, on one set of copies.  The
+        copies are new tensors: a graph built inside keeps its own until its backward.
         """
-        low = {id(v): torch.float32 for v in [*self.model.parameters(), *self.model.buffers()]
-               if v.is_floating_point() and v.dtype != torch.float32}
-        back = self._recast(low)
-        dtype, self.config["dtype"] = self.config["dtype"], "float32"
+        members = list(self.shared_base.members) if self.shared_base is not None else [self]
+        ups: dict[int, Tensor] = {}
+        originals = []
+        for bb in members:
+            for mod, name in bb.base_slots():
+                v = _slot(mod, name)
+                if v.is_floating_point() and v.dtype != torch.float32:
+                    if id(v) not in ups:
+                        ups[id(v)] = v.detach().float()
+                    originals.append((mod, name, v))
+                    _set_slot(mod, name, ups[id(v)])
+        dtypes = [(bb, bb.config["dtype"]) for bb in members]
+        for bb in members:
+            bb.config["dtype"] = "float32"
         try:
             yield
         finally:
-            self._recast(back)
-            self.config["dtype"] = dtype
+            for mod, name, v in originals:
+                _set_slot(mod, name, v)
+            for bb, dtype in dtypes:
+                bb.config["dtype"] = dtype
 
     def null_cond(self, cond: Cond) -> Cond:
         b = 1 if cond is None else next(iter(cond.values())).shape[0]

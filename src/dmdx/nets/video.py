@@ -15,9 +15,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..pipelines.folder import DTYPES, load_cond, load_component, model_index
-from ..pipelines.video import check_video_folder, encode_prompts, geometry, text_length
-from .pipeline import PipelineBackbone, _Tap, add_lora
+from ..pipelines.folder import DTYPES, load_component, model_index
+from ..pipelines.video import check_video_folder, cond_shapes, encode_prompts, geometry, text_length
+from .pipeline import PipelineBackbone, _Tap
 
 Tensor = torch.Tensor
 Cond = dict[str, Tensor] | None
@@ -26,7 +26,8 @@ class VideoBackbone(PipelineBackbone):
     """A video transformer behind the dmdx backbone contract, on latents [B, C, T, H, W]."""
 
     def __init__(self, path: str, dtype: str = "float32", cond_file: str | None = None, lora: dict | None = None,
-                 grad_checkpointing: bool = False, shape: list[int] | None = None, max_sequence_length: int = 0):
+                 grad_checkpointing: bool = False, shape: list[int] | None = None, max_sequence_length: int = 0,
+                 frozen_base: bool = False, weights: bool = True):
         nn.Module.__init__(self)
         p, family = check_video_folder(path)
         if family != self.family:
@@ -36,26 +37,21 @@ class VideoBackbone(PipelineBackbone):
         self.config = dict(path=path, dtype=dtype, cond_file=cond_file, lora=lora,
                            grad_checkpointing=grad_checkpointing, shape=shape,
                            max_sequence_length=max_sequence_length)
-        self.model = load_component(p, "transformer", DTYPES[dtype])
+        if frozen_base:
+            self.config["frozen_base"] = True
+        self.weights = weights
+        self.model = load_component(p, "transformer", DTYPES[dtype], weights=weights)
         self.shape = tuple(shape) if shape else geometry(p).shape
-        if cond_file and Path(cond_file).is_file():
-            _, null = load_cond(Path(cond_file))
-        else:
-            _, null = encode_prompts(p, [], max_sequence_length or text_length(p, family))
-        self._null_keys = list(null)
-        for k, v in null.items():
-            self.register_buffer(f"null_{k}", v, persistent=False)
-        self.copy_options: dict = {}
+        length = max_sequence_length or text_length(p, family)
+        self._set_null(cond_file, lambda: encode_prompts(p, [], length)[1],
+                       lambda: {k: (length, *v[1:]) for k, v in cond_shapes(p, family).items()})
         blocks = self._blocks()
         idx = sorted({*range(0, len(blocks), max(1, len(blocks) // 4)), len(blocks) - 1})
         self.taps = nn.ModuleList(_Tap() for _ in idx)
         self._tap_blocks = idx
         self.feature_layers = tuple(f"taps.{j}" for j in range(len(idx)))
         self._setup()
-        if lora:
-            add_lora(self.model, **lora)
-        if grad_checkpointing:
-            self.model.enable_gradient_checkpointing()
+        self._finish(lora, grad_checkpointing)
 
     def _blocks(self) -> nn.ModuleList:
         raise NotImplementedError
@@ -123,9 +119,16 @@ class CogVideoXBackbone(VideoBackbone):
 
 
 def _parameters_or_buffers(self: nn.Module, recurse: bool = True):
-    """A module's parameters, or its buffers when it has none (frozen base weights under LoRA)."""
+    """A module's parameters, else its buffers (frozen base weights under LoRA), else its frozen tensors held as
+    plain attributes (a LoRA copy on a shared base, ``nets.pipeline.add_lora(base="shared")``)."""
     params = list(nn.Module.parameters(self, recurse))
-    return iter(params) if params else self.buffers(recurse)
+    if params:
+        return iter(params)
+    buffers = list(self.buffers(recurse))
+    if buffers:
+        return iter(buffers)
+    mods = self.modules() if recurse else [self]
+    return iter([v for m in mods for v in m.__dict__.values() if isinstance(v, Tensor)])
 
 
 class WanBackbone(VideoBackbone):

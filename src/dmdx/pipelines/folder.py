@@ -118,12 +118,72 @@ def vp_schedule(path: Path, sched: dict, defaults: dict, **extra) -> tuple[VPDis
                       num_train_timesteps=sched.get("num_train_timesteps", 1000), **extra), pred
 
 
-def load_component(path: Path, component: str, dtype: torch.dtype = torch.float32) -> nn.Module:
+def load_component(path: Path, component: str, dtype: torch.dtype = torch.float32, weights: bool = True
+                   ) -> nn.Module:
+    """A diffusers component of the folder in ``dtype``.  ``weights=False`` builds it from its ``config.json`` alone
+    (a folder that holds only configs is enough) with uninitialised tensors on the default device: under
+    ``torch.device("meta")`` nothing is allocated; under a ``FakeTensorMode`` (``dmdx plan``) the tensors are fake."""
     import diffusers  # optional, heavy: imported on use (pip install -e ".[diffusers]")
 
     cls_name = model_index(path)[component][-1]
     cls = getattr(diffusers, cls_name)
-    return cls.from_pretrained(str(Path(path) / component), torch_dtype=dtype, local_files_only=True)
+    if weights:
+        return cls.from_pretrained(str(Path(path) / component), torch_dtype=dtype, local_files_only=True)
+    device = torch.get_default_device()
+    with torch.device("meta"):
+        model = cls.from_config(component_config(path, component))
+    return empty_like_module(model, dtype, device)
+
+
+def empty_like_module(model: nn.Module, dtype: torch.dtype, device: str | torch.device = "cpu") -> nn.Module:
+    """``model`` (on the meta device) with every floating parameter and buffer replaced, in place, by an
+    uninitialised tensor of ``dtype`` on ``device`` (a tied weight stays tied).  Tensors are swapped in the modules'
+    dictionaries, not through ``Module.to``, so that fake tensors work too."""
+    new: dict[int, Tensor] = {}
+    for mod in model.modules():
+        for table in (mod._parameters, mod._buffers):
+            for name, v in list(table.items()):
+                if v is None:
+                    continue
+                if id(v) not in new:
+                    t = torch.empty(v.shape, dtype=dtype if v.is_floating_point() else v.dtype, device=device)
+                    new[id(v)] = nn.Parameter(t, v.requires_grad) if isinstance(v, nn.Parameter) else t
+                table[name] = new[id(v)]
+    return model
+
+
+def write_pipeline(folder: Path, pipeline: str, components: dict, weights: bool = False,
+                   dtype: torch.dtype = torch.float16) -> Path:
+    """Write a diffusers pipeline folder: ``model_index.json`` naming ``pipeline`` and, per component, its config
+    (``weights=False``: a folder that holds only configs, what ``dmdx plan`` reads) or its config and weights in
+    ``dtype``.
+
+    ``components`` maps a name to a tokenizer or scheduler object, or to a function ``make(device)`` that builds a
+    diffusers / transformers model on ``device`` (``meta`` for a config-only folder, else CPU with random
+    initial weights); models are built and written one at a time, so that only the largest is in memory.
+    """
+    import diffusers  # optional, heavy: imported on use
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    index = {"_class_name": pipeline, "_diffusers_version": diffusers.__version__}
+    for name, comp in components.items():
+        out = folder / name
+        if callable(comp) and not hasattr(comp, "save_pretrained"):
+            comp = comp("cpu" if weights else "meta")
+            if weights:
+                comp.to(dtype).save_pretrained(str(out), safe_serialization=True)
+            elif hasattr(comp, "save_config"):  # diffusers
+                comp.save_config(str(out))
+            else:  # transformers
+                comp.config.save_pretrained(str(out))
+        else:
+            comp.save_pretrained(str(out))
+        library = "diffusers" if type(comp).__module__.startswith("diffusers") else "transformers"
+        index[name] = [library, type(comp).__name__]
+        del comp
+    (folder / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
+    return folder
 
 
 def load_pipeline(path: Path, skip: tuple[str, ...] = (), dtype: torch.dtype = torch.float32):

@@ -19,6 +19,7 @@ embedding (``guidance``), so real classifier-free guidance on them (``real_guida
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -143,6 +144,30 @@ def _encode(pipe, family: str, prompts: list[str], shape, path: Path, negative: 
         return {"text": neg, "pooled": neg_pooled} if negative else {"text": pos, "pooled": pooled}
     text, pooled, _ = pipe.encode_prompt(prompts, None, device=dev)  # flux: the empty prompt is its negative
     return {"text": text, "pooled": pooled}
+
+
+def _tokenizer_length(path: Path, name: str = "tokenizer") -> int:
+    f = path / name / "tokenizer_config.json"
+    length = json.loads(f.read_text()).get("model_max_length", 77) if f.is_file() else 77
+    return min(int(length), 77)  # CLIP's positions; a config without a length says 1e30
+
+
+def cond_shapes(path: Path) -> dict[str, tuple[int, ...]]:
+    """Per-sample shapes of the conditioning ``encode_prompts`` gives, read from the configs alone (``dmdx plan``
+    plans a folder without its text encoders' weights): the tokenizers' lengths and the denoiser's input widths."""
+    comp, family = denoiser_component(path)
+    cfg = component_config(path, comp)
+    if family == "unet":
+        out = {"text": (_tokenizer_length(path), cfg["cross_attention_dim"])}
+        if cfg.get("addition_embed_type") == "text_time":  # SDXL: pooled text + 6 size / crop values
+            n = 6
+            out.update(pooled=(cfg["projection_class_embeddings_input_dim"] - n * cfg["addition_time_embed_dim"],),
+                       time_ids=(n,))
+        return out
+    if family == "sd3":  # the CLIP tokens + the T5 prompt (StableDiffusion3Pipeline's max_sequence_length 256)
+        return {"text": (_tokenizer_length(path) + 256, cfg["joint_attention_dim"]),
+                "pooled": (cfg["pooled_projection_dim"],)}
+    return {"text": (512, cfg["joint_attention_dim"]), "pooled": (cfg["pooled_projection_dim"],)}  # FluxPipeline
 
 
 def default_shape(path: Path) -> tuple[int, int, int]:

@@ -172,6 +172,13 @@ def text_length(path: Path, family: str, vc: VideoConfig | None = None) -> int:
     return 512  # WanPipeline.__call__'s default
 
 
+def cond_shapes(path: Path, family: str, vc: VideoConfig | None = None) -> dict[str, tuple[int, ...]]:
+    """Per-sample shape of the text embeddings ``encode_prompts`` gives, from the configs alone (``dmdx plan``)."""
+    tr = component_config(path, "transformer")
+    width = tr["text_embed_dim"] if family == "cogvideox" else tr["text_dim"]
+    return {"text": (text_length(path, family, vc), width)}
+
+
 def encoder_placement() -> dict:
     """Where the text encoder runs: the GPU in bf16 when there is one (T5-XXL is 19 GB in float32), else the CPU."""
     return {"dtype": "bfloat16", "device": "cuda"} if torch.cuda.is_available() else {}

@@ -76,6 +76,9 @@ class RealModelConfig:
     student_lora: LoraSpec = field(default_factory=LoraSpec)
     fake_lora: LoraSpec = field(default_factory=LoraSpec)
     grad_checkpointing: bool = False
+    # one frozen base for teacher, student, fake score and EMA: the LoRA copies hold the teacher's own weight tensors
+    # (in real.teacher_dtype) instead of float32 copies (docs/real-models.md, "Will it fit?"); needs a LoRA student
+    shared_base: bool = False
     vision_encoder: str | None = None  # local transformers folder (DINOv2) for ADP's pixel discriminator
 
 

@@ -82,20 +82,31 @@ def pipeline_student_info(cfg, teacher, student, times: list[float]):
     (LoRA, ...), its schedule and extra (pipeline folder, family), the student's times."""
     tinfo = teacher.info
     return ModelInfo(kind="student", backbone={"name": tinfo.backbone["name"],
-                                               "config": dict(student.backbone.config)},
+                                               "config": student.backbone.saved_config()},
                      schedule=teacher.denoiser.schedule.to_dict(), prediction=teacher.denoiser.prediction,
                      shape=list(tinfo.shape), data=cfg.data, guidance=1.0, steps=len(times), times=times,
                      extra={"method": cfg.method.name, "teacher": tinfo.extra["pipeline"], **tinfo.extra})
 
 
 def trainable_student(teacher_net, rc, seed: int):
-    """The student: a float32 trainable copy of a pipeline teacher (LoRA and checkpointing from ``rc``, a
-    ``RealModelConfig``); the teacher remembers the fake score's options for the copy a method makes of it."""
+    """The student: a trainable copy of a pipeline teacher (LoRA and checkpointing from ``rc``, a
+    ``RealModelConfig``); the teacher remembers the fake score's options for the copy a method makes of it.
+
+    A float32 copy, or with ``real.shared_base`` a LoRA on the teacher's own frozen tensors (so are then the fake
+    score, when it is a LoRA too, and the loop's EMA of the student: the base is held once).
+    """
     torch.manual_seed(seed)
+    bb = teacher_net.backbone
+    if rc.shared_base:
+        if rc.student_lora.rank <= 0:
+            raise ValueError("real.shared_base needs a LoRA student (real.student_lora.rank > 0): a fully fine-tuned "
+                             "student owns its weights")
+        bb.share_base()
+    bb.copy_options = {"lora": rc.student_lora.spec(), "grad_checkpointing": rc.grad_checkpointing}
     student = copy.deepcopy(teacher_net)
-    student.backbone.make_trainable(lora=rc.student_lora.spec(), grad_checkpointing=rc.grad_checkpointing)
+    student.backbone.make_trainable()
     student.requires_grad_(True).train()
-    teacher_net.backbone.copy_options = {"lora": rc.fake_lora.spec(), "grad_checkpointing": rc.grad_checkpointing}
+    bb.copy_options = {"lora": rc.fake_lora.spec(), "grad_checkpointing": rc.grad_checkpointing}
     return student
 
 
