@@ -34,9 +34,10 @@ def looks_like_hub_id(spec: str) -> bool:
     return bool(HUB_ID.fullmatch(s)) and not Path(s).exists() and not Path(s.split("/")[0]).exists()
 
 
-def check_folder(path: str | Path) -> Path:
-    """A local diffusers pipeline folder, checked: it exists, has ``model_index.json``, and each of its model
-    components has its weights (:func:`check_weights`)."""
+def check_folder(path: str | Path, weights: bool = True) -> Path:
+    """A local diffusers pipeline folder, checked: it exists, has ``model_index.json``, and (``weights``) each of its
+    model components has its weights (:func:`check_weights`; ``weights=False``: a folder of configs is enough, what
+    a network built from its configs alone needs)."""
     spec = str(path)
     path = Path(path).expanduser()
     if not path.exists():
@@ -47,7 +48,8 @@ def check_folder(path: str | Path) -> Path:
         raise FileNotFoundError(f"teacher {spec!r} not found: no such folder (expected {TEACHER_FORMS})")
     if not is_pipeline_folder(path):
         raise ValueError(f"{path} has no model_index.json: not a diffusers pipeline folder")
-    check_weights(path)
+    if weights:
+        check_weights(path)
     return path
 
 
