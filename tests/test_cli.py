@@ -255,12 +255,13 @@ def test_data_and_demo_errors_leave_no_folder(tmp_path, capsys):
 
     (tmp_path / "imgs").mkdir()
     for i in range(3):
-        Image.fromarray(np.full((8, 8), 40 * i, np.uint8)).save(tmp_path / "imgs" / f"{i}.png")
+        Image.fromarray(np.random.default_rng(i).integers(0, 256, (16, 16), np.uint8)).save(
+            tmp_path / "imgs" / f"{i}.png")
     png = (tmp_path / "imgs" / "1.png").read_bytes()
-    (tmp_path / "imgs" / "1.png").write_bytes(png[: len(png) - 20])
+    (tmp_path / "imgs" / "1.png").write_bytes(png[: len(png) // 2])  # cut short, as an interrupted copy leaves it
     out = tmp_path / "t"
     code, _, err = run(capsys, "teacher", "train", "--data", f"folder:{tmp_path / 'imgs'}", "--out", out)
-    assert code == 2 and f"cannot read image {tmp_path / 'imgs' / '1.png'}" in err
+    assert code == 2 and f"cannot read image {tmp_path / 'imgs' / '1.png'}: image file is truncated" in err, err
     assert not out.exists()
     demo = tmp_path / "demo"
     for args, says in ((["--data", "digitz"], "digits"), (["--teacher", tmp_path / "nope"], "not found"),
@@ -276,6 +277,73 @@ def test_data_and_demo_errors_leave_no_folder(tmp_path, capsys):
     with RunFolder(tmp_path / "demo2"):  # a demo folder in use
         code, _, err = run(capsys, "demo", "--small", "--out", tmp_path / "demo2")
     assert code == 2 and f"{tmp_path / 'demo2'} is in use by another dmdx process (pid {os.getpid()}" in err
+
+
+def test_a_truncated_image_in_data_is_named_and_the_run_is_untouched(finished_run, tmp_path, capsys):
+    """Section 4: a truncated PNG given to a finished run's --resume (--set data=folder:...) names the file; the run
+    folder keeps every byte."""
+    from PIL import Image
+
+    out, before = finished_run
+    (tmp_path / "imgs").mkdir()
+    for i in range(2):
+        Image.fromarray(np.random.default_rng(i).integers(0, 256, (16, 16, 3), np.uint8)).save(
+            tmp_path / "imgs" / f"{i}.png")
+    png = (tmp_path / "imgs" / "1.png").read_bytes()
+    (tmp_path / "imgs" / "1.png").write_bytes(png[: len(png) // 2])
+    code, _, err = run(capsys, "distill", "--method", "dmd2", "--out", out, "--resume", "--steps", 6,
+                       "--set", f"data=folder:{tmp_path / 'imgs'}")
+    assert code == 2 and f"cannot read image {tmp_path / 'imgs' / '1.png'}: image file is truncated" in err, err
+    assert "Traceback" not in err and _snapshot(out) == before
+
+
+def test_pipeline_messages_leave_the_run_untouched(pipeline_students, tmp_path, capsys, monkeypatch):
+    """Section 4 on a tiny SD LoRA student and its pipeline folder: a corrupt --lpips file, several missing metric
+    files (all named), a pipeline folder with its configs but no weights (each component named), a mistyped local
+    --teacher path (not called a hub id), --teacher's help; every refusal leaves the run and the pipeline folder as
+    they were, and a refused distill leaves no --out."""
+    import shutil
+
+    student = pipeline_students("sd")
+    pipe = Path(json.loads((student / "model.json").read_text())["extra"]["pipeline"])
+    before, pipe_before = _snapshot(student), _snapshot(pipe)
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a red cat\n")
+    bad = tmp_path / "lpips_alex.pth"
+    bad.write_bytes(b"PK\x03\x04 not a whole file")
+    code, _, err = run(capsys, "eval", "--model", student, "--prompts", prompts, "--lpips", bad)
+    assert code == 2 and f"cannot read the LPIPS weights {bad}: not a whole torch.save" in err, err
+    code, _, err = run(capsys, "eval", "--model", student, "--prompts", prompts, "--clip", tmp_path / "clip",
+                       "--ref", tmp_path / "coco", "--inception", tmp_path / "inception.pt")
+    assert code == 2 and "3 inputs are missing" in err, err
+    assert all(f"--{k} {tmp_path / v}" in err for k, v in (("clip", "clip"), ("ref", "coco"),
+                                                             ("inception", "inception.pt")))
+    # a pipeline folder whose weight files were left out (a download filtered to the configs)
+    configs_only = tmp_path / "sd-configs"
+    shutil.copytree(pipe, configs_only, ignore=shutil.ignore_patterns("*.safetensors", "*.bin"))
+    fresh = tmp_path / "runs" / "new"
+    code, _, err = run(capsys, "distill", "--method", "dmd2", "--teacher", configs_only, "--prompts", prompts,
+                       "--out", fresh)
+    assert code == 2 and f"the pipeline folder {configs_only} is incomplete" in err, err
+    assert "unet/ has its config.json but no weights (expected diffusion_pytorch_model.safetensors" in err
+    assert "text_encoder/ has its config.json but no weights" in err and "Traceback" not in err
+    assert not fresh.exists()
+    # a mistyped local path is not a hub id, even one shaped like org/name (here runs/ exists); a bare org/name is
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs").mkdir()
+    for typo in ("./sd-confgs", "runs/sd15", str(tmp_path / "sd15")):
+        code, _, err = run(capsys, "distill", "--method", "dmd2", "--teacher", typo, "--prompts", prompts,
+                           "--out", fresh)
+        assert code == 2 and f"{typo!r} not found: no such folder" in err and "hub id" not in err, err
+        assert "a local diffusers pipeline folder (with model_index.json)" in err
+        assert not fresh.exists()
+    code, _, err = run(capsys, "distill", "--method", "dmd2", "--teacher", "stabilityai/sd15", "--prompts", prompts,
+                       "--out", fresh)
+    assert code == 2 and "looks like a Hugging Face hub id" in err and not fresh.exists()
+    with pytest.raises(SystemExit):
+        main(["distill", "--help"])
+    assert "local diffusers pipeline folder" in " ".join(capsys.readouterr().out.split())
+    assert _snapshot(student) == before and _snapshot(pipe) == pipe_before
 
 
 def test_sample_rejects_bad_output_and_corrupt_models(tmp_path, capsys):
