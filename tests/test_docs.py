@@ -224,3 +224,18 @@ def test_video_quickstart_runs_as_written(tmp_path, monkeypatch):
             _run(cmd, tmp_path)
     assert list((tmp_path / "run-cog" / "videos").glob("*.mp4"))
     assert (tmp_path / "cog-student" / "model_index.json").is_file()
+
+
+@pytest.mark.parametrize("name", list(COMMANDS))
+def test_no_documented_run_reuses_an_earlier_out(name):
+    """A fresh run into a folder an earlier command of the same file starts is refused (it already holds a run):
+    the docs give every fresh ``distill`` / ``teacher train`` its own --out (docs/scaling.md's "the same, by hand"
+    line once reused the line before's)."""
+    parser = build_parser()
+    seen = {}
+    for cmd in doc_commands(name):
+        for argv in _dmdx_args(cmd):
+            args = parser.parse_args(argv)
+            if args.cmd in ("distill", "teacher") and getattr(args, "out", None) and not args.resume:
+                assert args.out not in seen, f"{name}: `{cmd}` starts a run in {args.out}, as `{seen[args.out]}` did"
+                seen[args.out] = cmd
