@@ -304,11 +304,11 @@ def cmd_distill(args) -> int:
     if not cfg.teacher:
         raise ValueError(f"--teacher is required ({TEACHER_FORMS})")
     absolute_paths(cfg)
-    if not resume:  # a resumed run's config.json already holds its resolved values
-        applied = apply_recipe(cfg, user_keys)
-        if _main_rank():
-            print(format_settings(teacher_kind(cfg.teacher), cfg.method.name, applied), file=sys.stderr)
+    # a resumed run's config.json already holds its resolved values
+    applied = None if resume else apply_recipe(cfg, user_keys)
     check_run(cfg)  # the config, the teacher and every file the run reads, before --out is touched
+    if applied is not None and _main_rank():  # said once the teacher is known to be one
+        print(format_settings(teacher_kind(cfg.teacher), cfg.method.name, applied), file=sys.stderr)
     if args.dry_run:
         print(json.dumps(to_dict(cfg), indent=2))
         return 0
