@@ -16,6 +16,8 @@ def test_demo_small_end_to_end_and_resume(tmp_path, capsys):
     assert student["nfe"] == 1 and rows["teacher 4 steps"]["nfe"] == 2 * (2 * 4 - 1)  # heun with CFG
     for r in res["rows"]:
         assert r["fd"] >= 0 and 0 <= r["class_acc"] <= 1 and r["ms_per_sample"] > 0
+        assert r["fd_contrastive"] >= 0 and 0 <= r["recall_contrastive"] <= 1  # the second judge, in every row
+    assert "fd_contrastive" in text
     assert (out / "teacher_vs_student.png").stat().st_size > 0
     assert (out / "quality_vs_nfe.png").stat().st_size > 0
     # running it again reuses the finished teacher and student

@@ -1,4 +1,9 @@
-"""The ``dmdx`` command line."""
+"""The ``dmdx`` command line.
+
+Exit statuses (docs/scaling.md, "On a cluster"): 0 done; 1 an unexpected error (a traceback); 2 a bad command or
+config; 3 a non-finite loss; 4 a collective failed (a rank stopped answering within ``train.dist_timeout`` or was
+lost); 75 preempted (SIGTERM / SIGUSR1: a checkpoint at the last finished step was written; run the same command
+with ``--resume``); 130 interrupted (Ctrl-C).  ``--nproc`` returns its workers' status."""
 
 from __future__ import annotations
 
@@ -6,8 +11,10 @@ import argparse
 import dataclasses
 import json
 import os
+import signal
 import subprocess
 import sys
+import tempfile
 from dataclasses import fields
 from pathlib import Path
 
@@ -26,10 +33,21 @@ from .sampling import SOLVERS
 from .teachers import apply_recipe, distill, export_run, kind_for, load_model, student_call, teacher_kind
 from .train import dist
 from .train.health import inspect_run
-from .train.loop import NonFiniteLossError
+from .train.loop import NonFiniteLossError, Preempted, RankLostError
 from .train.plan import H100_BF16_TFLOPS, format_plan, plan_run
 from .train.run import TeacherConfig, check_run_config, default_run_config, load_run_config, train_teacher
 from .viz import format_table
+
+EXIT_NONFINITE, EXIT_RANK_LOST, EXIT_PREEMPTED, EXIT_INTERRUPTED = 3, 4, 75, 130
+# under --nproc, each worker writes its exit status into this folder for the launcher (torchrun itself exits 1
+# whenever a worker fails, whatever the status)
+STATUS_DIR_ENV = "DMDX_STATUS_DIR"
+FORWARDED_SIGNALS = ("SIGINT", "SIGTERM", "SIGUSR1")
+
+
+def _main_rank() -> bool:
+    """True in a plain process and on torchrun's global rank 0: messages are printed once, not by every rank."""
+    return os.environ.get("RANK", "0") == "0"
 
 
 def _add_common_train(p: argparse.ArgumentParser) -> None:
@@ -57,8 +75,47 @@ def torchrun_command(argv: list[str], nproc: int) -> list[str]:
             skip = True
         elif not a.startswith("--nproc="):
             rest.append(a)
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "-m", "dmdx",
-            *rest]
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+            *_torchrun_signal_flags(), "-m", "dmdx", *rest]
+
+
+def _torchrun_signal_flags() -> list[str]:
+    """torchrun passes SIGTERM and SIGINT on to its workers; SIGUSR1 (a preemption signal) too where this torch's
+    torchrun can be told to (``--signals_to_handle``): otherwise SIGUSR1 would end torchrun alone."""
+    from torch.distributed.launcher.api import LaunchConfig
+
+    if "signals_to_handle" not in {f.name for f in fields(LaunchConfig)}:
+        return []
+    return ["--signals_to_handle=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1"]
+
+
+def launch(cmd: list[str]) -> int:
+    """Run the torchrun command ``cmd`` in its own process group: SIGINT, SIGTERM and SIGUSR1 sent to this process
+    go to that whole group (torchrun passes them on to its workers, which finish their step, checkpoint and stop).
+    Returns the workers' status when they agree on a failure (75 preempted, 3, 4, ...), else torchrun's."""
+    with tempfile.TemporaryDirectory(prefix="dmdx-status-") as status_dir:
+        proc = subprocess.Popen(cmd, start_new_session=True, env={**os.environ, STATUS_DIR_ENV: status_dir})
+
+        def forward(signum, frame):
+            try:
+                os.killpg(proc.pid, signum)
+            except ProcessLookupError:  # the group has just ended
+                pass
+
+        old = {}
+        for name in FORWARDED_SIGNALS:
+            sig = getattr(signal, name, None)
+            if sig is not None:
+                old[sig] = signal.signal(sig, forward)
+        try:
+            code = proc.wait()
+        finally:
+            for sig, handler in old.items():
+                signal.signal(sig, handler)
+        failed = {int(f.read_text()) for f in Path(status_dir).glob("rank_*")} - {0}
+    if code != 0 and len(failed) == 1:
+        return failed.pop()
+    return 128 - code if code < 0 else code  # killed by a signal: the shell's convention
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -245,7 +302,7 @@ def cmd_distill(args) -> int:
         raise ValueError("--teacher is required (a dmdx model folder or gmm:NAME)")
     if not resumed:  # a resumed run's config.json already holds its resolved values
         applied = apply_recipe(cfg, user_keys)
-        if os.environ.get("RANK", "0") == "0":  # once, not from every torchrun rank
+        if _main_rank():
             print(format_settings(teacher_kind(cfg.teacher), cfg.method.name, applied), file=sys.stderr)
     if args.dry_run:
         check_run_config(cfg)
@@ -253,7 +310,8 @@ def cmd_distill(args) -> int:
         print(json.dumps(to_dict(cfg), indent=2))
         return 0
     run = distill(cfg, out, resume=args.resume)
-    print(f"student written to {run}; try: {kind_for(run).hint(run)}")
+    if _main_rank():
+        print(f"student written to {run}; try: {kind_for(run).hint(run)}")
     return 0
 
 
@@ -346,7 +404,18 @@ def main(argv: list[str] | None = None) -> int:
         except ValueError as e:
             print(f"dmdx {args.cmd}: error: {e}", file=sys.stderr)
             return 2
-        return subprocess.call(cmd)
+        return launch(cmd)
+    code = 1
+    try:
+        code = _run(args)
+        return code
+    finally:
+        status_dir = os.environ.get(STATUS_DIR_ENV)
+        if status_dir and "RANK" in os.environ and os.path.isdir(status_dir):  # a worker of --nproc
+            Path(status_dir, f"rank_{os.environ['RANK']}").write_text(str(code))
+
+
+def _run(args) -> int:
     handlers = {"demo": cmd_demo, "distill": cmd_distill, "pairs": cmd_pairs, "sample": cmd_sample,
                 "eval": cmd_eval, "export": cmd_export, "inspect": cmd_inspect, "plan": cmd_plan}
     try:
@@ -360,11 +429,17 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         print("interrupted; the last finished checkpoint is kept (continue with --resume)", file=sys.stderr)
-        return 130
+        return EXIT_INTERRUPTED
     except Exception as e:  # noqa: BLE001 - NonFiniteLossError and friends get a one-line message
-        if isinstance(e, NonFiniteLossError):
-            print(f"dmdx {args.cmd}: {e}", file=sys.stderr)
-            return 3
+        if isinstance(e, Preempted):
+            if _main_rank():
+                again = ("run the same command again to continue" if args.cmd == "demo"
+                         else "continue with the same command and --resume")
+                print(f"dmdx {args.cmd}: {e}; {again}", file=sys.stderr, flush=True)
+            return EXIT_PREEMPTED
+        if isinstance(e, (NonFiniteLossError, RankLostError)):
+            print(f"dmdx {args.cmd}: {e}", file=sys.stderr, flush=True)
+            return EXIT_NONFINITE if isinstance(e, NonFiniteLossError) else EXIT_RANK_LOST
         raise
     finally:
         dist.teardown()  # leave a torch.distributed group (if the command joined one)

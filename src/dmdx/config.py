@@ -36,6 +36,12 @@ class TrainConfig:
     # torch.distributed (docs/scaling.md): none | ddp | fsdp | auto (ddp under torchrun with WORLD_SIZE > 1)
     parallel: Literal["none", "ddp", "fsdp", "auto"] = "auto"
     cpu_offload: bool = False  # FSDP2: keep sharded parameters, gradients and optimiser states in CPU memory
+    # seconds a collective waits for a rank before every rank stops (exit status 4, naming the rank and step); it
+    # also bounds the other ranks' wait while rank 0 collects teacher pairs or encodes prompts at set-up
+    dist_timeout: int = 3600
+    # signals that make every rank finish its step, write a checkpoint there and exit with status 75 (docs/scaling.md,
+    # "On a cluster"); [] leaves the signals' default actions
+    preempt_signals: list[str] = field(default_factory=lambda: ["SIGTERM", "SIGUSR1"])
     seed: int = 0
     device: str = "auto"
     log_every: int = 10

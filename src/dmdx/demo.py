@@ -122,7 +122,8 @@ def run_demo(data: str = "digits", method: str = "dmdx", out: Path = Path("dmdx-
         Trainer(run_dir, cfg.method, cfg.train, ctx, info).run(resume=resume)
     train_seconds = time.perf_counter() - t0
 
-    _log("evaluating (Frechet distance in the features of a classifier trained on the same data)")
+    _log("evaluating: Frechet distance and recall in two feature spaces, the evaluation classifier's (fd, recall) "
+         "and an independent contrastive encoder's (fd_contrastive, recall_contrastive), both trained on the same data")
     t_model = load_model(teacher_path)
     s_model = load_model(run_dir)
     n_eval = n if not small else min(n, 100)
@@ -134,7 +135,8 @@ def run_demo(data: str = "digits", method: str = "dmdx", out: Path = Path("dmdx-
     ref_ms = rows[len(teacher_steps) - 1]["ms_per_sample"]
     for r in rows:
         r["speedup"] = ref_ms / max(r["ms_per_sample"], 1e-9)
-    cols = ["model", "nfe", "fd", "class_acc", "recall", "ms_per_sample", "speedup"]
+    cols = ["model", "nfe", "fd", "fd_contrastive", "class_acc", "recall", "recall_contrastive", "ms_per_sample",
+            "speedup"]
     table = format_table(rows, [c for c in cols if c in rows[0]])
     print(table)
 
@@ -175,22 +177,25 @@ def _side_by_side(t_model, s_model, path: Path, steps: int) -> None:
 
 
 def _plot(rows: list[dict], path: Path) -> None:
+    """Quality against network evaluations: one panel per feature space (both FDs) or the sliced Wasserstein."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    key = "fd" if "fd" in rows[0] else "sw"
-    fig, ax = plt.subplots(figsize=(5, 3.5), dpi=100)
+    labels = {"fd": "FD, evaluation classifier", "fd_contrastive": "FD, contrastive encoder", "sw": "sliced Wasserstein"}
+    keys = [k for k in ("fd", "fd_contrastive") if k in rows[0]] or ["sw"]
+    fig, axes = plt.subplots(1, len(keys), figsize=(5 * len(keys), 3.5), dpi=100, squeeze=False)
     teach = [r for r in rows if r["model"].startswith("teacher")]
-    ax.plot([r["nfe"] for r in teach], [r[key] for r in teach], "o-", label="teacher")
-    for r in rows:
-        if not r["model"].startswith("teacher"):
-            ax.plot([r["nfe"]], [r[key]], "r*", markersize=12, label=r["model"])
-    ax.set_xscale("log")
-    ax.set_xlabel("network evaluations per sample")
-    ax.set_ylabel({"fd": "Frechet distance (lower is better)", "sw": "sliced Wasserstein"}[key])
-    ax.legend()
+    for ax, key in zip(axes[0], keys):
+        ax.plot([r["nfe"] for r in teach], [r[key] for r in teach], "o-", label="teacher")
+        for r in rows:
+            if not r["model"].startswith("teacher"):
+                ax.plot([r["nfe"]], [r[key]], "r*", markersize=12, label=r["model"])
+        ax.set_xscale("log")
+        ax.set_xlabel("network evaluations per sample")
+        ax.set_ylabel(f"{labels[key]} (lower is better)")
+        ax.legend()
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)

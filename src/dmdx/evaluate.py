@@ -1,6 +1,6 @@
 """Sample and evaluate a built-in teacher or student (a dmdx model folder or an exact mixture): draw samples, then
 the metrics that fit its data (mixture coverage and weights, sliced Wasserstein, or image FD / class accuracy /
-precision / recall); ``dmdx sample`` and ``dmdx eval`` of the built-in teacher kinds."""
+precision / recall, and FD / recall in a second, contrastive feature space); ``dmdx sample`` and ``dmdx eval`` of the built-in teacher kinds."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import numpy as np
 
 from .config import EvalRequest, SampleRequest
 from .data import load_dataset
-from .eval import image_metrics, mixture_metrics, sliced_wasserstein
+from .eval import class_metrics, contrastive_metrics, image_metrics, mixture_metrics, sliced_wasserstein
 from .models import Model, default_steps, generate
 from .viz import save_samples
 
@@ -29,13 +29,16 @@ def evaluate(model: Model, steps: int | None = None, n: int = 2000, seed: int = 
         if not info.data:
             raise ValueError("this model records no dataset to compare against")
         ds = load_dataset(info.data, "test")
-        if ds.mixture is not None:
+        if ds.mixture is not None and s.labels is not None and ds.mixture.conditional:
+            row.update(class_metrics(s.x, s.labels, ds.mixture))  # each class against its own modes
+        elif ds.mixture is not None:
             m = mixture_metrics(s.x, ds.mixture)
             row.update({k: v for k, v in m.items()})
         else:
             row["sw"] = sliced_wasserstein(s.x, ds.x)
     else:
         row.update(image_metrics(s.x, s.labels, info.data))
+        row.update(contrastive_metrics(s.x, info.data))  # the second judge (dmdx.eval.contrastive)
     return row
 
 

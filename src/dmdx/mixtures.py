@@ -3,8 +3,17 @@
 For ``x0 ~ sum_k w_k N(mu_k, s_k^2 I)`` and ``x_t = alpha x0 + sigma eps``:
 ``x_t | k ~ N(alpha mu_k, v_k I)`` with ``v_k = alpha^2 s_k^2 + sigma^2``, and
 ``E[x0 | x_t, k] = mu_k + (alpha s_k^2 / v_k)(x_t - alpha mu_k)``; the posterior over k is
-``r_k ∝ w_k N(x_t; alpha mu_k, v_k I)``.  Conditioning on a label k restricts the mixture to component k; the null
-label (= number of components) keeps the whole mixture, so classifier-free guidance is well defined.
+``r_k ∝ w_k N(x_t; alpha mu_k, v_k I)``.
+
+Components are grouped into classes (``classes[k]``, the class of component k; by default each component is its own
+class).  Conditioning on a class c restricts the posterior to c's components, renormalised: that is
+``E[x0 | x_t, c]`` exactly; the null label (= number of classes) keeps the whole mixture, so classifier-free guidance
+``uncond + s (cond - uncond)`` is computed on the exact posteriors.
+
+A mixture *spec* (a built-in entry or a JSON file) holds ``means``, ``weights``, ``std`` and optionally ``classes``
+(which makes its teacher class-conditional), ``schedule`` (``"flow"`` by default; e.g. ``{"name": "vp"}``, SD's
+scaled-linear VP on 1,000 integer steps, :class:`dmdx.schedules.VPDiscrete`) and ``guidance`` (the teacher's default
+CFG scale, 1 by default).
 """
 
 from __future__ import annotations
@@ -39,13 +48,23 @@ BUILTIN_MIXTURES: dict[str, dict] = {
                  "weights": [0.32, 0.2, 0.14, 0.11, 0.09, 0.08, 0.06], "std": [0.15, 0.12, 0.15, 0.12, 0.15, 0.12, 0.12],
                  "about": "7 Gaussians scattered without symmetry (one at the origin), weights 0.32 down to 0.06, "
                           "std 0.12-0.15"},
+    # The paper's regime, exactly: SD's scaled-linear VP schedule on integer times and classes to guide.  Each class is
+    # two opposite modes (0.7 / 0.3 of the class), so a label decides which half of the ring a sample may use and the
+    # unconditional posterior mixes all three classes: CFG has something to push against.
+    "classes3": {"means": _ring(6, 2.0), "weights": [0.7 / 3, 0.7 / 3, 0.7 / 3, 0.3 / 3, 0.3 / 3, 0.3 / 3],
+                 "std": 0.15, "classes": [0, 1, 2, 0, 1, 2], "schedule": {"name": "vp"},
+                 "about": "6 Gaussians on a circle of radius 2 in 3 classes of two opposite modes (0.7 / 0.3 within "
+                          "a class), std 0.15; class-conditional, on SD's VP schedule (1,000 integer steps)"},
 }
+
+SPEC_KEYS = ("means", "weights", "std", "classes", "schedule", "guidance", "about")
 
 
 class GaussianMixture(nn.Module):
-    """An isotropic Gaussian mixture in any dimension (means [K, D], weights [K], std [K])."""
+    """An isotropic Gaussian mixture in any dimension (means [K, D], weights [K], std [K]), its components grouped
+    into classes (``classes`` [K] in 0..C-1 with every class used; None: each component its own class)."""
 
-    def __init__(self, means, weights, std):
+    def __init__(self, means, weights, std, classes=None):
         super().__init__()
         means = torch.as_tensor(means, dtype=torch.float64)
         if means.ndim != 2:
@@ -63,6 +82,13 @@ class GaussianMixture(nn.Module):
         self.register_buffer("means", means)
         self.register_buffer("weights", weights / weights.sum())
         self.register_buffer("std", std)
+        self.conditional = classes is not None  # a teacher that takes labels (a spec with "classes")
+        classes = torch.arange(K) if classes is None else torch.as_tensor(classes)
+        if classes.shape != (K,) or classes.is_floating_point() or (classes < 0).any() or \
+                set(classes.tolist()) != set(range(int(classes.max()) + 1)):
+            raise ValueError(f"classes must hold one integer class per mean ({K}), using every class 0..C-1 with no "
+                             f"gap, got {classes.tolist()}")
+        self.register_buffer("classes", classes.long())
         self.feature_layers: tuple[str, ...] = ()
 
     @property
@@ -73,19 +99,39 @@ class GaussianMixture(nn.Module):
     def dim(self) -> int:
         return self.means.shape[1]
 
+    @property
+    def num_classes(self) -> int:
+        return int(self.classes.max()) + 1
+
+    def class_weights(self) -> Tensor:
+        """The weight of each class [C] (the sum of its components' weights)."""
+        return torch.zeros(self.num_classes, dtype=torch.float64, device=self.weights.device).index_add_(
+            0, self.classes, self.weights)
+
+    def class_mixture(self, c: int) -> "GaussianMixture":
+        """The mixture of class ``c`` alone, its weights renormalised (what a sample conditioned on c follows)."""
+        keep = self.classes == c
+        return GaussianMixture(self.means[keep], self.weights[keep], self.std[keep])
+
     def to_spec(self) -> dict:
-        return {"means": self.means.tolist(), "weights": self.weights.tolist(), "std": self.std.tolist()}
+        spec = {"means": self.means.tolist(), "weights": self.weights.tolist(), "std": self.std.tolist()}
+        return {**spec, "classes": self.classes.tolist()} if self.conditional else spec
 
     def null_cond(self, cond: Cond) -> Cond:
         if cond is None:
             return None
-        return {"labels": torch.full_like(cond["labels"], self.num_components)}
+        return {"labels": torch.full_like(cond["labels"], self.num_classes)}
 
-    def sample(self, n: int, generator: torch.Generator | None = None, labels: Tensor | None = None):
-        """Exact samples and their component labels."""
-        if labels is None:
+    def sample(self, n: int, generator: torch.Generator | None = None, labels: Tensor | None = None,
+               classes: Tensor | None = None):
+        """Exact samples and their component labels; ``labels`` fixes each sample's component, ``classes`` its class
+        (its component then drawn from the class's weights)."""
+        if labels is None and classes is not None:
+            w = self.weights[None].expand(len(classes), -1) * (self.classes[None] == torch.as_tensor(classes)[:, None])
+            labels = torch.multinomial(w, 1, generator=generator)[:, 0]
+        elif labels is None:
             labels = torch.multinomial(self.weights, n, replacement=True, generator=generator)
-        eps = torch.randn(n, self.dim, generator=generator, dtype=torch.float64)
+        eps = torch.randn(len(labels), self.dim, generator=generator, dtype=torch.float64)
         x = self.means[labels] + self.std[labels, None] * eps
         return x.float(), labels
 
@@ -99,11 +145,11 @@ class GaussianMixture(nn.Module):
         return logp, v
 
     def posterior_mean(self, x_t: Tensor, alpha: Tensor, sigma: Tensor, labels: Tensor | None = None) -> Tensor:
-        """E[x0 | x_t] in closed form (restricted to component ``labels[i]`` where it is below K)."""
+        """E[x0 | x_t] in closed form (restricted to class ``labels[i]``'s components where it is below C)."""
         logp, v = self.log_resp(x_t, alpha, sigma)
         if labels is not None:
-            K = self.num_components
-            keep = (labels[:, None] == torch.arange(K, device=labels.device)[None]) | (labels[:, None] >= K)
+            labels = labels.to(self.classes.device)
+            keep = (labels[:, None] == self.classes[None]) | (labels[:, None] >= self.num_classes)
             logp = logp.masked_fill(~keep, -math.inf)
         r = torch.softmax(logp, dim=1)  # [B, K]
         a = alpha.double()[:, None, None]
@@ -128,21 +174,31 @@ class AnalyticDenoiser(Denoiser):
         return self.backbone.posterior_mean(x_t, alpha, sigma, labels).float()
 
 
-def load_mixture(spec: str) -> GaussianMixture:
-    """``ring8`` / ``grid25`` / ``unequal`` or a JSON file with keys ``means``, ``weights`` and ``std``."""
+def mixture_spec(spec: str) -> dict:
+    """The spec of a built-in mixture (``ring8``, ``scatter7``, ``classes3``, ...) or of a JSON file with keys
+    ``means``, ``weights``, ``std`` and optionally ``classes``, ``schedule``, ``guidance``."""
     if spec in BUILTIN_MIXTURES:
-        m = BUILTIN_MIXTURES[spec]
-        return GaussianMixture(m["means"], m["weights"], m["std"])
+        return dict(BUILTIN_MIXTURES[spec])
     path = Path(spec)
     if path.suffix.lower() != ".json":
         raise ValueError(f"unknown Gaussian mixture {spec!r}; allowed: {', '.join(BUILTIN_MIXTURES)} or a .json file "
-                         "with keys means, weights, std")
+                         "with keys means, weights, std (optional: classes, schedule, guidance)")
     if not path.is_file():
         raise FileNotFoundError(f"Gaussian mixture file not found: {path}")
     try:
         d = json.loads(path.read_text())
-        return GaussianMixture(d["means"], d["weights"], d["std"])
-    except KeyError as e:
-        raise ValueError(f"{path}: missing key {e}; a mixture file needs keys means, weights, std") from None
     except json.JSONDecodeError as e:
         raise ValueError(f"{path}: not valid JSON ({e})") from None
+    missing = [k for k in ("means", "weights", "std") if k not in d]
+    if missing:
+        raise ValueError(f"{path}: missing key {missing[0]!r}; a mixture file needs keys means, weights, std")
+    unknown = sorted(set(d) - set(SPEC_KEYS))
+    if unknown:
+        raise ValueError(f"{path}: unknown keys {unknown}; allowed: {', '.join(SPEC_KEYS)}")
+    return d
+
+
+def load_mixture(spec: str) -> GaussianMixture:
+    """The :class:`GaussianMixture` of a spec (see :func:`mixture_spec`)."""
+    d = mixture_spec(spec)
+    return GaussianMixture(d["means"], d["weights"], d["std"], d.get("classes"))

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from ..denoiser import Cond, FeatureTap
 from ..nets.heads import MultiHead
 from ..sampling import SOLVERS, ode_step
-from .base import Method, Phase, critic_logs, dsm_loss, frozen_copy, uniform_t
+from .base import Method, Phase, critic_gap, critic_logs, dsm_loss, frozen_copy, uniform_t
 from .dmd2 import dm_term
 
 Tensor = torch.Tensor
@@ -256,4 +256,5 @@ class ADM(Method):
         logs = {"loss/gan_d": d.item(), "loss/fake_dsm": fake.item(), "gan/d_real": d_real.mean().item(),
                 "gan/d_fake": d_fake.mean().item(), **pen_logs}
         logs.update(critic_logs(d_real, d_fake, "adm"))
+        logs.update(critic_gap(x_real - x_fake, x_fake, "adm"))  # the signal it has: (g - 1) dt / t (docs/methods.md)
         return cfg.gan_d_weight * (d + pen) + fake, logs

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from ..nets.heads import MultiHead
 from ..schedules import _bcast
 from .adm import TeacherDiscriminator, check_penalties, critic_penalties, hinge_d, hinge_g
-from .base import Method, Phase, critic_logs, uniform_t
+from .base import Method, Phase, critic_gap, critic_logs, uniform_t
 
 Tensor = torch.Tensor
 
@@ -152,11 +152,15 @@ class ADP(Method):
         pen, pen_logs = critic_penalties(lambda z: self.latent(z, t, cond), r_t, d_real, f_t, d_fake, cfg)
         loss = cfg.latent_weight * (lat + pen)
         logs = {"loss/gan_d_latent": lat.item(), **pen_logs, **critic_logs(d_real, d_fake, "latent")}
+        # its signal: the re-noised pair's x0 difference (each input carries its own noise on top)
+        alpha, _ = self.ctx.schedule.alpha_sigma(t)
+        logs.update(critic_gap(_bcast(alpha, x0).float() * (x0.float() - x_hat.float()), f_t, "latent"))
         if self.pixel is not None:
             p_real, p_fake = self.pixel(x0), self.pixel(x_hat)
             pix = hinge_d(p_real, p_fake)
             loss = loss + cfg.pixel_weight * pix
             logs["loss/gan_d_pixel"] = pix.item()
             logs.update(critic_logs(p_real, p_fake, "pixel"))
+            logs.update(critic_gap(x0.float() - x_hat.float(), x_hat, "pixel"))
         logs["loss/gan_d"] = loss.item()
         return loss, logs

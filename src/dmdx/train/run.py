@@ -151,7 +151,7 @@ def train_teacher(cfg: TeacherConfig, out: Path, resume: bool = False) -> Path:
                      guidance=cfg.guidance if k else 1.0, solver=cfg.solver, steps=cfg.sample_steps)
     ctx = Context(teacher=None, teacher_net=None, student=den, data=ds, num_classes=k, shape=tuple(ds.shape),
                   batch_size=cfg.train.batch_size, device=dev)
-    world = dist.setup(cfg.train.parallel, dev)
+    world = dist.setup(cfg.train.parallel, dev, cfg.train.dist_timeout)
     out.mkdir(parents=True, exist_ok=True)
     if world.main:
         save_json(to_dict(cfg), out / CONFIG_JSON)
@@ -173,7 +173,7 @@ def distill(cfg: RunConfig, out: Path, setup: Callable[[RunConfig, Path], tuple[
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     check_run_config(cfg)  # before a bad config is written
-    world = dist.setup(cfg.train.parallel, device_of(cfg.train.device))
+    world = dist.setup(cfg.train.parallel, device_of(cfg.train.device), cfg.train.dist_timeout)
     if world.main:
         save_json(to_dict(cfg), out / CONFIG_JSON)
     with dist.rank_zero_first(world):  # rank 0 fills the caches (surrogate, pairs, prompts), the others read them

@@ -16,44 +16,60 @@ from tqdm.auto import tqdm
 from ...config import EvalRequest, SampleRequest
 from ...denoiser import Denoiser
 from ...evaluate import evaluate_request, sample_to_file
-from ...mixtures import AnalyticDenoiser, load_mixture
+from ...mixtures import AnalyticDenoiser, GaussianMixture, mixture_spec
 from ...models import MODEL_WEIGHTS, Model, ModelInfo, build_denoiser, device_of, load_weights, read_info, save_model
 from ...nets import backbone_spec, default_backbone
 from ...schedules import FlowMatching, make_schedule
 from ...train.setup import builtin_run
 
-def gmm_model(spec: str, schedule: dict | None = None) -> Model:
-    """The exact teacher of mixture ``spec`` (a built-in name or a JSON file) on ``schedule`` (default: flow)."""
-    gmm = load_mixture(spec)
+def gmm_model(spec: str, schedule: dict | str | None = None) -> Model:
+    """The exact teacher of mixture ``spec`` (a built-in name or a JSON file) on ``schedule`` (default: the spec's
+    own, else flow), class-conditional when the spec groups its components into ``classes``, with the spec's
+    ``guidance`` as its default CFG scale."""
+    d = mixture_spec(spec)
+    gmm = GaussianMixture(d["means"], d["weights"], d["std"], d.get("classes"))
+    schedule = schedule or d.get("schedule")
     sched = make_schedule(schedule) if schedule else FlowMatching()
     den = AnalyticDenoiser(gmm, sched)
     info = ModelInfo(kind="teacher", backbone={"name": "gmm", "config": {"spec": spec}}, schedule=sched.to_dict(),
-                     prediction="x0", shape=[gmm.dim], num_classes=0, data=spec if spec in ("ring8", "grid25", "unequal")
-                     else f"gmm:{spec}", solver="heun", steps=50)
+                     prediction="x0", shape=[gmm.dim], num_classes=gmm.num_classes if gmm.conditional else 0,
+                     data=spec if spec in ("ring8", "grid25", "unequal") else f"gmm:{spec}",
+                     guidance=float(d.get("guidance", 1.0)), solver="heun", steps=50)
     return Model(den, info, analytic=True)
+
+
+NULL_LABEL_RATE = 0.1  # a class-conditional surrogate sees the null label this often (its unconditional half of CFG)
 
 
 def fit_surrogate(model, steps: int, batch_size: int = 512, seed: int = 0, progress: bool = True):
     """An MLP regressed onto an analytic teacher's exact x0 (the network that initialises student and fake score,
-    and whose features the discriminators use: an analytic teacher has no network of its own)."""
+    and whose features the discriminators use: an analytic teacher has no network of its own).  For a
+    class-conditional teacher the MLP takes the labels, and the null label a tenth of the time (the exact
+    unconditional x0 is its target there), so CFG works on it as on a trained teacher."""
     gmm = model.denoiser.backbone
     sched = model.denoiser.schedule
+    C = model.info.num_classes
     g = torch.Generator().manual_seed(seed)
     with torch.random.fork_rng():
         torch.manual_seed(seed)
-        bb = default_backbone([gmm.dim])
+        bb = default_backbone([gmm.dim], num_classes=C)
     den = Denoiser(bb, sched, "x0")
     opt = torch.optim.AdamW(bb.parameters(), lr=1e-3, weight_decay=0.0)
     rng = range(steps)
     if progress:
         rng = tqdm(rng, desc="fit MLP to the exact teacher", mininterval=1.0)
     for _ in rng:
-        x0, _ = gmm.sample(batch_size, g)
-        t = torch.rand(batch_size, generator=g, dtype=torch.float64)
+        x0, comp = gmm.sample(batch_size, g)
+        cond = None
+        if C > 0:
+            labels = gmm.classes[comp].clone()
+            labels[torch.rand(batch_size, generator=g) < NULL_LABEL_RATE] = C
+            cond = {"labels": labels}
+        t = sched.training_time(torch.rand(batch_size, generator=g, dtype=torch.float64))
         x_t = sched.add_noise(x0, torch.randn(x0.shape, generator=g), t)
         with torch.no_grad():
-            target = model.denoiser(x_t, t)
-        loss = torch.nn.functional.mse_loss(den(x_t, t), target)
+            target = model.denoiser(x_t, t, cond)
+        loss = torch.nn.functional.mse_loss(den(x_t, t, cond), target)
         opt.zero_grad()
         loss.backward()
         opt.step()
