@@ -230,6 +230,27 @@ def test_shared_base_float32_block(sd, tmp_path):
     assert all(net.backbone.dtype == torch.bfloat16 for net in nets.values())
 
 
+def test_shared_base_float32_block_with_checkpointing(sd, tmp_path):
+    """ADM on a shared base with gradient checkpointing: the backward, after the float32 block has ended, recomputes
+    the block's passes on the float32 copies its forward used (it crashed on mixed dtypes), with the gradients of a
+    run without checkpointing."""
+    grads = {}
+    for gc in (False, True):
+        cfg = config(sd, "adm")
+        cfg.real.grad_checkpointing = gc
+        trainer = make_trainer(cfg, tmp_path / f"gc{gc}")
+        stage = trainer.build_stage(0)
+        randomise_lora(trainer.ctx.student)
+        torch.manual_seed(3)
+        for phase in stage.method.phases():
+            trainer.run_phase(stage, phase, 0)
+        grads[gc] = [p.grad.clone() for p in trainer.ctx.student.parameters() if p.grad is not None]
+        assert all(bb._float32_slots is None for bb in trainer.ctx.teacher.backbone.shared_base.members)
+    assert grads[True] and len(grads[True]) == len(grads[False])
+    for a, b in zip(grads[False], grads[True]):
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-6)
+
+
 def test_shared_base_trains_and_exports_like_copies(sd, tmp_path):
     """With a float32 teacher a shared-base run computes what the copies compute: the same LoRA after two
     iterations and the same diffusers export (the shared run's model folder holds only its LoRA)."""

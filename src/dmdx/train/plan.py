@@ -182,6 +182,7 @@ class _Tracker(TorchDispatchMode):
 
         from torch._subclasses.fake_tensor import FakeTensor
 
+        gc.collect()  # not the garbage of earlier runs in this process
         for obj in gc.get_objects():
             if isinstance(obj, FakeTensor if fake else torch.Tensor) and obj.device.type != "meta":
                 self.add(obj)
