@@ -399,6 +399,8 @@ def test_plan_shards_with_fsdp(sd):
     cfg = config(sd, shared=False, parallel="fsdp", batch_size=4)
     two = plan_run(cfg, gpus=2, device="cpu")
     assert two.gpus == 2 and two.parallel == "fsdp" and two.batch_per_rank == 2
+    for p in two.phases:  # the breakdown is of the peak's own storages (FSDP frees and gathers between operations)
+        assert p.weights + p.grads + p.optim + p.activations == p.peak
     w1 = {n.name: n for n in one.networks["dmd2"]}
     w2 = {n.name: n for n in two.networks["dmd2"]}
     for name in ("student", "fake_score"):  # full weights (LoRA base as buffers are not sharded) and LoRA shards

@@ -169,6 +169,7 @@ class _Tracker(TorchDispatchMode):
             if label and not rec.label:
                 self._relabel(rec, label)
             return
+        self.seq += 1  # every event its own number: a peak's breakdown (``alive_at``) sees exactly its storages
         rec = _Storage(self._size(st), self.seq, label)
         self.index[key] = len(self.records)
         self.records.append(rec)
@@ -207,6 +208,7 @@ class _Tracker(TorchDispatchMode):
         if i is None:
             return
         rec = self.records[i]
+        self.seq += 1
         rec.died = self.seq
         self._count(rec, -1)
 
@@ -216,6 +218,7 @@ class _Tracker(TorchDispatchMode):
             return
         rec = self.records[i]
         self._count(rec, -1)
+        self.seq += 1
         rec.died = self.seq  # a resize ends one lifetime and starts another (FSDP2 frees / gathers in place)
         new = _Storage(self._size(st), self.seq, rec.label)
         self.index[st._cdata] = len(self.records)
