@@ -6,7 +6,10 @@
         a full-size pipeline folder from the published configs (configs only, or random float16 weights)
     python benchmarks/real_size.py full --teacher DIR --method dmd2 [--set KEY=VALUE ...] [--json FILE]
         one iteration of a full-size run (every phase once, after a warm-up iteration): seconds, peak memory (RSS
-        over the baseline before the run is built), the sum of the network passes involved, the plan's figure
+        over the baseline before the run is built; on a GPU torch.cuda.max_memory_allocated), the sum of the
+        network passes involved
+    python benchmarks/real_size.py summary OUT
+        the table of benchmarks/gpu/check.sh's folder OUT (measured against `dmdx plan`)
 
 "Measured" on the tiny pipelines: the same storage tracker the plan uses, on the real tensors of a real run (the
 second execution of every phase, so that gradients and optimiser states exist as in the steady state); the run
@@ -181,7 +184,9 @@ def full(teacher: Path, method: str, overrides: list[str], out_json: Path | None
 
     from dmdx.pipelines.video import is_video_folder
     from dmdx.teachers import build_run
+    from dmdx.train import dist
     from dmdx.train.loop import Trainer
+    from dmdx.models import device_of
 
     torch.manual_seed(0)
     root = Path(tempfile.mkdtemp(prefix="real-size-"))
@@ -199,9 +204,11 @@ def full(teacher: Path, method: str, overrides: list[str], out_json: Path | None
         vs = vae_scale_factor(teacher)
         real_data(root, (h * vs, w * vs))
     base = rss()
+    # train.parallel=fsdp/ddp without torchrun: a process group of one (NCCL on a GPU), as `dmdx distill` makes it
+    world = dist.setup(cfg.train.parallel, device_of(cfg.train.device), cfg.train.dist_timeout)
     with RSSPeak() as setup_peak:
         ctx, info = build_run(cfg, root / "run")
-        trainer = Trainer(root / "run", cfg.method, cfg.train, ctx, info)
+        trainer = Trainer(root / "run", cfg.method, cfg.train, ctx, info, world=world)
     cuda = ctx.device.type == "cuda"
     rows = []
     for index, (cls, _, _) in enumerate(trainer.stages):
@@ -224,12 +231,14 @@ def full(teacher: Path, method: str, overrides: list[str], out_json: Path | None
                "peak_gib": (peak.peak - base) / 2**30}
         if cuda:
             row["cuda_max_allocated_gib"] = torch.cuda.max_memory_allocated() / 2**30
-        row["floor"] = pass_floor(ctx, stage, reps, cuda)
+        row["floor"] = pass_floor(ctx, stage, reps, cuda, cfg.train.bf16)
         row["floor_s"] = floor_seconds(stage, row["floor"])
         row["ratio"] = row["iteration_s"] / row["floor_s"]
         rows.append(row)
         del stage
     result = {"teacher": str(teacher), "method": method, "overrides": overrides, "threads": torch.get_num_threads(),
+              "device": str(ctx.device), "parallel": world.parallel,
+              "backend": torch.distributed.get_backend() if torch.distributed.is_initialized() else None,
               "setup_peak_gib": (setup_peak.peak - base) / 2**30, "stages": rows,
               "ru_maxrss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
     print(json.dumps(result, indent=2), flush=True)
@@ -262,9 +271,10 @@ def floor_seconds(stage, floor: dict) -> float:
     return sum(floor[k] for phase in stage.method.phases() for k in need[phase.name])
 
 
-def pass_floor(ctx, stage, reps: int, cuda: bool = False) -> dict:
+def pass_floor(ctx, stage, reps: int, cuda: bool = False, bf16: bool = False) -> dict:
     """Seconds of every network pass the stage's phases make (``PASSES``), each timed on its own with the phase's
-    shapes: the floor an iteration cannot beat (a phase's loss adds element-wise work around these passes)."""
+    shapes, under the run's autocast: the floor an iteration cannot beat (a phase's loss adds element-wise work
+    around these passes)."""
     import contextlib
 
     B = ctx.batch_size
@@ -277,17 +287,18 @@ def pass_floor(ctx, stage, reps: int, cuda: bool = False) -> dict:
         n = 2 * B if mode == "2" else B
         x = ctx.noise(n).requires_grad_(mode == "i")
         t = torch.full((n,), 0.5, dtype=torch.float64)
-        frozen = [p for p in net.parameters() if p.requires_grad] if mode != "+" else []
-        for p in frozen:
-            p.requires_grad_(False)
+        flags = [(p, p.requires_grad) for p in net.parameters()]
+        net.requires_grad_(mode == "+")  # as the loop sets it for a phase that trains the network
+        grad = mode in ("+", "i")
         try:
-            with f32() if key.endswith("*") else contextlib.nullcontext(), torch.set_grad_enabled(mode in "+i"):
+            with torch.autocast(ctx.device.type, dtype=torch.bfloat16, enabled=bf16), \
+                    f32() if key.endswith("*") else contextlib.nullcontext(), torch.set_grad_enabled(grad):
                 out = net(x, t, ctx.cond(n), guidance=3.0) if mode == "2" else net(x, t, ctx.cond(n))
-                if mode in ("+", "i"):
+                if grad:
                     out.float().square().mean().backward()
         finally:
-            for p in frozen:
-                p.requires_grad_(True)
+            for p, flag in flags:
+                p.requires_grad_(flag)
 
     def timed(key):
         if cuda:
@@ -306,6 +317,27 @@ def pass_floor(ctx, stage, reps: int, cuda: bool = False) -> dict:
     return out
 
 
+def summary(out: Path) -> None:
+    """The table of a ``benchmarks/gpu/check.sh`` folder: per case, measured against planned."""
+    print("| case | device | s / iteration | pass floor (s) | ratio | measured peak (GiB) | planned peak (GiB) "
+          "| planned / measured |\n|---|---|---|---|---|---|---|---|")
+    for f in sorted(out.glob("*.json")):
+        if f.name.endswith(".plan.json"):
+            continue
+        name = f.stem
+        r = json.loads(f.read_text())
+        plan_file = out / f"{name}.plan.json"
+        planned = json.loads(plan_file.read_text())["peak"] / 2**30 if plan_file.is_file() else float("nan")
+        for st in r["stages"]:
+            measured = st.get("cuda_max_allocated_gib", st["peak_gib"])
+            print(f"| {name} ({st['stage']}) | {r.get('device', '?')} | {st['iteration_s']:.3f} | {st['floor_s']:.3f} "
+                  f"| {st['ratio']:.2f} | {measured:.2f} | {planned:.2f} | {planned / measured:.3f} |")
+    failed = [f.stem for f in sorted(out.glob("*.log")) if not (out / f"{f.stem}.json").is_file()
+              and not f.stem.startswith("write-") and not f.stem.endswith(".plan")]
+    if failed:
+        print(f"\nno result (see OUT/NAME.log): {', '.join(failed)}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -322,9 +354,13 @@ def main() -> None:
     p.add_argument("--set", dest="overrides", action="append", default=[])
     p.add_argument("--json")
     p.add_argument("--reps", type=int, default=1)
+    p = sub.add_parser("summary")
+    p.add_argument("out")
     args = ap.parse_args()
     if args.cmd == "tiny":
         tiny(args.families, args.methods)
+    elif args.cmd == "summary":
+        summary(Path(args.out))
     elif args.cmd == "write":
         write(args.arch, Path(args.out), args.weights)
     else:

@@ -422,8 +422,8 @@ def format_plan(plan: Plan) -> str:
               "assumes every FLOP at that rate):",
               f"  iteration with every phase: {plan.floor_seconds(it):.3f} s; average iteration (phase ratios, "
               f"stages): {plan.floor_seconds(avg):.3f} s",
-              f"  {plan.steps} iterations: {plan.floor_seconds(avg) * plan.steps / 3600:.2f} h on {plan.gpus} GPU(s) "
-              f"= {plan.floor_seconds(avg) * plan.steps * plan.gpus / 3600:.2f} GPU-hours at the floor"]
+              f"  {plan.steps} iterations: {plan.floor_seconds(avg) * plan.steps / 3600:.3g} h on {plan.gpus} GPU(s) "
+              f"= {plan.floor_seconds(avg) * plan.steps * plan.gpus / 3600:.3g} GPU-hours at the floor"]
     lines += [f"note: {n}" for n in plan.notes]
     lines.append(f"(planned in {plan.seconds:.1f} s on fake tensors)")
     return "\n".join(lines)
