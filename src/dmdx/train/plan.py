@@ -339,7 +339,7 @@ class Plan:
     iteration_flops: float  # every phase once, this rank
     average_flops: float  # per iteration averaged over the run's phase ratios and stages, this rank
     steps: int
-    host: int  # bytes held in host memory (prompt bank, pairs, real latents; offloaded FSDP shards)
+    host: int  # bytes held in host memory (prompt bank, pairs, real latents)
     seconds: float  # how long the plan took
     notes: list[str] = field(default_factory=list)
 
@@ -408,7 +408,7 @@ def format_plan(plan: Plan) -> str:
               f"({_gb(abs(plan.memory - plan.peak))} GiB {'left' if plan.fits else 'short'}; the CUDA context and "
               "kernel workspaces take a few hundred MB more)"]
     if plan.host:
-        lines.append(f"host memory{per}: {_gb(plan.host)} GiB (prompt bank, pairs, real latents, offloaded shards)")
+        lines.append(f"host memory{per}: {_gb(plan.host)} GiB (prompt bank, pairs, real latents)")
     lines += ["", f"compute{per}, one iteration with every phase (TFLOP):",
               f"  {'network':<14}{'forward':>10}{'backward':>10}{'calls':>7}"]
     for name, f in plan.flops.items():
@@ -586,8 +586,8 @@ def plan_run(cfg, gpus: int = 1, memory: int | str = "80GB", tflops: float = H10
                 del stage
         host = tracker.host
         if cfg.train.cpu_offload and world.parallel == "fsdp":
-            notes.append("train.cpu_offload: the sharded weights, gradients and optimiser states of the trained "
-                         "networks live in host memory; the peaks count only what is on the GPU")
+            notes.append("train.cpu_offload is not modelled: the peaks count the trained networks' sharded weights, "
+                         "gradients and optimiser states as if on the GPU (an upper bound; they live in host memory)")
         if method_cls.name in ("adm", "dmdx") and cfg.real.teacher_dtype != "float32":
             adm = getattr(cfg.method, "adm", cfg.method)
             if getattr(adm, "float32_steps", False):
