@@ -37,7 +37,9 @@ from .teachers import (apply_recipe, check_run, distill, export_run, kind_for, l
 from .train import dist
 from .train.health import inspect_run
 from .train.loop import NonFiniteLossError, Preempted, RankLostError
-from .train.run import TeacherConfig, absolute_paths, absolute_spec, default_run_config, load_run_config, train_teacher
+from .train.plan import H100_BF16_TFLOPS, format_plan, plan_run
+from .train.run import (TeacherConfig, absolute_paths, absolute_spec, check_run_config, default_run_config,
+                        load_run_config, train_teacher)
 from .train.run_folder import check_start, find_run
 from .viz import format_table
 
@@ -158,6 +160,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pairs", help="teacher pairs folder from 'dmdx pairs' (DMD/ADP/DMDX); default: collect in OUT/pairs")
     p.add_argument("--prompts", help="diffusers teachers: a text file, one prompt a line (real.prompts)")
     _add_common_train(p)
+
+    p = sub.add_parser("plan", help="memory per GPU and compute of one distillation iteration, before the run: "
+                       "no GPU, no weights (a folder of configs is enough)")
+    p.add_argument("--method", required=True, choices=list(METHODS))
+    p.add_argument("--teacher", required=True, help="a diffusers pipeline folder (model_index.json and each "
+                   "component's config.json; weights are not read)")
+    for flag in ("--data", "--pairs", "--prompts"):
+        p.add_argument(flag, help="as for 'dmdx distill' (accepted; the plan does not read it)")
+    p.add_argument("--config", help="JSON file with config values (applied before --set)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override one config value, as for 'dmdx distill' (LoRA ranks, real.grad_checkpointing, "
+                   "train.bf16, train.parallel, train.cpu_offload, train.batch_size, real.resolution, video.frames)")
+    p.add_argument("--steps", type=int, help="training iterations (train.steps), for the GPU-hours estimate")
+    p.add_argument("--gpus", type=int, default=1, help="world size: the plan is per rank (default 1)")
+    p.add_argument("--memory", default="80GB", help="memory of one GPU, e.g. 24GB (GiB; default 80GB)")
+    p.add_argument("--tflops", type=float, default=H100_BF16_TFLOPS,
+                   help=f"throughput of one GPU for the pass floor (default {H100_BF16_TFLOPS:g}: H100 SXM bf16 dense)")
+    p.add_argument("--device", default="cuda", choices=["cuda", "cpu"],
+                   help="cuda (default): blocks rounded as the CUDA allocator does; cpu: a CPU run")
+    p.add_argument("--json", help="also write the plan to this JSON file")
 
     p = sub.add_parser("inspect", help="summarise a run's training-health signals, say whether it looks healthy, "
                        "and write RUN/health.png")
@@ -318,6 +340,20 @@ def cmd_distill(args) -> int:
     return 0
 
 
+def cmd_plan(args) -> int:
+    cfg = default_run_config(args.method)
+    cfg.teacher = args.teacher
+    user_keys = _load_overrides(cfg, args)
+    check_run_config(cfg)
+    applied = apply_recipe(cfg, user_keys)
+    print(format_settings(teacher_kind(cfg.teacher), cfg.method.name, applied), file=sys.stderr)
+    plan = plan_run(cfg, gpus=args.gpus, memory=args.memory, tflops=args.tflops, device=args.device)
+    print(format_plan(plan))
+    if args.json:
+        Path(args.json).write_text(json.dumps(plan.to_dict(), indent=2) + "\n")
+    return 0 if plan.fits else 1
+
+
 def cmd_export(args) -> int:
     out = export_run(Path(args.run), Path(args.out), args.format)
     info = read_info(Path(args.run))
@@ -406,7 +442,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _run(args) -> int:
     handlers = {"demo": cmd_demo, "distill": cmd_distill, "pairs": cmd_pairs, "sample": cmd_sample,
-                "eval": cmd_eval, "export": cmd_export, "inspect": cmd_inspect}
+                "eval": cmd_eval, "export": cmd_export, "inspect": cmd_inspect, "plan": cmd_plan}
     try:
         if args.cmd == "teacher":
             return cmd_teacher_train(args)

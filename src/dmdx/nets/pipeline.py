@@ -147,6 +147,19 @@ def _set_slot(mod: nn.Module, name: str, value: Tensor) -> None:
         mod.__dict__[name] = value
 
 
+@contextlib.contextmanager
+def _installed(slots: list[tuple[nn.Module, str, Tensor]]):
+    """``slots``' tensors in their modules inside the block, what was there before after it."""
+    before = [(mod, name, _slot(mod, name)) for mod, name, _ in slots]
+    for mod, name, t in slots:
+        _set_slot(mod, name, t)
+    try:
+        yield
+    finally:
+        for mod, name, t in before:
+            _set_slot(mod, name, t)
+
+
 def cast_module(model: nn.Module, dtype: torch.dtype) -> None:
     """Every floating parameter and buffer of ``model`` in ``dtype``, replaced in the modules' dictionaries (not
     through ``Module.to``, which fake tensors refuse; a tied weight stays tied)."""
@@ -210,10 +223,21 @@ class PipelineBackbone(nn.Module):
         self.copy_options: dict = {}  # LoRA / checkpointing / sharing applied when a trainable copy is made
         self.shared_base: SharedBase | None = None
         self._base_slots: list[tuple[nn.Module, str]] = []  # a LoRA copy's slots of the shared base tensors
+        self._float32_slots: list[tuple[nn.Module, str, Tensor]] | None = None  # inside ``float32``: its copies
         if lora:
             add_lora(self.model, **lora, base="folder" if self.config.get("frozen_base") else "state")
         if grad_checkpointing:
-            self.model.enable_gradient_checkpointing()
+            self.model.enable_gradient_checkpointing(self._checkpoint)
+
+    def _checkpoint(self, module: nn.Module, *args):
+        """diffusers' gradient checkpointing (non-reentrant), whose recomputation in the backward sees the base tensors
+        the forward saw: a ``float32`` block (ADM's steps on a shared base) may have ended before the backward."""
+        seen = self._float32_slots
+
+        def contexts():
+            return contextlib.nullcontext(), (_installed(seen) if seen else contextlib.nullcontext())
+
+        return torch.utils.checkpoint.checkpoint(module.__call__, *args, use_reentrant=False, context_fn=contexts)
 
     def _run(self, grid: tuple[int, ...], **kwargs) -> Tensor:
         """The model's forward with tap hooks (``self._hook``) on the blocks ``self._tap_blocks`` of ``self._blocks()``,
@@ -298,7 +322,7 @@ class PipelineBackbone(nn.Module):
                 add_lora(self.model, **lora)
                 self.config["lora"] = dict(lora)
         if gc:
-            self.model.enable_gradient_checkpointing()
+            self.model.enable_gradient_checkpointing(self._checkpoint)
             self.config["grad_checkpointing"] = True
         self.copy_options = {}
 
@@ -315,13 +339,16 @@ class PipelineBackbone(nn.Module):
         ups: dict[int, Tensor] = {}
         originals = []
         for bb in members:
+            swapped = []
             for mod, name in bb.base_slots():
                 v = _slot(mod, name)
                 if v.is_floating_point() and v.dtype != torch.float32:
                     if id(v) not in ups:
                         ups[id(v)] = v.detach().float()
                     originals.append((mod, name, v))
+                    swapped.append((mod, name, ups[id(v)]))
                     _set_slot(mod, name, ups[id(v)])
+            bb._float32_slots = swapped  # gradient checkpointing recomputes on these (``_checkpoint``)
         dtypes = [(bb, bb.config["dtype"]) for bb in members]
         for bb in members:
             bb.config["dtype"] = "float32"
@@ -332,6 +359,7 @@ class PipelineBackbone(nn.Module):
                 _set_slot(mod, name, v)
             for bb, dtype in dtypes:
                 bb.config["dtype"] = dtype
+                bb._float32_slots = None
 
     def null_cond(self, cond: Cond) -> Cond:
         b = 1 if cond is None else next(iter(cond.values())).shape[0]

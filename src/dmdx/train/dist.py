@@ -76,6 +76,15 @@ class World:
     def main(self) -> bool:
         return self.rank == 0
 
+    def device_mesh(self, device_type: str):
+        """The 1-D device mesh of this world (made once: ``dmdx plan`` makes it before its tensors turn fake)."""
+        meshes = self.__dict__.setdefault("_meshes", {})
+        if device_type not in meshes:
+            from torch.distributed.device_mesh import init_device_mesh
+
+            meshes[device_type] = init_device_mesh(device_type, (self.size,))
+        return meshes[device_type]
+
     @property
     def distributed(self) -> bool:
         """A process group is in use (even of one process, for FSDP2 on one device)."""
@@ -377,10 +386,9 @@ def fsdp_units(module: nn.Module, min_params: int | None = None) -> list[nn.Modu
 def shard(net: nn.Module, world: World, bf16: bool, cpu_offload: bool, device: torch.device) -> nn.Module:
     """``fully_shard`` a trainable network in place (names and sub-module objects are kept, so feature taps still
     find their layers).  A denoiser is sharded at its backbone, the module its ``forward``/``predict`` call."""
-    from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
 
-    mesh = init_device_mesh(device.type, (world.size,))
+    mesh = world.device_mesh(device.type)
     kw = {"mesh": mesh}
     if bf16:
         kw["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)

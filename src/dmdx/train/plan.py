@@ -1,0 +1,651 @@
+"""``dmdx plan``: the memory and compute of one training iteration, before the run, without a GPU and without weights.
+
+The run is set up as ``dmdx distill`` sets it up (the teacher, the student, every stage's networks, the loop's EMA,
+optimisers, DDP or FSDP2 over a fake process group of ``gpus`` ranks) from the pipeline folder's configs alone, on
+fake tensors (``torch._subclasses.FakeTensorMode``: shapes, dtypes and devices, no storage).  Then every phase of
+every stage runs once through the training loop's own ``Trainer.run_phase`` (forward, backward, clipping, optimiser
+step, EMA update) while one dispatch mode follows every tensor storage this rank holds and counts the FLOPs of every
+operation (``torch.utils.flop_counter``'s formulas), each attributed to the network whose forward or backward
+issued it.  What the steady state holds is in place before a phase runs: every network's gradients (a network's
+survive until its next phase) and the optimisers' states.
+
+Not PyTorch's ``MemTracker`` / ``FSDPMemTracker`` (``torch.distributed._tools``): they refuse a module that runs
+twice while tracked, and every method calls its fake score several times per phase.  The storages are tracked
+the same way (weak references to untyped storages, ``UntypedStorage.resize_`` followed for FSDP2's gathered
+parameters).
+
+What it counts is the device memory of the loop's tensors.  Not counted: the CUDA context and kernels' workspaces
+(cuBLAS, cuDNN: a few hundred MB), the caching allocator's fragmentation, and the set-up before training (the text
+encoders run once, before the networks load).  Host tensors (the prompt bank, teacher pairs, real-data latents)
+are reported apart.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import tempfile
+import time
+import weakref
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.overrides import TorchFunctionMode
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+
+from ..data import Dataset
+from ..denoiser import Denoiser
+from ..methods import get_method
+from ..methods.base import Context, Pairs
+from ..models import ModelInfo
+from ..nets.pipeline import BACKBONES as IMAGE_BACKBONES
+from ..nets.pipeline import FAMILY_BACKBONE as IMAGE_FAMILY
+from ..nets.video import BACKBONES as VIDEO_BACKBONES
+from ..nets.video import FAMILY_BACKBONE as VIDEO_FAMILY
+from ..pipelines import image as pimage
+from ..pipelines import video as pvideo
+from ..pipelines.folder import check_folder
+from . import dist
+from .loop import Trainer
+from .setup import student_times, trainable_student
+
+Tensor = torch.Tensor
+GiB = 2**30
+H100_BF16_TFLOPS = 989.0  # H100 SXM, dense bf16 tensor cores (NVIDIA's data sheet; 1979 is with sparsity)
+CUDA_BLOCK = 512  # the CUDA caching allocator rounds every block up to 512 bytes
+
+
+# -- fake tensors ---------------------------------------------------------------------------------------------
+def _fake_mode():
+    """A ``FakeTensorMode`` whose parameters ``Module.to`` / ``.float()`` can swap.
+
+    ``Module._apply`` swaps fake parameters in place (``torch.utils.swap_tensors``), which refuses a tensor with a
+    weak reference, and the fake-tensor converter memoises every output it wraps in a weak-value dict.  Here every
+    tensor is born fake (nothing real is converted), so that memo is not needed.
+    """
+    from torch._subclasses import FakeTensorMode
+    from torch._subclasses.fake_tensor import FakeTensorConverter
+
+    class _Converter(FakeTensorConverter):
+        def set_tensor_memo(self, t, v):
+            pass
+
+    mode = FakeTensorMode()
+    mode.fake_tensor_converter = _Converter()
+    return mode
+
+
+class _FakeFunctions(TorchFunctionMode):
+    """What fake tensors cannot do by themselves, done for the plan: Python numbers out of them (``loss.item()``
+    for the logs, Adam's step count: 1; ``bool(isfinite(loss))``: True), which nothing the plan measures depends on;
+    and
+    ``copy.deepcopy`` (the trainable copies, the EMA) into this fake mode, not a new one."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func in (Tensor.item, Tensor.__float__):
+            return 1.0
+        if func in (Tensor.__int__, Tensor.__index__):
+            return 1
+        if func is Tensor.__bool__:
+            return True
+        if func is Tensor.__deepcopy__:
+            t, memo = args
+            if id(t) not in memo:
+                with torch.no_grad():
+                    out = t.detach().clone()
+                memo[id(t)] = nn.Parameter(out, t.requires_grad) if isinstance(t, nn.Parameter) \
+                    else out.requires_grad_(t.requires_grad)
+            return memo[id(t)]
+        return func(*args, **(kwargs or {}))
+
+
+class _FakeScalars(TorchDispatchMode):
+    """The number a fake tensor stands for, where C++ asks for one (a 0-dim index, ``schedules``' table look-ups):
+    zero of its dtype."""
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten._local_scalar_dense.default:
+            t = args[0]
+            return False if t.dtype == torch.bool else (0 if not t.is_floating_point() else 0.0)
+        return func(*args, **(kwargs or {}))
+
+
+# -- the tracker ----------------------------------------------------------------------------------------------
+@dataclass
+class _Storage:
+    nbytes: int
+    born: int
+    label: str  # "weights:NET", "grads:NET", "optim:NET", "host", or "" (activations and temporaries)
+    died: int | None = None
+
+
+class _Tracker(TorchDispatchMode):
+    """Every storage created under it (and every one registered with :meth:`add`), with its lifetime in operation
+    counts; the running total and its peak per phase; FLOPs per (network, forward / backward)."""
+
+    def __init__(self, round_to: int = 1):
+        super().__init__()
+        self.round_to = round_to
+        self.records: list[_Storage] = []
+        self.index: dict[int, int] = {}  # storage _cdata -> record
+        self.refs: dict[int, weakref.ref] = {}
+        self.seq = 0
+        self.total = 0
+        self.host = 0
+        self.phase: tuple[str, str] | None = None
+        self.peaks: dict[tuple[str, str], tuple[int, int]] = {}  # phase -> (device bytes, seq)
+        self.flops: dict[tuple[str, str], int] = {}
+        self.calls: dict[tuple[str, str], int] = {}
+        self.labels: list[str] = []  # the networks whose forward runs, innermost last
+        self._resize = None
+        from torch.utils.flop_counter import flop_registry
+
+        aten = torch.ops.aten
+        self.formulas = dict(flop_registry)
+        # the CPU flash-attention kernels a fake CPU run dispatches to cost what the CUDA ones do
+        self.formulas[aten._scaled_dot_product_flash_attention_for_cpu] = \
+            flop_registry[aten._scaled_dot_product_flash_attention]
+        self.formulas[aten._scaled_dot_product_flash_attention_for_cpu_backward] = \
+            flop_registry[aten._scaled_dot_product_flash_attention_backward]
+
+    # storages
+    def _size(self, st) -> int:
+        n = st.nbytes()
+        return int(math.ceil(n / self.round_to) * self.round_to) if n else 0
+
+    def add(self, t: Tensor, label: str = "") -> None:
+        """Track the storage of ``t`` (created before the tracker or outside it) under ``label``."""
+        if isinstance(t, torch.Tensor) and hasattr(t, "to_local"):  # DTensor: this rank's shard
+            t = t.to_local()
+        if not isinstance(t, torch.Tensor):
+            return
+        st = t.untyped_storage()
+        key = st._cdata
+        if key in self.index:
+            rec = self.records[self.index[key]]
+            if label and not rec.label:
+                self._relabel(rec, label)
+            return
+        self.seq += 1  # every event its own number: a peak's breakdown (``alive_at``) sees exactly its storages
+        rec = _Storage(self._size(st), self.seq, label)
+        self.index[key] = len(self.records)
+        self.records.append(rec)
+        self._count(rec, +1)
+        self.refs[key] = weakref.ref(st, lambda _, k=key: self._free(k))
+
+    def add_live(self, fake: bool = False) -> None:
+        """Track every tensor alive in the process (what ``add`` was not given: schedules' tables, caches); with
+        ``fake``, every fake one."""
+        import gc
+
+        from torch._subclasses.fake_tensor import FakeTensor
+
+        gc.collect()  # not the garbage of earlier runs in this process
+        for obj in gc.get_objects():
+            if isinstance(obj, FakeTensor if fake else torch.Tensor) and obj.device.type != "meta":
+                self.add(obj)
+
+    def _relabel(self, rec: _Storage, label: str) -> None:
+        self._count(rec, -1)
+        rec.label = label
+        self._count(rec, +1)
+
+    def label(self, t: Tensor, label: str) -> None:
+        self.add(t, label)
+
+    def _count(self, rec: _Storage, sign: int) -> None:
+        if rec.label == "host":
+            self.host += sign * rec.nbytes
+        else:
+            self.total += sign * rec.nbytes
+
+    def _free(self, key: int) -> None:
+        i = self.index.pop(key, None)
+        self.refs.pop(key, None)
+        if i is None:
+            return
+        rec = self.records[i]
+        self.seq += 1
+        rec.died = self.seq
+        self._count(rec, -1)
+
+    def _resized(self, st, size) -> None:
+        i = self.index.get(st._cdata)
+        if i is None:
+            return
+        rec = self.records[i]
+        self._count(rec, -1)
+        self.seq += 1
+        rec.died = self.seq  # a resize ends one lifetime and starts another (FSDP2 frees / gathers in place)
+        new = _Storage(self._size(st), self.seq, rec.label)
+        self.index[st._cdata] = len(self.records)
+        self.records.append(new)
+        self._count(new, +1)
+        self._peak()
+
+    def _peak(self) -> None:
+        if self.phase is not None and self.total > self.peaks.get(self.phase, (-1, 0))[0]:
+            self.peaks[self.phase] = (self.total, self.seq)
+
+    def __enter__(self):
+        orig = torch.UntypedStorage.resize_
+        tracker = self
+
+        def resize_(st, size):
+            orig(st, size)
+            tracker._resized(st, size)
+
+        self._resize = orig
+        torch.UntypedStorage.resize_ = resize_
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        torch.UntypedStorage.resize_ = self._resize
+        return super().__exit__(*exc)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if any(hasattr(t, "to_local") and t is not torch.Tensor for t in types):  # DTensor: see its local ops
+            return NotImplemented
+        out = func(*args, **(kwargs or {}))
+        self.seq += 1
+        for t in tree_flatten(out)[0]:
+            if isinstance(t, torch.Tensor):
+                self.add(t)
+        self._peak()
+        formula = self.formulas.get(func._overloadpacket) if self.phase is not None else None
+        if formula is not None:
+            node = torch._C._current_autograd_node()
+            if node is not None:
+                key = (node.metadata.get("dmdx_net", "other"), "backward")
+            else:
+                key = (self.labels[-1] if self.labels else "other", "forward")
+            self.flops[key] = self.flops.get(key, 0) + int(formula(*args, **(kwargs or {}), out_val=out))
+        return out
+
+    # networks
+    def watch(self, name: str, net: nn.Module) -> list:
+        """Attribute ``net``'s forward (and, through its autograd nodes, its backward) FLOPs to ``name``; a
+        denoiser's calls (``forward``, ``predict``) all go through its backbone."""
+        net = net.backbone if isinstance(getattr(net, "backbone", None), nn.Module) else net
+
+        def pre(_mod, _args):
+            self.labels.append(name)
+            key = (name, "forward")
+            self.calls[key] = self.calls.get(key, 0) + 1
+
+        def post(_mod, _args, out):
+            self.labels.pop()
+            todo = [t.grad_fn for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor) and t.grad_fn is not None]
+            while todo:  # the nodes of this call's graph, up to those of earlier networks
+                node = todo.pop()
+                if node is None or "dmdx_net" in node.metadata:
+                    continue
+                node.metadata["dmdx_net"] = name
+                todo.extend(n for n, _ in node.next_functions)
+
+        return [net.register_forward_pre_hook(pre), net.register_forward_hook(post)]
+
+    def alive_at(self, seq: int) -> dict[str, int]:
+        """Bytes by label of the storages alive after operation ``seq``."""
+        out: dict[str, int] = {}
+        for r in self.records:
+            if r.born <= seq and (r.died is None or r.died > seq):
+                out[r.label] = out.get(r.label, 0) + r.nbytes
+        return out
+
+
+# -- the report -----------------------------------------------------------------------------------------------
+@dataclass
+class NetworkMemory:
+    """What one network holds on this rank (bytes): its own weights (a shared base is counted once, with the
+    teacher), gradients and optimiser states; ``trainable``: its trainable parameters (all ranks)."""
+
+    name: str
+    weights: int
+    grads: int
+    optim: int
+    trainable: int
+    frozen: bool
+
+
+@dataclass
+class PhasePeak:
+    stage: str
+    phase: str
+    peak: int  # this rank's device bytes at the phase's peak
+    weights: int
+    grads: int
+    optim: int
+    activations: int  # everything else alive then: activations, temporaries, gathered FSDP units, fp32 copies
+
+
+@dataclass
+class Plan:
+    teacher: str
+    family: str
+    method: str
+    gpus: int
+    parallel: str
+    batch_per_rank: int
+    shape: list[int]
+    memory: int
+    tflops: float
+    networks: dict[str, list[NetworkMemory]]  # per stage
+    phases: list[PhasePeak]
+    flops: dict[str, dict[str, float]]  # network -> {"forward", "backward", "calls"}, one iteration, this rank
+    iteration_flops: float  # every phase once, this rank
+    average_flops: float  # per iteration averaged over the run's phase ratios and stages, this rank
+    steps: int
+    host: int  # bytes held in host memory (prompt bank, pairs, real latents)
+    seconds: float  # how long the plan took
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def peak(self) -> int:
+        return max(p.peak for p in self.phases)
+
+    @property
+    def fits(self) -> bool:
+        return self.peak <= self.memory
+
+    def floor_seconds(self, flops: float) -> float:
+        return flops / (self.tflops * 1e12)
+
+    def to_dict(self) -> dict:
+        from dataclasses import asdict
+
+        return {**asdict(self), "peak": self.peak, "fits": self.fits,
+                "iteration_floor_s": self.floor_seconds(self.iteration_flops)}
+
+
+def parse_memory(text: str | int | float) -> int:
+    """``24GB`` / ``24GiB`` / ``80`` (GiB; what nvidia-smi and torch.cuda report as 80GB) -> bytes."""
+    if isinstance(text, (int, float)):
+        return int(text * GiB)
+    s = str(text).strip().upper().replace("IB", "B")
+    units = {"TB": 1024 * GiB, "GB": GiB, "MB": 2**20, "KB": 2**10, "B": 1}
+    for u, f in units.items():
+        if s.endswith(u):
+            try:
+                return int(float(s[: -len(u)]) * f)
+            except ValueError:
+                break
+    try:
+        return int(float(s) * GiB)
+    except ValueError:
+        raise ValueError(f"memory {text!r}: expected a size such as 24GB, 80GiB or 80 (GiB)") from None
+
+
+def _gb(n: float) -> str:
+    return f"{n / GiB:.2f}"
+
+
+def format_plan(plan: Plan) -> str:
+    per = "" if plan.gpus == 1 else " per rank"
+    unit, div = next((u, d) for u, d in (("GiB", GiB), ("MiB", 2**20), ("KiB", 2**10)) if plan.peak >= d or d == 2**10)
+
+    def m(n: float, w: int = 9) -> str:
+        return f"{n / div:>{w}.2f}"
+
+    lines = [f"dmdx plan: {plan.method} on {plan.teacher} ({plan.family}), {plan.gpus} GPU(s), parallel "
+             f"{plan.parallel}, {plan.batch_per_rank} sample(s) per rank, latents {plan.shape}", ""]
+    for stage, nets in plan.networks.items():
+        lines.append(f"memory{per} ({unit}), stage {stage}:")
+        lines.append(f"  {'network':<14}{'weights':>9}{'grads':>9}{'optim':>9}  trainable parameters")
+        for n in nets:
+            what = "frozen" if n.frozen else f"{n.trainable / 1e6:.2f} M"
+            lines.append(f"  {n.name:<14}{m(n.weights)}{m(n.grads)}{m(n.optim)}  {what}")
+    lines += ["", f"peaks{per} ({unit}):",
+              f"  {'stage':<8}{'phase':<10}{'peak':>9}{'weights':>9}{'grads':>9}{'optim':>9}{'activations':>13}"]
+    for p in plan.phases:
+        lines.append(f"  {p.stage:<8}{p.phase:<10}{m(p.peak)}{m(p.weights)}{m(p.grads)}{m(p.optim)}"
+                     f"{m(p.activations, 13)}")
+    verdict = "fits" if plan.fits else "does NOT fit"
+    lines += ["", f"peak{per}: {_gb(plan.peak)} GiB of {_gb(plan.memory)} GiB: {verdict} "
+              f"({_gb(abs(plan.memory - plan.peak))} GiB {'left' if plan.fits else 'short'}; the CUDA context and "
+              "kernel workspaces take a few hundred MB more)"]
+    if plan.host:
+        lines.append(f"host memory{per}: {_gb(plan.host)} GiB (prompt bank, pairs, real latents)")
+    lines += ["", f"compute{per}, one iteration with every phase (TFLOP):",
+              f"  {'network':<14}{'forward':>10}{'backward':>10}{'calls':>7}"]
+    for name, f in plan.flops.items():
+        if not (f["forward"] or f["backward"] or f["calls"]):
+            continue
+        lines.append(f"  {name:<14}{f['forward'] / 1e12:>10.3f}{f['backward'] / 1e12:>10.3f}{int(f['calls']):>7}")
+    it, avg = plan.iteration_flops, plan.average_flops
+    lines += [f"  {'total':<14}{it / 1e12:>20.3f}",
+              "",
+              f"pass floor at {plan.tflops:g} TFLOP/s per GPU (H100 SXM bf16 dense: {H100_BF16_TFLOPS:g}; the floor "
+              "assumes every FLOP at that rate):",
+              f"  iteration with every phase: {plan.floor_seconds(it):.3f} s; average iteration (phase ratios, "
+              f"stages): {plan.floor_seconds(avg):.3f} s",
+              f"  {plan.steps} iterations: {plan.floor_seconds(avg) * plan.steps / 3600:.3g} h on {plan.gpus} GPU(s) "
+              f"= {plan.floor_seconds(avg) * plan.steps * plan.gpus / 3600:.3g} GPU-hours at the floor"]
+    lines += [f"note: {n}" for n in plan.notes]
+    lines.append(f"(planned in {plan.seconds:.1f} s on fake tensors)")
+    return "\n".join(lines)
+
+
+# -- building the run on fake tensors -------------------------------------------------------------------------
+def _teacher(cfg, path: Path):
+    """(family, teacher Denoiser, latent shape, guidance) of a pipeline folder, from its configs alone."""
+    rc = cfg.real
+    family = pvideo.video_family(path)
+    if family is not None:
+        vc = cfg.video
+        geo = pvideo.geometry(path, vc.frames, vc.height, vc.width)
+        sched, pred = pvideo.schedule_from_folder(path)
+        bb = VIDEO_BACKBONES[VIDEO_FAMILY[family]](
+            path=str(path), dtype=rc.teacher_dtype, shape=list(geo.shape),
+            max_sequence_length=pvideo.text_length(path, family, vc), weights=False)
+        return family, Denoiser(bb, sched, pred), tuple(geo.shape), pvideo.DEFAULT_GUIDANCE[family]
+    _, family = pimage.denoiser_component(path)
+    shape = pimage.latent_shape(path, rc.resolution)
+    pimage.check_shape(path, shape)
+    sched, pred = pimage.schedule_from_folder(path, shape)
+    bb = IMAGE_BACKBONES[IMAGE_FAMILY[family]](path=str(path), dtype=rc.teacher_dtype, shape=list(shape),
+                                               guidance=rc.flux_guidance, weights=False)
+    guidance = pimage.DEFAULT_GUIDANCE[family] if rc.guidance is None else rc.guidance
+    return pimage.pipeline_kind(path), Denoiser(bb, sched, pred), tuple(shape), guidance
+
+
+def _init_adamw(opt: torch.optim.Optimizer) -> None:
+    """AdamW's per-parameter state as its first step makes it (the steady state holds it)."""
+    for group in opt.param_groups:
+        for p in group["params"]:
+            if p not in opt.state or not opt.state[p]:
+                opt.state[p] = {"step": torch.tensor(0.0), "exp_avg": torch.zeros_like(p),
+                                "exp_avg_sq": torch.zeros_like(p)}
+
+
+def _tensors(module: nn.Module):
+    """Every tensor a module holds: parameters, buffers and plain tensor attributes (a shared base)."""
+    for mod in module.modules():
+        yield from (v for v in mod._parameters.values() if v is not None)
+        yield from (v for v in mod._buffers.values() if v is not None)
+        yield from (v for v in mod.__dict__.values() if isinstance(v, torch.Tensor))
+
+
+def _local(t: Tensor) -> Tensor:
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
+def _nbytes(tensors, seen: set, tracker: _Tracker) -> int:
+    total = 0
+    for t in tensors:
+        st = _local(t).untyped_storage()
+        if st._cdata not in seen:
+            seen.add(st._cdata)
+            total += tracker._size(st)
+    return total
+
+
+@contextlib.contextmanager
+def _fake_world(gpus: int, parallel: str):
+    """A ``dist.World`` of ``gpus`` ranks seen from rank 0, over a fake process group when ``gpus > 1`` or FSDP."""
+    mode = dist.resolve_parallel(parallel, gpus)
+    if mode == "none":
+        yield dist.World()
+        return
+    if torch.distributed.is_initialized():
+        raise RuntimeError("dmdx plan makes its own (fake) process group: run it outside torchrun")
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    torch.distributed.init_process_group("fake", store=FakeStore(), rank=0, world_size=gpus)
+    try:
+        world = dist.World(0, gpus, 0, mode)
+        world.device_mesh("cpu")  # real tensors: a mesh is not made of fake ones
+        world.ranks_where = lambda flag: []  # every rank's loss is finite (fake losses have no value)
+        yield world
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def plan_run(cfg, gpus: int = 1, memory: int | str = "80GB", tflops: float = H100_BF16_TFLOPS,
+             device: str = "cuda") -> Plan:
+    """Plan one iteration of the distillation run ``cfg`` (a :class:`dmdx.train.run.RunConfig` with its recipe
+    applied) on ``gpus`` GPUs of ``memory`` each; ``device="cpu"`` plans a CPU run (no allocator rounding)."""
+    t0 = time.perf_counter()
+    if gpus < 1:
+        raise ValueError(f"--gpus must be >= 1, got {gpus}")
+    if device not in ("cuda", "cpu"):
+        raise ValueError(f"device must be cuda or cpu, got {device!r}")
+    path = Path(str(cfg.teacher)).expanduser()
+    if not (path / "model_index.json").is_file():
+        raise ValueError(f"dmdx plan reads a diffusers pipeline folder (model_index.json and each component's "
+                         f"config.json; weights are not needed), got {cfg.teacher!r}")
+    path = check_folder(path).resolve()
+    memory = parse_memory(memory)
+    method_cls = get_method(cfg.method.name)
+    tracker = _Tracker(round_to=CUDA_BLOCK if device == "cuda" else 1)
+    notes: list[str] = []
+    with tempfile.TemporaryDirectory() as tmp, _fake_world(gpus, cfg.train.parallel) as world, _fake_mode(), \
+            _FakeScalars(), _FakeFunctions():
+        torch.manual_seed(cfg.train.seed)
+        family, teacher, shape, guidance = _teacher(cfg, path)
+        teacher.eval().requires_grad_(False)
+        method_cls.check(cfg.method, shape)
+        times = student_times(cfg.student.times, teacher.schedule)
+        student = trainable_student(teacher, cfg.real, cfg.train.seed)
+        batch = dist.per_rank_batch(cfg.train.batch_size, world.size, cfg.train.grad_accum)
+        null = teacher.backbone.null_cond(None)
+        rows = 4  # the prompt bank (host memory; its size does not change the device peak)
+        bank = {k: torch.zeros(rows, *v.shape[1:]) for k, v in null.items()}
+        n = max(2, batch)
+        data = Dataset(name="plan", kind="image", x=torch.zeros(n, *shape))
+        pairs = None
+        if method_cls.pairs_needed(cfg.method):
+            pairs = Pairs(noise=torch.zeros(n, *shape), x0=torch.zeros(n, *shape),
+                          labels=torch.zeros(n, dtype=torch.long), cond_bank=bank)
+        ctx = Context(teacher=teacher, teacher_net=teacher, student=student, data=data, num_classes=0,
+                      shape=shape, batch_size=cfg.train.batch_size, device=torch.device("cpu"), times=times,
+                      pairs=pairs, guidance=guidance, cond_bank=bank)
+        info = ModelInfo(kind="student", backbone={}, schedule={}, prediction=teacher.prediction, shape=list(shape))
+        trainer = Trainer(Path(tmp), cfg.method, cfg.train, ctx, info, world=world)
+        # multi-step students: every rank simulates the deepest backward simulation (k = n - 1)
+        ctx.shared_randint = lambda high: high - 1
+        for t in [*bank.values(), data.x, *([] if pairs is None else [pairs.noise, pairs.x0, pairs.labels])]:
+            tracker.add(t, "host")
+        networks: dict[str, list[NetworkMemory]] = {}
+        phases: list[PhasePeak] = []
+        flops_by_phase: list[tuple[float, float]] = []  # (flops, weight per iteration)
+        stage_iters = [n for _, _, n in trainer.stages]
+        total_iters = max(1, sum(stage_iters))
+        tracker.add_live(fake=True)
+        with tracker:
+            for index, (cls, _, iters) in enumerate(trainer.stages):
+                stage = trainer.build_stage(index)
+                nets = {"teacher": teacher, **stage.trainables, "ema": trainer.ema}
+                # after the stage's copies are made: a deep copy would carry the hooks along
+                hooks = [h for name, net in nets.items() for h in tracker.watch(name, net)]
+                for name, opt in stage.optims.items():
+                    _init_adamw(opt)
+                    for p in stage.trainables[name].parameters():
+                        p.grad = torch.zeros_like(p)  # a network's gradients outlive its phase
+                networks[cls.name] = _footprint(nets, stage, tracker)
+                for phase in stage.method.phases():
+                    before = sum(tracker.flops.values())
+                    tracker.phase = (cls.name, phase.name)
+                    trainer.run_phase(stage, phase, stage.start)
+                    tracker.phase = None
+                    for name in phase.trains:
+                        for p in stage.trainables[name].parameters():
+                            if p.grad is not None:
+                                tracker.label(p.grad, f"grads:{name}")
+                        for state in stage.optims[name].state.values():
+                            for v in state.values():
+                                tracker.label(v, f"optim:{name}")
+                    flops = sum(tracker.flops.values()) - before
+                    flops_by_phase.append((flops, iters / total_iters / max(1, phase.every)))
+                    phases.append(_phase_peak(tracker, cls.name, phase.name, cfg.train.cpu_offload))
+                for h in hooks:
+                    h.remove()
+                del stage
+        host = tracker.host
+        if cfg.train.cpu_offload and world.parallel == "fsdp":
+            notes.append("train.cpu_offload is not modelled: the peaks count the trained networks' sharded weights, "
+                         "gradients and optimiser states as if on the GPU (an upper bound; they live in host memory)")
+        if method_cls.name in ("adm", "dmdx") and cfg.real.teacher_dtype != "float32":
+            adm = getattr(cfg.method, "adm", cfg.method)
+            if getattr(adm, "float32_steps", False):
+                nbytes = sum(t.numel() * 4 for t in teacher.backbone.model.parameters())
+                notes.append(f"ADM's ODE steps run on float32 copies of the {cfg.real.teacher_dtype} teacher "
+                             f"(method.adm.float32_steps): {_gb(nbytes)} GiB more during ADM's phases, counted in "
+                             "their activations")
+    flops = {}
+    for (name, kind), v in sorted(tracker.flops.items()):
+        f = flops.setdefault(name, {"forward": 0.0, "backward": 0.0, "calls": 0})
+        f[kind] += float(v)
+    for (name, kind), c in tracker.calls.items():
+        if name in flops:
+            flops[name]["calls"] = c
+    return Plan(teacher=str(path), family=family, method=cfg.method.name, gpus=gpus, parallel=world.parallel,
+                batch_per_rank=batch, shape=list(shape), memory=memory, tflops=tflops, networks=networks,
+                phases=phases, flops=flops, iteration_flops=float(sum(f for f, _ in flops_by_phase)),
+                average_flops=float(sum(f * w for f, w in flops_by_phase)), steps=cfg.train.steps, host=host,
+                seconds=time.perf_counter() - t0, notes=notes)
+
+
+def _footprint(nets: dict[str, nn.Module], stage, tracker: _Tracker) -> list[NetworkMemory]:
+    """Per network: weights (each storage counted once, with the first network that holds it: a shared base with
+    the teacher), gradients, optimiser states; labels their storages in ``tracker``."""
+    seen: set = set()
+    out = []
+    for name, net in nets.items():
+        tensors = list(_tensors(net))
+        for t in tensors:
+            tracker.label(t, f"weights:{name}")
+        weights = _nbytes(tensors, seen, tracker)
+        params = list(net.parameters()) if name in stage.trainables else []
+        grads = [p.grad for p in params if p.grad is not None]
+        for g in grads:
+            tracker.label(g, f"grads:{name}")
+        opt = stage.optims.get(name)
+        states = [v for s in (opt.state.values() if opt is not None else []) for v in s.values()
+                  if isinstance(v, torch.Tensor)]
+        for v in states:
+            tracker.label(v, f"optim:{name}")
+        out.append(NetworkMemory(name=name, weights=weights, grads=_nbytes(grads, seen, tracker),
+                                 optim=_nbytes(states, seen, tracker),
+                                 trainable=sum(p.numel() for p in params), frozen=name not in stage.trainables))
+    return out
+
+
+def _phase_peak(tracker: _Tracker, stage: str, phase: str, offload: bool) -> PhasePeak:
+    peak, seq = tracker.peaks.get((stage, phase), (tracker.total, tracker.seq))
+    alive = tracker.alive_at(seq)
+    kinds = {"weights": 0, "grads": 0, "optim": 0}
+    other = 0
+    for label, n in alive.items():
+        kind = label.split(":")[0]
+        if kind in kinds:
+            kinds[kind] += n
+        elif kind != "host":
+            other += n
+    return PhasePeak(stage=stage, phase=phase, peak=peak, activations=other, **kinds)
+
+
+__all__ = ["Plan", "PhasePeak", "NetworkMemory", "plan_run", "format_plan", "parse_memory", "H100_BF16_TFLOPS"]

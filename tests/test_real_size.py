@@ -1,0 +1,429 @@
+"""Real size (issue 34): the published architectures on the meta device, one base for many adapters
+(``real.shared_base``), ``dmdx plan`` against a measured run, the end of a run that does not multiply the weights."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from helpers import make_trainer, tiny_config
+
+from dmdx.denoiser import FeatureTap
+from dmdx.pipelines.folder import load_cond
+from dmdx.teachers import apply_recipe
+from dmdx.teachers.image import load_teacher
+from dmdx.teachers.image.tiny import make_tiny_pipeline
+from dmdx.train import dist
+from dmdx.train.plan import _Tracker, format_plan, parse_memory, plan_run
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(scope="module")
+def sd(tmp_path_factory):
+    import numpy as np
+    from PIL import Image
+
+    root = tmp_path_factory.mktemp("real_size")
+    pipe = make_tiny_pipeline("sd", root / "sd")
+    (root / "prompts.txt").write_text("a red cat\na blue dog\n")
+    (root / "imgs").mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(4):
+        Image.fromarray((rng.random((16, 16, 3)) * 255).astype("uint8")).save(root / "imgs" / f"{i}.png")
+    return pipe, root
+
+
+def config(sd, method="dmd2", shared=True, **train):
+    pipe, root = sd
+    cfg = tiny_config(method, teacher=str(pipe), **{"steps": 2, "batch_size": 2, **train})
+    cfg.real.prompts, cfg.data = str(root / "prompts.txt"), str(root / "imgs")
+    cfg.real.student_lora.rank = cfg.real.fake_lora.rank = 4
+    cfg.real.shared_base = shared
+    cfg.pairs.n, cfg.pairs.steps, cfg.pairs.solver = 4, 2, "euler"
+    apply_recipe(cfg, {"train", "method", "pairs", "real.student_lora.rank", "real.fake_lora.rank",
+                       "real.shared_base"})
+    return cfg
+
+
+def nets_of(trainer):
+    stage = trainer.build_stage(0)
+    ctx = trainer.ctx
+    return stage, {"teacher": ctx.teacher, "student": ctx.student, "fake_score": stage.method.fake_score,
+                   "ema": trainer.ema}
+
+
+def randomise_lora(net, scale=0.3):
+    with torch.no_grad():
+        for name, p in net.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, scale)
+
+
+# -- the published architectures, built on the meta device (no allocation) ----------------------------------------
+PUBLISHED = {"sd15": 859.52, "sdxl": 2567.46, "sd3-medium": 2028.33, "wan2.1-1.3b": 1419.00, "cogvideox-2b": 1693.78}
+
+
+def test_published_architectures_on_meta(tmp_path):
+    """Every full-size config builds on the meta device with its published size; the family's recipe LoRA targets
+    all exist in it, its feature taps are sub-modules, and FSDP2 shards its units (bottom-up, no nesting) over 8
+    ranks of a fake process group."""
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import DTensor
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    from dmdx.nets import build_backbone
+    from dmdx.nets.pipeline import FAMILY_BACKBONE as IMAGE
+    from dmdx.nets.video import FAMILY_BACKBONE as VIDEO
+    from dmdx.pipelines.image import denoiser_component
+    from dmdx.pipelines.video import video_family
+    from dmdx.recipes import recipe
+    from dmdx.teachers import teacher_kind
+    from dmdx.teachers.image import published as image
+    from dmdx.teachers.video import published as video
+
+    torch.distributed.init_process_group("fake", store=FakeStore(), rank=0, world_size=8)
+    try:
+        world = dist.World(0, 8, 0, "fsdp")
+        mesh = world.device_mesh("cpu")
+        for name, millions in PUBLISHED.items():
+            mod = image if name in image.PUBLISHED else video
+            path = mod.write_published(name, tmp_path / name)
+            family = video_family(path) or denoiser_component(path)[1]
+            with torch.device("meta"):
+                bb = build_backbone({**IMAGE, **VIDEO}[family], path=str(path), dtype="bfloat16", weights=False)
+            n = sum(p.numel() for p in bb.model.parameters())
+            assert abs(n / 1e6 - millions) < 0.01, (name, n)
+            assert all(p.is_meta for p in bb.parameters())
+            mods = dict(bb.named_modules())
+            assert bb.feature_layers and all(layer in mods for layer in bb.feature_layers), name
+            targets = next(s.value for s in recipe(teacher_kind(str(path)), "dmd2")
+                           if s.key == "real.student_lora.targets") if family in ("unet", "sd3") else \
+                ["to_q", "to_k", "to_v", "to_out.0"]
+            names = [k for k, _ in bb.model.named_modules()]
+            for t in targets:  # peft's rule: the module name is the target or ends with "." + target
+                assert any(k == t or k.endswith("." + t) for k in names), (name, t)
+            units = dist.fsdp_units(bb)
+            ids = {id(u) for u in units}
+            assert all(id(m) not in ids for u in units for m in list(u.modules())[1:]), name  # no nesting
+            covered = sum(p.numel() for u in units for p in u.parameters())
+            assert covered > 0.8 * n, (name, covered / n)
+            for u in units:
+                fully_shard(u, mesh=mesh)
+            fully_shard(bb, mesh=mesh)
+            assert all(isinstance(p, DTensor) for p in bb.parameters()), name
+            local = sum(p.to_local().numel() for p in bb.parameters())
+            assert local < 1.01 * n / 8, name  # one shard per rank (dim 0 padded to a multiple of 8)
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+# -- one base, many adapters --------------------------------------------------------------------------------------
+def test_shared_base_holds_the_base_once(sd, tmp_path):
+    trainer = make_trainer(config(sd), tmp_path / "run")
+    _, nets = nets_of(trainer)
+    teacher = nets["teacher"].backbone
+    base = {id(t) for t in teacher.model.parameters()}
+    for name in ("student", "fake_score", "ema"):
+        bb = nets[name].backbone
+        slots = bb.base_slots()
+        assert slots and {id(m.__dict__[k]) for m, k in slots} <= base | {id(b) for b in teacher.model.buffers()}
+        assert all("lora_" in k for k in bb.state_dict()), name  # checkpoints and the model folder: the LoRA only
+        assert all(p.dtype == torch.float32 for p in bb.parameters())  # the adapters train in float32
+    assert teacher.dtype == torch.bfloat16 and nets["student"].backbone.dtype == torch.bfloat16
+    held = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for net in nets.values()
+            for m in net.modules() for t in [*m._parameters.values(), *m._buffers.values(), *m.__dict__.values()]
+            if isinstance(t, torch.Tensor)}
+    base_bytes = sum(t.untyped_storage().nbytes() for t in teacher.model.parameters())
+    lora_bytes = sum(p.numel() * 4 for name in ("student", "fake_score", "ema") for p in nets[name].parameters())
+    assert sum(held.values()) < 1.05 * (base_bytes + lora_bytes) + 2**16  # the base once (+ null conds, heads)
+
+
+def test_shared_base_teacher_is_the_plain_teacher(sd, tmp_path):
+    """The teacher of a shared-base run (the base with no adapter) gives the plain teacher's output bit for bit,
+    before and after training moved its adapters."""
+    pipe, _ = sd
+    trainer = make_trainer(config(sd), tmp_path / "run")
+    stage, nets = nets_of(trainer)
+    plain = load_teacher(pipe, dtype="bfloat16", cond_file=str(tmp_path / "run" / "prompts.safetensors")).denoiser
+    bank, _ = load_cond(tmp_path / "run" / "prompts.safetensors")
+    x, t, cond = torch.randn(2, 4, 8, 8), torch.tensor([0.7, 0.3], dtype=torch.float64), bank
+
+    def same():
+        with torch.no_grad():
+            assert torch.equal(nets["teacher"](x, t, cond, guidance=3.0), plain(x, t, cond, guidance=3.0))
+
+    same()
+    for net in (nets["student"], nets["fake_score"]):
+        randomise_lora(net)
+    for phase in stage.method.phases():
+        trainer.run_phase(stage, phase, 0)
+    same()
+
+
+def test_shared_base_gradients_reach_only_the_phase_adapters(sd, tmp_path):
+    trainer = make_trainer(config(sd), tmp_path / "run")
+    stage, nets = nets_of(trainer)
+    randomise_lora(nets["fake_score"])
+    student, critic = stage.method.phases()
+    trainer.run_phase(stage, student, 0)
+    got = {name: any(p.grad is not None and p.grad.abs().sum() > 0 for p in net.parameters())
+           for name, net in nets.items()}
+    assert got == {"teacher": False, "student": True, "fake_score": False, "ema": False}
+    for net in nets.values():
+        net.zero_grad(set_to_none=True)
+    trainer.run_phase(stage, critic, 0)
+    got = {name: any(p.grad is not None for p in net.parameters()) for name, net in nets.items()}
+    assert got == {"teacher": False, "student": False, "fake_score": True, "ema": False}
+    assert all(p.grad is not None for p in stage.method.head.parameters())
+    base = [m.__dict__[k] for m, k in nets["student"].backbone.base_slots()]
+    assert all(t.grad is None and not t.requires_grad for t in base)
+
+
+def test_shared_base_feature_taps_see_their_own_network(sd, tmp_path):
+    """DMD2's GAN head taps the fake score (its adapter on), ADM's heads the teacher (no adapter): a tap sees only
+    its own network's calls, and the teacher's features are the plain teacher's."""
+    pipe, _ = sd
+    trainer = make_trainer(config(sd), tmp_path / "run")
+    _, nets = nets_of(trainer)
+    randomise_lora(nets["fake_score"])
+    plain = load_teacher(pipe, dtype="bfloat16", cond_file=str(tmp_path / "run" / "prompts.safetensors")).denoiser
+    x, t = torch.randn(2, 4, 8, 8), torch.tensor([0.5, 0.5], dtype=torch.float64)
+    layers = list(nets["teacher"].backbone.feature_layers)
+
+    def tap(net, other=None):
+        with torch.no_grad(), FeatureTap(net.backbone, layers) as tp:
+            if other is not None:
+                other(x, t, None)
+            else:
+                net(x, t, None)
+        return tp.features
+
+    assert all(f is None for f in tap(nets["fake_score"], other=nets["teacher"]))  # the teacher's call: not seen
+    teacher, fake, reference = tap(nets["teacher"]), tap(nets["fake_score"]), tap(plain)
+    assert all(torch.equal(a, b) for a, b in zip(teacher, reference))
+    assert not torch.equal(teacher[-1], fake[-1])
+
+
+def test_shared_base_float32_block(sd, tmp_path):
+    """ADM's float32 steps on a shared base: inside the block every network of the group computes on one set of
+    float32 copies; on exit each holds the base's own tensors again."""
+    trainer = make_trainer(config(sd, "adm"), tmp_path / "run")
+    _, nets = nets_of(trainer)
+    before = {name: [net.backbone.base_slots()] for name, net in nets.items()}
+    originals = {id(m.__dict__[k]) if k in m.__dict__ else id(getattr(m, k))
+                 for slots in before.values() for m, k in slots[0]}
+    with trainer.ctx.float32(teacher=True):
+        inside = {}
+        for name, net in nets.items():
+            tensors = [m.__dict__[k] if k in m.__dict__ else getattr(m, k) for m, k in net.backbone.base_slots()]
+            assert all(t.dtype == torch.float32 for t in tensors if t.is_floating_point()), name
+            assert net.backbone.dtype == torch.float32
+            inside[name] = {t.untyped_storage().data_ptr() for t in tensors}
+        assert inside["student"] <= inside["teacher"] and inside["fake_score"] <= inside["teacher"]  # one copy
+    after = {id(m.__dict__[k]) if k in m.__dict__ else id(getattr(m, k))
+             for net in nets.values() for m, k in net.backbone.base_slots()}
+    assert after == originals
+    assert all(net.backbone.dtype == torch.bfloat16 for net in nets.values())
+
+
+def test_shared_base_float32_block_with_checkpointing(sd, tmp_path):
+    """ADM on a shared base with gradient checkpointing: the backward, after the float32 block has ended, recomputes
+    the block's passes on the float32 copies its forward used (it crashed on mixed dtypes), with the gradients of a
+    run without checkpointing."""
+    grads = {}
+    for gc in (False, True):
+        cfg = config(sd, "adm")
+        cfg.real.grad_checkpointing = gc
+        trainer = make_trainer(cfg, tmp_path / f"gc{gc}")
+        stage = trainer.build_stage(0)
+        randomise_lora(trainer.ctx.student)
+        torch.manual_seed(3)
+        for phase in stage.method.phases():
+            trainer.run_phase(stage, phase, 0)
+        grads[gc] = [p.grad.clone() for p in trainer.ctx.student.parameters() if p.grad is not None]
+        assert all(bb._float32_slots is None for bb in trainer.ctx.teacher.backbone.shared_base.members)
+    assert grads[True] and len(grads[True]) == len(grads[False])
+    for a, b in zip(grads[False], grads[True]):
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-6)
+
+
+def test_shared_base_trains_and_exports_like_copies(sd, tmp_path):
+    """With a float32 teacher a shared-base run computes what the copies compute: the same LoRA after two
+    iterations and the same diffusers export (the shared run's model folder holds only its LoRA)."""
+    from safetensors.torch import load_file
+
+    from dmdx.teachers import export_run
+
+    runs = {}
+    for shared in (True, False):
+        cfg = config(sd, shared=shared)
+        cfg.real.teacher_dtype = "float32"
+        cfg.method.gan = False
+        runs[shared] = make_trainer(cfg, tmp_path / f"run{shared}").run()
+    a, b = (load_file(str(runs[s] / "model.safetensors")) for s in (True, False))
+    assert set(a) < set(b) and all("lora_" in k for k in a)
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
+    ea, eb = (load_file(str(export_run(runs[s], tmp_path / f"export{s}") / "unet" /
+                             "diffusion_pytorch_model.safetensors")) for s in (True, False))
+    assert set(ea) == set(eb)
+    for k in ea:
+        torch.testing.assert_close(ea[k], eb[k], rtol=1e-5, atol=1e-6)
+
+
+def test_shared_base_fsdp_and_checkpointing(sd, tmp_path):
+    """FSDP2 (a process group of one) shards only the adapters, the base stays the teacher's; gradient
+    checkpointing gives the gradients of a run without it."""
+    grads = {}
+    for gc in (False, True):
+        cfg = config(sd)
+        cfg.real.grad_checkpointing = gc
+        trainer = make_trainer(cfg, tmp_path / f"gc{gc}")
+        stage, nets = nets_of(trainer)
+        randomise_lora(nets["fake_score"])
+        torch.manual_seed(3)
+        trainer.run_phase(stage, stage.method.phases()[0], 0)
+        grads[gc] = [p.grad.clone() for p in nets["student"].parameters()]
+    for a, b in zip(grads[False], grads[True]):
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-6)
+    cfg = config(sd)
+    cfg.train.parallel = "fsdp"
+    cfg.real.grad_checkpointing = True
+    try:
+        trainer = make_trainer(cfg, tmp_path / "fsdp")
+        stage, nets = nets_of(trainer)
+        assert dist.is_sharded(nets["student"]) and dist.is_sharded(nets["fake_score"])
+        teacher = {id(t) for t in nets["teacher"].backbone.model.parameters()}
+        assert {id(m.__dict__[k]) for m, k in nets["student"].backbone.base_slots()} <= teacher
+        for phase in stage.method.phases():
+            logs = trainer.run_phase(stage, phase, 0)
+            assert all(torch.isfinite(torch.tensor(v)) for v in logs.values())
+    finally:
+        dist.teardown()
+
+
+def test_shared_base_needs_a_lora_student(sd, tmp_path):
+    cfg = config(sd)
+    cfg.real.student_lora.rank = 0
+    with pytest.raises(ValueError, match="shared_base needs a LoRA student"):
+        make_trainer(cfg, tmp_path / "run")
+
+
+# -- the end of a run -----------------------------------------------------------------------------------------------
+def test_sample_grid_in_chunks_of_the_batch(sd, tmp_path):
+    """The last step's sample grid (64 images) runs the EMA in chunks of the per-rank batch: at 512 px, one batch of
+    64 took a full-size SD1.5 run that trained in 16-18 GB to 24 GB (issue 34)."""
+    cfg = config(sd, sample_every=1, steps=1)
+    trainer = make_trainer(cfg, tmp_path / "run")
+    seen = []
+    trainer.ema.backbone.register_forward_pre_hook(lambda m, args: seen.append(args[0].shape[0]))
+    trainer.run()
+    assert (tmp_path / "run" / "samples" / "step_0000001.png").is_file()
+    assert sum(seen) >= 64 and max(seen) <= trainer.ctx.batch_size
+
+
+@pytest.mark.parametrize("shared", [True, False])
+def test_end_of_run_holds_at_most_one_extra_copy(sd, tmp_path, shared):
+    """The checkpoint, the export and the sample grid of the last step peak below a training step's peak plus one
+    copy of the largest network: they write the tensors the run holds, and the grid runs in chunks of the batch (in
+    one batch of 64 it took a full-size SD1.5 run from 16-18 GB to 24 GB, issue 34)."""
+    trainer = make_trainer(config(sd, shared=shared), tmp_path / "run")
+    stage = trainer.build_stage(0)
+    for phase in stage.method.phases():  # the steady state: gradients and optimiser states exist
+        trainer.run_phase(stage, phase, 0)
+    nets = {"teacher": trainer.ctx.teacher, "student": trainer.ctx.student, "ema": trainer.ema, **stage.trainables}
+    largest = max(sum(t.untyped_storage().nbytes() for t in net.state_dict().values()) for net in nets.values())
+    noise = torch.randn(64, *trainer.ctx.shape)
+    cond = {k: v[torch.arange(64) % len(v)] for k, v in trainer.ctx.cond_bank.items()}
+    tracker = _Tracker()
+    tracker.add_live()
+    with tracker:
+        for phase in stage.method.phases():
+            tracker.phase = ("train", phase.name)
+            trainer.run_phase(stage, phase, 0)
+        tracker.phase = ("end", "end")
+        trainer.checkpoint(stage, 1)
+        trainer.save_sample_grid(1, noise, cond)
+    assert (tmp_path / "run" / "model.safetensors").is_file() and (tmp_path / "run" / "samples").is_dir()
+    train = max(v for (kind, _), (v, _) in tracker.peaks.items() if kind == "train")
+    assert tracker.peaks[("end", "end")][0] < train + largest, (tracker.peaks, largest)
+
+
+# -- dmdx plan ------------------------------------------------------------------------------------------------------
+def measured_peaks(cfg, run_dir):
+    """Per phase, the peak bytes of every tensor alive during the phase's second execution (the first makes the
+    optimiser states and gradients of the steady state), on the real tensors of a real run."""
+    trainer = make_trainer(cfg, run_dir)
+    stage = trainer.build_stage(0)
+    for phase in stage.method.phases():
+        trainer.run_phase(stage, phase, 0)
+    tracker = _Tracker()
+    tracker.add_live()
+    ctx = trainer.ctx
+    for t in [*ctx.cond_bank.values(), ctx.data.x]:
+        tracker._relabel(tracker.records[tracker.index[t.untyped_storage()._cdata]], "host")
+    with tracker:
+        for phase in stage.method.phases():
+            tracker.phase = ("", phase.name)
+            trainer.run_phase(stage, phase, 0)
+    return {p: v for (_, p), (v, _) in tracker.peaks.items()}
+
+
+@pytest.mark.parametrize("shared", [True, False])
+def test_plan_matches_a_measured_run_from_configs_alone(sd, tmp_path, shared):
+    """The plan of a folder with no weights file gives each phase's peak of a real run within 2%."""
+    import shutil
+
+    pipe, root = sd
+    cfg_only = tmp_path / "configs"
+    shutil.copytree(pipe, cfg_only, ignore=shutil.ignore_patterns("*.safetensors", "*.bin"))
+    measured = measured_peaks(config(sd, shared=shared), tmp_path / "run")
+    cfg = config(sd, shared=shared)
+    cfg.teacher = str(cfg_only)
+    plan = plan_run(cfg, device="cpu")
+    planned = {p.phase: p.peak for p in plan.phases}
+    assert set(planned) == set(measured) == {"student", "critic"}
+    for phase, v in measured.items():
+        assert abs(planned[phase] / v - 1) < 0.02, (phase, planned[phase], v)
+    assert plan.flops["student"]["forward"] > 0 and plan.flops["fake_score"]["backward"] > 0
+    text = format_plan(plan)
+    assert "peak:" in text and "fits" in text and "pass floor" in text
+
+
+def test_plan_shards_with_fsdp(sd):
+    one = plan_run(config(sd, shared=False, parallel="fsdp"), device="cpu")
+    cfg = config(sd, shared=False, parallel="fsdp", batch_size=4)
+    two = plan_run(cfg, gpus=2, device="cpu")
+    assert two.gpus == 2 and two.parallel == "fsdp" and two.batch_per_rank == 2
+    for p in two.phases:  # the breakdown is of the peak's own storages (FSDP frees and gathers between operations)
+        assert p.weights + p.grads + p.optim + p.activations == p.peak
+    w1 = {n.name: n for n in one.networks["dmd2"]}
+    w2 = {n.name: n for n in two.networks["dmd2"]}
+    for name in ("student", "fake_score"):  # full weights (LoRA base as buffers are not sharded) and LoRA shards
+        assert w2[name].optim < 0.6 * w1[name].optim and w2[name].trainable == w1[name].trainable
+    assert not dist.current().distributed  # the fake group is gone
+
+
+def test_parse_memory():
+    assert parse_memory("24GB") == parse_memory("24GiB") == parse_memory("24") == 24 * 2**30
+    assert parse_memory("512MB") == 512 * 2**20
+    with pytest.raises(ValueError, match="24GB"):
+        parse_memory("lots")
+
+
+def test_plan_command(sd, tmp_path, capsys):
+    from dmdx.cli import main
+
+    pipe, _ = sd
+    out = tmp_path / "plan.json"
+    code = main(["plan", "--method", "dmd2", "--teacher", str(pipe), "--set", "train.batch_size=2",
+                 "--set", "real.student_lora.rank=4", "--memory", "1MB", "--json", str(out)])
+    text = capsys.readouterr().out
+    assert code == 1 and "does NOT fit" in text  # a tiny pipeline still needs more than 1 MB
+    data = json.loads(out.read_text())
+    assert data["fits"] is False and data["peak"] > 2**20 and data["method"] == "dmd2"
+    assert main(["plan", "--method", "dmd2", "--teacher", str(Path(pipe).parent / "nope")]) == 2
