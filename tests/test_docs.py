@@ -32,6 +32,10 @@ from dmdx.cli import build_parser, main
 ROOT = Path(__file__).resolve().parent.parent
 PROGRAMS = ("dmdx", "torchrun", "python", "pip", "printf")
 SD = "a real SD1.5 pipeline folder (a hub download) and a GPU"
+PLAN = ("plans a full-size architecture on fake tensors, 1-5 min of CPU; dmdx plan runs as a command on tiny "
+        "pipelines in tests/test_real_size.py::test_plan_command")
+LORA64 = ("--set real.student_lora.rank=64 --set real.fake_lora.rank=64 --set real.shared_base=true "
+          "--set real.grad_checkpointing=true --set train.bf16=true")
 LONG = "needs the model of the 5000-step teacher / the distillation above (hours on a CPU)"
 
 # command (as written, without its trailing comment) -> (how, reason)
@@ -85,6 +89,15 @@ COMMANDS = {
         "dmdx eval --model ./sd15 --prompts prompts.txt --per-prompt 4 --clip ./clip-vit-large-patch14 --ref "
         "./coco-val-1k --inception ./inception-2015-12-05.pt --lpips ./lpips_alex.pth":
             ("parse", SD + ", CLIP, Inception, LPIPS and COCO downloads"),
+        **{f"python benchmarks/real_size.py write --arch {a} --out {a}-configs":
+           ("elsewhere", "writes the configs tests/test_real_size.py::test_published_architectures_on_meta builds")
+           for a in ("sdxl", "sd15", "sd3-medium", "wan2.1-1.3b", "cogvideox-2b")},
+        **{cmd: ("parse", PLAN) for cmd in (
+            "dmdx plan --method dmdx --teacher sdxl-configs --memory 24GB " + LORA64 + " --set train.batch_size=1",
+            "dmdx plan --method dmd2 --teacher sd15-configs --memory 24GB " + LORA64 + " --set train.batch_size=1",
+            "dmdx plan --method dmd2 --teacher sd3-medium-configs " + LORA64 + " --set train.batch_size=4",
+            "dmdx plan --method dmd2 --teacher wan2.1-1.3b-configs " + LORA64 + " --set train.batch_size=1",
+            "dmdx plan --method dmd2 --teacher cogvideox-2b-configs " + LORA64 + " --set train.batch_size=1")},
     },
     "docs/scaling.md": {
         "dmdx distill --method dmdx --teacher gmm:ring8 --out runs/ring8": ("dry", "the recipe's steps"),
