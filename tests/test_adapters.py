@@ -60,7 +60,7 @@ def test_loading_through_the_adapters_keeps_the_clear_errors(folders):
     assert load_model(folders["sd"]).info.extra["family"] == "unet"
     with pytest.raises(FileNotFoundError, match="hub id.*nothing is downloaded"):
         load_model("org/some-model")
-    with pytest.raises(FileNotFoundError, match="model folder not found"):
+    with pytest.raises(FileNotFoundError, match="not found: no such folder .*pipeline folder.*gmm:NAME"):
         load_model(folders["root"] / "missing")
     bad = folders["root"] / "corrupt"
     bad.mkdir()

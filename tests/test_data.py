@@ -154,3 +154,14 @@ def test_sample_batch_deterministic():
     x2, l2 = sample_batch(ds, 8, torch.Generator().manual_seed(3))
     assert torch.equal(x1, x2) and torch.equal(l1, l2) and x1.shape == (8, 1)
     assert torch.equal(x1[:, 0].long(), l1)
+
+
+def test_a_truncated_or_corrupt_image_is_named(tmp_path):
+    _write_images(tmp_path / "a", 3, (16, 16), mode="RGB")
+    png = (tmp_path / "a" / "1.png").read_bytes()
+    (tmp_path / "a" / "1.png").write_bytes(png[: len(png) // 2])  # cut short, as an interrupted copy leaves it
+    with pytest.raises(ValueError, match=r"cannot read image .*1\.png: image file is truncated"):
+        load_dataset(f"folder:{tmp_path / 'a'}")
+    (tmp_path / "a" / "1.png").write_bytes(b"not an image at all")
+    with pytest.raises(ValueError, match=r"cannot read image .*1\.png"):
+        load_dataset(f"folder:{tmp_path / 'a'}")

@@ -123,16 +123,16 @@ def test_image_quality_is_read_against_the_teachers_own_figure(tmp_path, monkeyp
                   times=time_grid(10)[:-1], guidance=model.info.guidance)
     tc = TrainConfig(batch_size=16, health_n=16, health_every=1, health_quality_n=40, progress=False)
     health, method = Health(tmp_path / "run", tc, ctx), Method(None, ctx)
-    rows = [{"step": 1, **health(method, 1)}]
+    rows = [{"step": 100, **health(method, 100)}]  # (steps from 100 on: a run is judged from EARLY_STEPS)
     ref = json.loads((tmp_path / "run" / "health_ref.json").read_text())
     tq = ref["teacher_quality"]
     assert set(tq) == {"fd", "class_acc"} and "quality" not in ref
-    problems, _ = diagnose(rows, ref, 2, 0.3)
+    problems, _ = diagnose(rows, ref, 200, 0.3)
     assert not [p for p in problems if "teacher" in p or "class" in p], problems
     ctx.student, ctx.times = Denoiser(ConstantBackbone(1, 8, 8), ctx.schedule, "x0"), [1.0]
-    rows.append({"step": 2, **health(method, 2)})
+    rows.append({"step": 200, **health(method, 200)})
     assert json.loads((tmp_path / "run" / "health_ref.json").read_text())["teacher_quality"] == tq  # computed once
-    problems, _ = diagnose(rows, ref, 2, 0.3)
+    problems, _ = diagnose(rows, ref, 200, 0.3)
     assert any(p.startswith("far from the teacher") for p in problems), (rows[-1], tq)
     assert any(p.startswith("samples lost their class") for p in problems), (rows[-1], tq)
 
@@ -245,3 +245,52 @@ def test_adm_logs_the_gap_its_critic_has_to_see(tmp_path):
         gaps[dt] = rows[-1]["critic/adm/gap"]
         assert "health/modes_covered" in rows[-1]  # step 3 = train.steps, although health_every is 100
     assert 0 < gaps[1 / 64] < gaps[1.0], gaps
+
+
+def _digits_rows(steps, every, fd, acc=0.5, spread=1.0, class_acc=0.97):
+    """A constructed digits DMDX log: critic 'adm' at ``acc`` (no gap logged), within-class spread ratio
+    ``spread``, the quality figure (small-sample FD ``fd``, class accuracy) at the last step."""
+    rows = [{"step": s, "stage": "dmdx", "loss/dm": 0.1, "loss/gan_d": 1.9, "critic/adm/acc": acc,
+             "critic/adm/margin": 0.0, "health/class_spread_ratio": spread, "health/fake_lag": 0.9}
+            for s in range(every, steps + 1, every)]
+    rows[-1].update({"health/fd": fd, "health/class_acc": class_acc})
+    return rows
+
+
+DIGITS_REF = {"steps": 10, "n": 64, "quality_n": 256, "diversity": 6.0, "class_spread": 4.0,
+              "teacher_quality": {"fd": 0.793, "class_acc": 0.98}}
+
+
+def test_inspect_weighs_the_critic_against_the_students_quality(tmp_path):
+    """Issue 30: a 100-step digits DMDX run whose critic never beat chance while the student scores near the teacher
+    is not UNHEALTHY (the critic is at equilibrium); nor is one whose quality is measured and fine but not near; with
+    no quality figure the critic at chance is the problem; a critic with too few logs is not judged yet."""
+    text, healthy, _ = inspect_run(_write_run(tmp_path / "near", _digits_rows(100, 10, fd=0.850), DIGITS_REF))
+    assert healthy and "verdict: looks healthy" in text and "UNHEALTHY" not in text
+    assert "critic 'adm' at equilibrium" in text
+    text, healthy, _ = inspect_run(_write_run(tmp_path / "fine", _digits_rows(100, 10, fd=1.6), DIGITS_REF))
+    assert healthy and "verdict: looks healthy" in text
+    assert "note: critic 'adm' never beat chance" in text and "measured quality shows no problem" in text
+    text, healthy, _ = inspect_run(_write_run(tmp_path / "far", _digits_rows(100, 10, fd=4.0), DIGITS_REF))
+    assert not healthy and "problem: far from the teacher" in text and "problem: critic" not in text
+    rows = [{k: v for k, v in r.items() if k not in ("health/fd", "health/class_acc")}
+            for r in _digits_rows(100, 10, fd=0.0)]
+    text, healthy, _ = inspect_run(_write_run(tmp_path / "unmeasured", rows, DIGITS_REF))
+    assert not healthy and "problem: critic 'adm' never beat chance" in text
+    text, healthy, _ = inspect_run(_write_run(tmp_path / "few", _digits_rows(200, 50, fd=1.6), DIGITS_REF,
+                                              steps=200))
+    assert healthy and "critic 'adm': too early to judge (best accuracy 0.50" in text and "needs 5 logs" in text
+
+
+def test_inspect_on_a_3_step_run_says_too_early(tmp_path):
+    """Issue 30: a run 3 steps old whose one-step student has the teacher's low within-class spread is too early to
+    judge, its signs listed as such; non-finite values are a problem at any step."""
+    rows = _digits_rows(3, 1, fd=4.0, spread=0.26)
+    text, healthy, _ = inspect_run(_write_run(tmp_path / "early", rows, DIGITS_REF, steps=3))
+    assert healthy and "verdict: too early to judge" in text and "UNHEALTHY" not in text
+    assert "too early to judge: the log ends at step 3, and a verdict needs 100 steps" in text
+    assert "early sign: collapse: within-class spread 0.26x" in text and "early sign: far from the teacher" in text
+    assert "problem:" not in text
+    rows[-1]["loss/dm"] = float("nan")
+    text, healthy, _ = inspect_run(_write_run(tmp_path / "nan", rows, DIGITS_REF, steps=3))
+    assert not healthy and "verdict: UNHEALTHY" in text and "problem: non-finite values: loss/dm at step 3" in text

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import errno
 import json
 import os
 import signal
@@ -30,11 +31,14 @@ from .models import device_of, read_info
 from .pairs import collect_pairs
 from .recipes import format_settings
 from .sampling import SOLVERS
-from .teachers import apply_recipe, distill, export_run, kind_for, load_model, student_call, teacher_kind
+from .pipelines.folder import TEACHER_FORMS
+from .teachers import (apply_recipe, check_run, distill, export_run, kind_for, load_model, student_call,
+                       teacher_kind)
 from .train import dist
 from .train.health import inspect_run
 from .train.loop import NonFiniteLossError, Preempted, RankLostError
-from .train.run import TeacherConfig, check_run_config, default_run_config, load_run_config, train_teacher
+from .train.run import TeacherConfig, absolute_paths, absolute_spec, default_run_config, load_run_config, train_teacher
+from .train.run_folder import check_start, find_run
 from .viz import format_table
 
 EXIT_NONFINITE, EXIT_RANK_LOST, EXIT_PREEMPTED, EXIT_INTERRUPTED = 3, 4, 75, 130
@@ -50,12 +54,14 @@ def _main_rank() -> bool:
 
 
 def _add_common_train(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--out", required=True, help="run folder (created; holds config, checkpoints, logs, the model)")
+    p.add_argument("--out", required=True, help="run folder (created; holds config, checkpoints, logs, the model; "
+                   "locked while the run trains)")
     p.add_argument("--config", help="JSON file with config values (applied before --set)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override one config value, e.g. --set train.lr=1e-4 (repeatable)")
     p.add_argument("--steps", type=int, help="training iterations (train.steps)")
-    p.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint "
+                   "(its config.json; without --resume a folder that holds a run is refused)")
     p.add_argument("--dry-run", action="store_true", help="validate and print the resolved config, then exit")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--nproc", type=int, metavar="N", help="train on N processes of this machine: re-runs the command "
@@ -127,7 +133,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--method", default="dmdx", choices=list(METHODS))
     p.add_argument("--out", default="dmdx-demo", help="output folder (default ./dmdx-demo)")
     p.add_argument("--steps", type=int, help="distillation iterations (default: the demo's budget)")
-    p.add_argument("--teacher", help="use this teacher folder instead of the shipped / freshly trained one")
+    p.add_argument("--teacher", help="use this dmdx teacher folder (from 'dmdx teacher train') instead of the "
+                   "shipped / freshly trained one")
     p.add_argument("--n", type=int, default=1000, help="samples per evaluation row")
     p.add_argument("--small", action="store_true", help="a much smaller setting (used by the test suite)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -146,7 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("distill", help="distil a teacher into a few-step student")
     p.add_argument("--method", required=True, choices=list(METHODS))
-    p.add_argument("--teacher", help="teacher: a dmdx model folder or gmm:NAME (required unless --resume)")
+    p.add_argument("--teacher", help=f"teacher: {TEACHER_FORMS} (required unless --resume)")
     p.add_argument("--data", help="dataset for real data / evaluation (default: the teacher's)")
     p.add_argument("--pairs", help="teacher pairs folder from 'dmdx pairs' (DMD/ADP/DMDX); default: collect in OUT/pairs")
     p.add_argument("--prompts", help="diffusers teachers: a text file, one prompt a line (real.prompts)")
@@ -164,7 +171,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output folder (diffusers, lora) or FILE.safetensors (comfyui)")
 
     p = sub.add_parser("pairs", help="collect teacher ODE pairs (noise, sample, label)")
-    p.add_argument("--teacher", required=True)
+    p.add_argument("--teacher", required=True, help="a dmdx model folder or gmm:NAME (pipeline runs collect their "
+                   "own pairs, with their prompts, in RUN/pairs)")
     p.add_argument("--n", type=int, required=True)
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--solver", default="heun", choices=list(SOLVERS))
@@ -245,26 +253,42 @@ def _load_overrides(cfg, args) -> set[str]:
     return keys
 
 
+def _out(args) -> Path:
+    return Path(os.path.abspath(Path(args.out).expanduser()))
+
+
+def _resuming(args, out: Path) -> bool:
+    """``--resume``; also a worker that torchrun restarted (``--max-restarts``) in a folder that holds a run."""
+    return args.resume or (dist.elastic_restart() and find_run(out) is not None)
+
+
 def cmd_teacher_train(args) -> int:
+    out = _out(args)
+    resume = _resuming(args, out)
+    check_start(out, resume)  # before anything is read or written
     cfg = TeacherConfig(data=args.data)
-    if args.resume and (Path(args.out) / "config.json").is_file():
-        saved = json.loads((Path(args.out) / "config.json").read_text())
+    if resume:
+        saved = json.loads((out / "config.json").read_text())
         saved.pop("method", None)
         cfg = from_dict(TeacherConfig, saved)
     _load_overrides(cfg, args)
-    load_dataset(cfg.data, "train")  # validate the name early
+    cfg.data = absolute_spec(cfg.data)
+    load_dataset(cfg.data, "train")  # validate the data early
     if args.dry_run:
         print(json.dumps(to_dict(cfg), indent=2))
         return 0
-    out = train_teacher(cfg, Path(args.out), resume=args.resume)
-    print(f"teacher written to {out} (model.json + model.safetensors); try: dmdx sample --model {out} --out grid.png")
+    run = train_teacher(cfg, out, resume=resume)
+    if _main_rank():
+        print(f"teacher written to {run} (model.json + model.safetensors); try: dmdx sample --model {run} "
+              "--out grid.png")
     return 0
 
 
 def cmd_distill(args) -> int:
-    out = Path(args.out)
-    resumed = args.resume and (out / "config.json").is_file()
-    if resumed:
+    out = _out(args)
+    resume = _resuming(args, out)
+    check_start(out, resume)  # a folder in use, a run already there, or none to resume: before anything else
+    if resume:
         cfg = load_run_config(out)
         if cfg.method.name != args.method:
             raise ValueError(f"{out} is a {cfg.method.name!r} run; resume it with --method {cfg.method.name}")
@@ -278,17 +302,17 @@ def cmd_distill(args) -> int:
             cfg.real.prompts = args.prompts
     user_keys = _load_overrides(cfg, args)
     if not cfg.teacher:
-        raise ValueError("--teacher is required (a dmdx model folder or gmm:NAME)")
-    if not resumed:  # a resumed run's config.json already holds its resolved values
-        applied = apply_recipe(cfg, user_keys)
-        if _main_rank():
-            print(format_settings(teacher_kind(cfg.teacher), cfg.method.name, applied), file=sys.stderr)
+        raise ValueError(f"--teacher is required ({TEACHER_FORMS})")
+    absolute_paths(cfg)
+    # a resumed run's config.json already holds its resolved values
+    applied = None if resume else apply_recipe(cfg, user_keys)
+    check_run(cfg)  # the config, the teacher and every file the run reads, before --out is touched
+    if applied is not None and _main_rank():  # said once the teacher is known to be one
+        print(format_settings(teacher_kind(cfg.teacher), cfg.method.name, applied), file=sys.stderr)
     if args.dry_run:
-        check_run_config(cfg)
-        load_model(cfg.teacher)  # validates the teacher path
         print(json.dumps(to_dict(cfg), indent=2))
         return 0
-    run = distill(cfg, out, resume=args.resume)
+    run = distill(cfg, out, resume=resume)
     if _main_rank():
         print(f"student written to {run}; try: {kind_for(run).hint(run)}")
     return 0
@@ -391,6 +415,11 @@ def _run(args) -> int:
         return handlers[args.cmd](args)
     except (ValueError, FileNotFoundError) as e:
         print(f"dmdx {args.cmd}: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        if e.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
+            raise
+        print(f"dmdx {args.cmd}: error: cannot write {e.filename}: {e.strerror}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted; the last finished checkpoint is kept (continue with --resume)", file=sys.stderr)

@@ -15,13 +15,14 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .config import apply_overrides, save_json, to_dict
+from .config import apply_overrides
+from .data import load_dataset
 from .evaluate import evaluate
 from .models import generate
 from .recipes import format_settings
-from .teachers import apply_recipe, build_run, load_model, teacher_kind
-from .train.loop import Trainer
-from .train.run import TeacherConfig, default_run_config, load_run_config, train_teacher
+from .teachers import apply_recipe, distill, load_model, teacher_kind
+from .train.run import TeacherConfig, absolute_spec, default_run_config, load_run_config, train_teacher
+from .train.run_folder import RunFolder
 from .viz import format_table, image_grid
 
 # The shipped digits teacher was made by (see docs/demo.md):
@@ -62,36 +63,64 @@ def _log(msg: str) -> None:
     print(f"[dmdx demo] {msg}", flush=True)
 
 
-def get_teacher(data: str, out: Path, budget: DemoBudget, teacher: str | None, small: bool, progress: bool) -> str:
+def get_teacher(data: str, out: Path, budget: DemoBudget, teacher: str | None, small: bool, progress: bool,
+                folder: RunFolder | None = None) -> str:
+    """The demo's teacher: ``teacher``, the shipped one, or one trained (resumably) in OUT/teacher; ``folder`` (the
+    demo's :class:`RunFolder`) is marked started before a teacher is trained (a later failure keeps it)."""
     if teacher:
         return teacher
     shipped = None if small else shipped_teacher(data)
     if shipped is not None:
         _log(f"using the teacher shipped with dmdx: {shipped}")
         return str(shipped)
-    folder = out / "teacher"
-    if (folder / "model.json").is_file() and not (folder / "checkpoints").is_dir():
-        return str(folder)
+    path = out / "teacher"
+    if (path / "model.json").is_file() and not (path / "checkpoints").is_dir():
+        return str(path)
     cfg = TeacherConfig(data=data)
     cfg.train.steps = budget.teacher_steps
     cfg.train.batch_size = budget.batch_size
     cfg.train.progress = progress
     cfg.train.sample_every = 0
     cfg.train.ckpt_every = max(budget.teacher_steps // 4, 1)
-    resume = (folder / "checkpoints").is_dir()
-    _log(f"training a teacher on {data} ({budget.teacher_steps} steps) in {folder}")
-    train_teacher(cfg, folder, resume=resume)
-    return str(folder)
+    resume = (path / "config.json").is_file()
+    _log(f"training a teacher on {data} ({budget.teacher_steps} steps) in {path}")
+    if folder is not None:
+        folder.started()
+    train_teacher(cfg, path, resume=resume)
+    return str(path)
+
+
+def check_demo(data: str, method: str, out: Path, teacher: str | None, overrides: list[str] | None) -> None:
+    """What the demo can check before it writes anything: the data set, the teacher, the ``--set`` values, and that a
+    student already in OUT/student was distilled with ``method``."""
+    load_dataset(data, "train")
+    if teacher:
+        load_model(teacher)
+    student = out / "student"
+    if (student / "config.json").is_file():
+        saved = load_run_config(student).method.name
+        if saved != method:
+            raise ValueError(f"{student} holds a {saved!r} student: run the demo with --method {saved} to reuse it, "
+                             "or choose another --out")
+    else:
+        apply_overrides(default_run_config(method), list(overrides or []))
 
 
 def run_demo(data: str = "digits", method: str = "dmdx", out: Path = Path("dmdx-demo"), steps: int | None = None,
              teacher: str | None = None, n: int = 1000, small: bool = False, progress: bool = True,
              overrides: list[str] | None = None) -> dict:
+    """The demo in folder ``out``: locked while it runs; a start that fails on a user error leaves no trace there."""
+    out = Path(out).expanduser().absolute()
+    teacher = absolute_spec(teacher)
+    check_demo(data, method, out, teacher, overrides)
+    with RunFolder(out) as folder:
+        return _run_demo(data, method, out, steps, teacher, n, small, progress, overrides, folder)
+
+
+def _run_demo(data, method, out: Path, steps, teacher, n, small, progress, overrides, folder: RunFolder) -> dict:
     t_start = time.perf_counter()
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     budget = BUDGETS["small" if small else "full"]
-    teacher_path = get_teacher(data, out, budget, teacher, small, progress)
+    teacher_path = get_teacher(data, out, budget, teacher, small, progress, folder)
 
     run_dir = out / "student"
     resume = (run_dir / "config.json").is_file()
@@ -116,10 +145,8 @@ def run_demo(data: str = "digits", method: str = "dmdx", out: Path = Path("dmdx-
     t0 = time.perf_counter()
     if not done:
         _log(f"distilling a one-step student with {cfg.method.name} ({cfg.train.steps} iterations) in {run_dir}")
-        run_dir.mkdir(parents=True, exist_ok=True)
-        save_json(to_dict(cfg), run_dir / "config.json")
-        ctx, info = build_run(cfg, run_dir)
-        Trainer(run_dir, cfg.method, cfg.train, ctx, info).run(resume=resume)
+        distill(cfg, run_dir, resume=resume)
+    folder.started()
     train_seconds = time.perf_counter() - t0
 
     _log("evaluating: Frechet distance and recall in two feature spaces, the evaluation classifier's (fd, recall) "

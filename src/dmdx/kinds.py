@@ -44,6 +44,11 @@ class TeacherKind(Protocol):
     def load_teacher(self, spec: str, device="cpu") -> Model:
         """The frozen teacher ``spec`` behind the dmdx contract."""
 
+    def check_run(self, cfg) -> None:
+        """Check a distillation config of a teacher of this kind before anything is written or collected: the
+        teacher (found, complete), the method for its shape, the student's times, the files the run will read
+        (prompts, data); ``ValueError`` / ``FileNotFoundError`` naming the problem.  Loads no large weights."""
+
     def build_run(self, cfg, run_dir: Path):
         """``(Context, ModelInfo)`` of a distillation run of ``cfg`` (a :class:`dmdx.train.run.RunConfig`)."""
 

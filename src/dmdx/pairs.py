@@ -6,7 +6,8 @@ interrupted collection continues with the missing shards (each shard's noise and
 so the result does not depend on interruptions).  ``pairs.json`` records what the pairs were collected with
 (guidance, steps, solver, n, seed, shape, and for text-to-image teachers the prompts and the teacher); collecting
 into a folder that holds pairs made with other settings, or training on a folder whose guidance differs from the
-run's, is refused naming the differences.
+run's, is refused naming the differences.  A larger ``n`` with the same settings adds pairs: the pairs of a folder
+grown from ``n`` to ``m`` are those a fresh collection of ``m`` gives.
 """
 
 from __future__ import annotations
@@ -55,10 +56,17 @@ def collect_pairs(model: Model, out: Path, n: int, steps: int = 50, solver: str 
             "shape": list(info.shape), "num_classes": info.num_classes, **(meta_extra or {})}
     meta_path = out / META
     if meta_path.exists():
-        diff = _differences(json.loads(meta_path.read_text()), meta)
+        old = json.loads(meta_path.read_text())
+        diff = _differences(old, {k: v for k, v in meta.items() if k != "n"})
+        if not diff and n < old.get("n", n):
+            diff = [f"n={old['n']} (now {n}: fewer than were collected; set pairs.n={old['n']} to use them)"]
         if diff:
             raise ValueError(f"{out} holds teacher pairs collected with other settings: {', '.join(diff)}; delete "
                              "that folder to collect them again, or point the run elsewhere")
+        if n > old.get("n", n) and old["n"] % shard_size:
+            # more pairs: the last shard, short, is drawn again at full size (from its own seed, as a fresh
+            # collection of n would draw it), then the new shards are added
+            (out / f"pairs_{old['n'] // shard_size:05d}.safetensors").unlink(missing_ok=True)
     meta_path.write_text(json.dumps(meta, indent=2) + "\n")
     n_shards = (n + shard_size - 1) // shard_size
     den = model.denoiser

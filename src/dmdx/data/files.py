@@ -116,6 +116,25 @@ def _image_files(root: Path) -> tuple[list[tuple[Path, int]], list[Path]]:
     return files, classes
 
 
+def image_paths(spec: str) -> list[Path]:
+    """The image files of folder spec ``PATH[@SIZE]``, in :func:`load_folder`'s order (listed, not read): a clear
+    error when the folder is missing or holds no images."""
+    return [p for p, _ in _image_files(parse_folder_spec(spec)[0])[0]]
+
+
+def open_image(path: Path):
+    """A PIL image read whole from ``path``; a file PIL cannot read (truncated, corrupt, not an image) raises a
+    ``ValueError`` naming it."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as im:
+            im.load()
+            return im
+    except (OSError, UnidentifiedImageError, SyntaxError) as e:  # PIL raises SyntaxError for some broken PNGs
+        raise ValueError(f"cannot read image {path}: {e} (a truncated or corrupt file? remove or replace it)") from None
+
+
 def folder_captions(spec: str) -> list[str | None]:
     """The caption of each image of a folder, in :func:`load_folder`'s order: the text of ``name.txt`` next to
     ``name.png`` (stripped; the common captioned-folder layout), None where there is no such file or it is empty."""
@@ -139,11 +158,7 @@ def load_folder(spec: str) -> tuple[str, Tensor, Tensor | None]:
 
     root, size = parse_folder_spec(spec)
     files, classes = _image_files(root)
-    pil = []
-    for p, _ in files:
-        with Image.open(p) as im:
-            im.load()
-            pil.append(im)
+    pil = [open_image(p) for p, _ in files]
     grey = all(im.mode in ("1", "L", "LA", "I", "I;16", "F") for im in pil)
     arrays = []
     for (p, _), im in zip(files, pil):

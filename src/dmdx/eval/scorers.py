@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..data.files import files_in
+from ..data.files import files_in, open_image
 from .images import frechet_distance
 
 Tensor = torch.Tensor
@@ -51,13 +51,7 @@ def image_files(folder: str | Path) -> list[Path]:
 
 def load_images(files: Sequence[Path]) -> list[Tensor]:
     """Image files as uint8 [3, H, W] tensors (RGB); sizes may differ."""
-    from PIL import Image
-
-    out = []
-    for f in files:
-        with Image.open(f) as im:
-            out.append(torch.from_numpy(np.asarray(im.convert("RGB")).copy()).permute(2, 0, 1))
-    return out
+    return [torch.from_numpy(np.asarray(open_image(f).convert("RGB")).copy()).permute(2, 0, 1) for f in files]
 
 
 # -- CLIP score, PickScore -------------------------------------------------------------------------------------
@@ -230,12 +224,21 @@ class LPIPS(nn.Module):
         path = Path(path).expanduser()
         if not path.is_file():
             raise FileNotFoundError(f"LPIPS weights not found: {path}")
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
+        try:
+            if path.suffix == ".safetensors":
+                from safetensors.torch import load_file
 
-            state = load_file(str(path))
-        else:
-            state = torch.load(str(path), map_location="cpu", weights_only=True)
+                state = load_file(str(path))
+            else:
+                state = torch.load(str(path), map_location="cpu", weights_only=True)
+        except Exception as e:  # noqa: BLE001 - zip, unpickling, safetensors header errors: a file we cannot read
+            fmt = "safetensors" if path.suffix == ".safetensors" else "torch.save (weights_only)"
+            raise ValueError(f"cannot read the LPIPS weights {path}: not a whole {fmt} file ({type(e).__name__}); "
+                             "truncated or corrupt? save it again: torch.save(lpips.LPIPS(net='alex').state_dict(), "
+                             "FILE)") from None
+        if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+            raise ValueError(f"{path} is not an AlexNet LPIPS state dict (a dict of tensors): it holds a "
+                             f"{type(state).__name__}{' of other values' if isinstance(state, dict) else ''}")
         net = cls()
         want = set(net.state_dict())
         missing = sorted(want - set(state))
@@ -245,6 +248,11 @@ class LPIPS(nn.Module):
                 else ""
             raise ValueError(f"{path} is not an AlexNet LPIPS state dict: missing {', '.join(missing[:4])}"
                              f"{' ...' if len(missing) > 4 else ''}{hint}")
+        wrong = [f"{k} {list(state[k].shape)} (expected {list(v.shape)})" for k, v in net.state_dict().items()
+                 if tuple(state[k].shape) != tuple(v.shape)]
+        if wrong:
+            raise ValueError(f"{path} is not an AlexNet LPIPS state dict: {', '.join(wrong[:3])}"
+                             f"{' ...' if len(wrong) > 3 else ''}")
         net.load_state_dict({k: state[k] for k in want})
         return net.eval().requires_grad_(False).to(device)
 
@@ -319,6 +327,35 @@ def score_images(s, scorers: Scorers) -> dict:
     if scorers.lpips is not None:
         row["lpips_diversity"] = lpips_diversity(scorers.lpips, s.images, s.prompt_index)
     return row
+
+
+# what each evaluation input must be: (a file, a folder, or a transformers model folder; what it is)
+INPUTS = {"prompts": ("file", "prompts file"), "ref": ("folder", "reference image folder"),
+          "inception": ("file", "Inception weights (the TorchScript inception-2015-12-05.pt)"),
+          "clip": ("model", "CLIP model folder"), "pickscore": ("model", "PickScore CLIPModel folder"),
+          "lpips": ("file", "LPIPS weights")}
+
+
+def check_inputs(**given) -> None:
+    """Every local file or folder an evaluation was given (``prompts=``, ``ref=``, ``inception=``, ``clip=``,
+    ``pickscore=``, ``lpips=``; None: not given), checked at once before anything is loaded or sampled: one
+    ``FileNotFoundError`` names all that are missing."""
+    problems = []
+    for name, value in given.items():
+        if value is None:
+            continue
+        kind, what = INPUTS[name]
+        p = Path(value).expanduser()
+        if kind == "file" and not p.is_file():
+            problems.append(f"--{name} {value}: {what} not found")
+        elif kind == "folder" and not p.is_dir():
+            problems.append(f"--{name} {value}: {what} not found")
+        elif kind == "model" and not (p / "config.json").is_file():
+            problems.append(f"--{name} {value}: {what} not found or without config.json (a local transformers "
+                            "CLIPModel folder)")
+    if problems:
+        head = f"{len(problems)} inputs are missing: " if len(problems) > 1 else ""
+        raise FileNotFoundError(head + "; ".join(problems) + " (nothing is downloaded)")
 
 
 def check_unsupported(**given) -> None:

@@ -178,7 +178,7 @@ class PipelineBackbone(nn.Module):
                  grad_checkpointing: bool = False, shape: list[int] | None = None, guidance: float = 3.5,
                  frozen_base: bool = False, weights: bool = True):
         super().__init__()
-        path = str(check_folder(path))
+        path = str(check_folder(path, weights))
         self.component, family = denoiser_component(Path(path))
         if family != self.family:
             raise ValueError(f"{path} holds a {family} model, not {self.family}")

@@ -29,7 +29,7 @@ class VideoBackbone(PipelineBackbone):
                  grad_checkpointing: bool = False, shape: list[int] | None = None, max_sequence_length: int = 0,
                  frozen_base: bool = False, weights: bool = True):
         nn.Module.__init__(self)
-        p, family = check_video_folder(path)
+        p, family = check_video_folder(path, weights)
         if family != self.family:
             raise ValueError(f"{path} holds a {family} model, not {self.family}")
         path = str(p)

@@ -4,6 +4,7 @@ cached prompt embeddings, DDPM-style scheduler configs."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import torch
@@ -21,22 +22,75 @@ def is_pipeline_folder(spec: str | Path) -> bool:
     return Path(spec).is_dir() and (Path(spec) / "model_index.json").is_file()
 
 
+HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*")
+TEACHER_FORMS = ("a dmdx model or run folder, a local diffusers pipeline folder (with model_index.json) or "
+                 "gmm:NAME")
+
+
 def looks_like_hub_id(spec: str) -> bool:
-    """``org/name`` with no such local path: a hub id, which dmdx never downloads."""
-    parts = str(spec).split("/")
-    return len(parts) == 2 and all(parts) and not Path(spec).exists() and not str(spec).startswith((".", "~"))
+    """A bare ``org/name`` that is no local path (neither it nor its ``org`` exists here): a hub id, which dmdx never
+    downloads.  Anything path-like (``./x``, ``~/x``, ``/x``, ``a/b/c``, a folder that exists) is a path."""
+    s = str(spec)
+    return bool(HUB_ID.fullmatch(s)) and not Path(s).exists() and not Path(s.split("/")[0]).exists()
 
 
-def check_folder(path: str | Path) -> Path:
+def check_folder(path: str | Path, weights: bool = True) -> Path:
+    """A local diffusers pipeline folder, checked: it exists, has ``model_index.json``, and (``weights``) each of its
+    model components has its weights (:func:`check_weights`; ``weights=False``: a folder of configs is enough, what
+    a network built from its configs alone needs)."""
+    spec = str(path)
     path = Path(path).expanduser()
     if not path.exists():
-        hint = " (it looks like a Hugging Face hub id)" if looks_like_hub_id(str(path)) else ""
-        raise FileNotFoundError(f"teacher {str(path)!r} not found{hint}: dmdx needs a local diffusers pipeline folder "
-                                "(with model_index.json), e.g. from `huggingface-cli download ORG/NAME --local-dir "
-                                "DIR`; nothing is downloaded at run time")
+        if looks_like_hub_id(spec):
+            raise FileNotFoundError(f"teacher {spec!r} is no local folder but looks like a Hugging Face hub id: "
+                                    "nothing is downloaded at run time; fetch it first (`huggingface-cli download "
+                                    f"{spec} --local-dir DIR`) and pass DIR")
+        raise FileNotFoundError(f"teacher {spec!r} not found: no such folder (expected {TEACHER_FORMS})")
     if not is_pipeline_folder(path):
         raise ValueError(f"{path} has no model_index.json: not a diffusers pipeline folder")
+    if weights:
+        check_weights(path)
     return path
+
+
+WEIGHT_FILES = {"diffusers": "diffusion_pytorch_model.safetensors", "transformers": "model.safetensors"}
+
+
+def check_weights(path: Path) -> None:
+    """Every component ``model_index.json`` names from diffusers or transformers has its folder, and every model
+    component (a folder with a ``config.json``) its weights, all the shards a ``*.index.json`` lists included:
+    otherwise a ``FileNotFoundError`` naming each component and the files it lacks (a download filtered to the
+    configs, or interrupted), before anything tries to load it."""
+    problems = []
+    for comp, entry in model_index(path).items():
+        if comp.startswith("_") or not isinstance(entry, list) or len(entry) != 2 or entry[1] is None:
+            continue
+        folder = Path(path) / comp
+        if not folder.is_dir():
+            if entry[0] in WEIGHT_FILES:
+                problems.append(f"{comp}/ is missing ({entry[1]})")
+            continue
+        if not (folder / "config.json").is_file():  # a scheduler, tokenizer or processor: configs only
+            continue
+        files = {f.name for f in folder.iterdir() if f.is_file()}
+        indexes = sorted(f for f in files if f.endswith(".index.json"))
+        shards = set()
+        for name in indexes:
+            try:
+                shards |= set(json.loads((folder / name).read_text()).get("weight_map", {}).values())
+            except (json.JSONDecodeError, AttributeError):
+                problems.append(f"{comp}/{name} is not a readable shard index")
+        lacking = sorted(shards - files)
+        if lacking:
+            more = f" and {len(lacking) - 3} more" if len(lacking) > 3 else ""
+            problems.append(f"{comp}/ lacks the shards {', '.join(lacking[:3])}{more} that {indexes[0]} lists")
+        elif not shards and not any(f.endswith((".safetensors", ".bin")) for f in files):
+            want = WEIGHT_FILES.get(entry[0], "*.safetensors or *.bin")
+            problems.append(f"{comp}/ has its config.json but no weights (expected {want}, or .bin)")
+    if problems:
+        raise FileNotFoundError(f"the pipeline folder {path} is incomplete: {'; '.join(problems)}. Download the "
+                                "missing files (a download filtered to the configs leaves them out); nothing is "
+                                "downloaded at run time")
 
 
 def model_index(path: Path) -> dict:

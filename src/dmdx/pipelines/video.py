@@ -58,8 +58,8 @@ def is_video_folder(spec) -> bool:
     return spec is not None and video_family(Path(str(spec)).expanduser()) is not None
 
 
-def check_video_folder(path: str | Path) -> tuple[Path, str]:
-    path = check_folder(path)
+def check_video_folder(path: str | Path, weights: bool = True) -> tuple[Path, str]:
+    path = check_folder(path, weights)
     family = video_family(path)
     if family is None:
         entry = model_index(path).get("transformer") or model_index(path).get("unet")
@@ -97,7 +97,7 @@ def vae_factors(path: Path, family: str) -> tuple[int, int]:
 def geometry(path: Path, frames: int | None = None, height: int | None = None, width: int | None = None
              ) -> Geometry:
     """Sizes at the model's native defaults or the given ones, checked against the VAE and the patching."""
-    path, family = check_video_folder(path)
+    path, family = check_video_folder(path, weights=False)  # configs only
     tr, vae = component_config(path, "transformer"), component_config(path, "vae")
     temporal, spatial = vae_factors(path, family)
     if family == "cogvideox":
@@ -142,7 +142,7 @@ def geometry(path: Path, frames: int | None = None, height: int | None = None, w
 
 def schedule_from_folder(path: Path) -> tuple[Schedule, str]:
     """(schedule, prediction kind) from the scheduler config."""
-    path, family = check_video_folder(path)
+    path, family = check_video_folder(path, weights=False)
     sched = component_config(path, "scheduler")
     name = sched.get("_class_name")
     if family == "cogvideox":

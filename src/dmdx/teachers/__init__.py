@@ -45,6 +45,17 @@ def apply_recipe(cfg, user_keys: set[str] = frozenset()) -> list:
     return recipes.apply_recipe(cfg, teacher_kind(cfg.teacher), user_keys)
 
 
+def check_run(cfg) -> None:
+    """Everything about distillation config ``cfg`` that can be checked before anything is written or collected: the
+    config, the teacher (found and complete), the method for its shape, the files the run will read (prompts, data,
+    pairs).  ``dmdx distill`` runs it before it touches ``--out``; ``--dry-run`` runs it too."""
+    train_run.check_run_config(cfg)
+    kind_for(cfg.teacher).check_run(cfg)
+    if cfg.pairs.path and not Path(cfg.pairs.path).is_dir():
+        raise FileNotFoundError(f"teacher pairs folder not found: {cfg.pairs.path} (--pairs / pairs.path: a folder "
+                                "written by 'dmdx pairs' or another run's RUN/pairs)")
+
+
 def build_run(cfg, run_dir: Path):
     """``(Context, ModelInfo)`` of a distillation run: the kind of ``cfg.teacher`` loads the teacher and data, makes
     the student and collects or loads pairs, validating before anything slow."""
@@ -83,5 +94,5 @@ def usage(info: ModelInfo, fmt: str, out: str | Path, prompt: str = "a photo of 
     return export_usage(info, fmt, out, student_call(info), prompt)
 
 
-__all__ = ["apply_recipe", "build_run", "distill", "export_run", "kind_for", "load_model", "registered",
+__all__ = ["apply_recipe", "build_run", "check_run", "distill", "export_run", "kind_for", "load_model", "registered",
            "sampling_args", "student_call", "teacher_kind", "usage"]

@@ -46,6 +46,11 @@ def _step_dirs(run_dir: Path) -> list[Path]:
     return sorted(dirs, key=lambda p: int(p.name[5:].split(".")[0]))
 
 
+def checkpoint_steps(run_dir: Path) -> list[int]:
+    """The steps of a run's checkpoints, oldest first, from their folder names (nothing is read)."""
+    return [int(p.name[5:].split(".")[0]) for p in _step_dirs(run_dir)]
+
+
 def _fsync(path: Path) -> None:
     """Flush a file's data (or a folder's entries) to the disk."""
     fd = os.open(path, os.O_RDONLY)

@@ -348,6 +348,13 @@ IN_MODE_NEAR = 0.8
 # a critic whose real and fake inputs differ by less than this fraction of the samples' spread has nothing to learn
 # (digits, guidance 1.5: 0.003-0.005 at ADM's dt = 1/64 with its critic at chance; benchmarks/adm-study.md)
 GAP_BLIND = 0.02
+# Evidence a verdict needs (judgements).  A student a few steps from its initialisation (the teacher's network
+# sampled in 1-4 steps) has the one-step teacher's blur and low diversity, and its critics have barely trained: that
+# is where a run starts, not a fault.  Before its log reaches EARLY_STEPS a run is "too early to judge" (non-finite
+# values excepted); what it shows is listed as early signs.  A critic is judged on at least CRITIC_MIN_LOGS logged
+# accuracies (the smoothing window).
+EARLY_STEPS = 100
+CRITIC_MIN_LOGS = 5
 
 
 def read_log(run_dir: Path) -> list[dict]:
@@ -439,12 +446,13 @@ def _fmt(v: float) -> str:
     return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.4g}"
 
 
-def _quality(rows: list[dict], ref: dict | None) -> tuple[list[str], bool]:
-    """(problems, near) of the run's small-sample quality figures on built-in data: ``near`` when the last figure
-    is close to what the reference scores (mixtures: every mode of as many real samples, at least ``IN_MODE_NEAR``
-    of their in-mode fraction; images: FD within ``FD_NEAR`` x and class accuracy within ``CLASS_ACC_NEAR`` of the
-    teacher's on the same noise and labels) and nothing is wrong with it."""
-    problems, near = [], False
+def _quality(rows: list[dict], ref: dict | None) -> tuple[list[str], bool, bool]:
+    """(problems, near, judged) of the run's small-sample quality figures on built-in data: ``near`` when the last
+    figure is close to what the reference scores (mixtures: every mode of as many real samples, at least
+    ``IN_MODE_NEAR`` of their in-mode fraction; images: FD within ``FD_NEAR`` x and class accuracy within
+    ``CLASS_ACC_NEAR`` of the teacher's on the same noise and labels) and nothing is wrong with it; ``judged`` when
+    there is a figure and a reference to read it against."""
+    problems, near, judged = [], False, False
     q = (ref or {}).get("quality") or {}
     s, v = _series(rows, "health/modes_covered")
     if v:
@@ -458,6 +466,7 @@ def _quality(rows: list[dict], ref: dict | None) -> tuple[list[str], bool]:
             problems.append(f"samples off the data: {hq[-1]:.0%} of the last small sample lie within 3 std of a mode, "
                             f"real data {t_hq:.0%}")
         near = bool(t_modes is not None and v[-1] >= t_modes and hq and t_hq and hq[-1] >= IN_MODE_NEAR * t_hq)
+        judged = t_modes is not None
     tq = (ref or {}).get("teacher_quality") or {}
     s, v = _series(rows, "health/fd")
     _, acc = _series(rows, "health/class_acc")
@@ -473,7 +482,8 @@ def _quality(rows: list[dict], ref: dict | None) -> tuple[list[str], bool]:
             problems.append(f"samples lost their class: class accuracy {acc[-1]:.2f} at step {s[-1]}, the teacher's "
                             f"{t_acc:.2f}")
         near = bool(t_fd and v[-1] <= FD_NEAR * t_fd and (not t_acc or (acc and acc[-1] >= CLASS_ACC_NEAR * t_acc)))
-    return problems, near and not problems
+        judged = judged or bool(t_fd)
+    return problems, near and not problems, judged
 
 
 def _quality_notes(rows: list[dict], ref: dict | None) -> list[str]:
@@ -499,9 +509,12 @@ def _quality_notes(rows: list[dict], ref: dict | None) -> list[str]:
 
 
 def diagnose(rows: list[dict], ref: dict | None, steps_total: int | None, alarm: float) -> tuple[list[str], list[str]]:
-    """(problems, notes) of a run's log: a run is healthy when there are no problems."""
+    """(problems, notes) of a run's log: a run is healthy when there are no problems.  A log that ends before
+    ``EARLY_STEPS`` is too early to judge: only non-finite values are problems there, the rest are notes
+    ("early sign: ...", after a first note that says so)."""
     problems, notes = [], []
     last = rows[-1]["step"]
+    early = last < EARLY_STEPS
     if steps_total and last < steps_total:
         notes.append(f"the log ends at step {last} of {steps_total}: the run is still going, was interrupted, or "
                      "stopped on a non-finite loss (see its output)")
@@ -526,7 +539,7 @@ def diagnose(rows: list[dict], ref: dict | None, steps_total: int | None, alarm:
                          f"({end:.2g}x at the end)")
         else:
             notes.append(f"{what}: {min(v):.2g}x to {max(v):.2g}x the teacher's (ends at {end:.2g}x)")
-    quality_problems, near = _quality(rows, ref)
+    quality_problems, near, judged = _quality(rows, ref)
     # critics: a critic at chance is blind (nothing tells its inputs apart), at equilibrium (the student matches the
     # teacher, so nothing is left to tell apart) or too weak (the signal is there and it does not learn it)
     for k in [k for k in summary_keys(rows) if k.startswith("critic/") and k.endswith("/acc")]:
@@ -537,7 +550,11 @@ def diagnose(rows: list[dict], ref: dict | None, steps_total: int | None, alarm:
         gap = _window_mean(g, "end") if g else None
         seen = f"best accuracy {best:.2f}, chance 0.5, over {len(v)} logs from step {s[0]} to {s[-1]}"
         signal = "" if gap is None else f"; its real and fake inputs differ by {gap:.2g} of the samples' spread"
-        if best >= CHANCE_ACC:
+        blind = gap is not None and gap < GAP_BLIND
+        if best < CHANCE_ACC and len(v) < CRITIC_MIN_LOGS:
+            notes.append(f"critic {name!r}: too early to judge ({seen}; a verdict needs {CRITIC_MIN_LOGS} logs)"
+                         + signal)
+        elif best >= CHANCE_ACC:
             notes.append(f"critic {name!r}: accuracy {_window_mean(v, 'start'):.2f} -> {_window_mean(v, 'end'):.2f} "
                          f"(best {best:.2f}; 0.5 is chance, and also the equilibrium once the student matches)"
                          + signal)
@@ -554,8 +571,14 @@ def diagnose(rows: list[dict], ref: dict | None, steps_total: int | None, alarm:
                        "learn): its heads' rate or capacity")
             else:
                 msg = f"critic {name!r} never beat chance ({seen}): blind to its input, or far too weak"
-            # with a quality figure that says what is wrong, the critic is its explanation, not a second problem
-            (notes if quality_problems else problems).append(msg)
+            if quality_problems:  # the quality figure says what is wrong: the critic is its explanation
+                notes.append(msg)
+            elif judged and not blind:
+                # the student's measured quality is fine: a critic that passes no signal is not what holds it back
+                notes.append(msg + "; the student's measured quality shows no problem, so the critic is not a fault "
+                             "of the run")
+            else:
+                problems.append(msg)
     # fake score lag
     s, v = _series(rows, "health/fake_lag")
     if v:
@@ -575,6 +598,13 @@ def diagnose(rows: list[dict], ref: dict | None, steps_total: int | None, alarm:
     alarms = [(r["step"], r["health/alarm"]) for r in rows if isinstance(r.get("health/alarm"), str)]
     for st, msg in alarms:
         notes.append(f"alarm at step {st}: {msg}")
+    if early:
+        hard = [p for p in problems if p.startswith("non-finite")]
+        notes = ([f"too early to judge: the log ends at step {last}, and a verdict needs {EARLY_STEPS} steps (a "
+                  "student a few steps from its initialisation has the few-step teacher's blur and low diversity, "
+                  "and its critics have barely trained)"]
+                 + [f"early sign: {p}" for p in problems if p not in hard] + notes)
+        problems = hard
     return problems, notes
 
 
@@ -629,7 +659,8 @@ def plot_health(rows: list[dict], path: Path, ref: dict | None = None, alarm: fl
 
 
 def inspect_run(run_dir: Path) -> tuple[str, bool, Path]:
-    """Summarise a run's health signals: (report text, healthy?, path of the PNG written into the run)."""
+    """Summarise a run's health signals: (report text, healthy?, path of the PNG written into the run); ``healthy``
+    is False when a problem was found (a run too early to judge is healthy unless its values are non-finite)."""
     run_dir = Path(run_dir)
     rows = read_log(run_dir)
     cfg = {}
@@ -678,7 +709,8 @@ def inspect_run(run_dir: Path) -> tuple[str, bool, Path]:
     lines.append("")
     if not any(k.startswith(("health/", "critic/")) for r in rows for k in r):
         notes.insert(0, "this log has no health signals (teacher training, or train.health_n=0)")
-    lines.append("verdict: " + ("looks healthy" if not problems else "UNHEALTHY"))
+    early = rows[-1]["step"] < EARLY_STEPS
+    lines.append("verdict: " + ("UNHEALTHY" if problems else "too early to judge" if early else "looks healthy"))
     lines += [f"  problem: {p}" for p in problems]
     lines += [f"  note: {n}" for n in notes]
     png = plot_health(rows, run_dir / PLOT_FILE, ref, alarm)

@@ -465,11 +465,11 @@ class Trainer:
         try:
             if ckpt is not None:
                 stage = self.restore(ckpt)
-                if world.main:
-                    _trim_log(log_path, step)
             else:
                 torch.manual_seed(tc.seed + world.rank)  # each rank its own noise, labels, prompts
                 stage = self.build_stage(0)
+            if world.main:
+                _trim_log(log_path, step)  # (a run resumed before its first checkpoint starts its log again)
             writer = _tensorboard(self.run_dir / "tb") if world.main else None
             pbar = _progress(tc, step) if world.main else None
             acc: dict[str, list[float]] = {}

@@ -8,6 +8,8 @@ running the ``dsm`` method on a fresh network).
 from __future__ import annotations
 
 import json
+import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Literal
@@ -15,16 +17,18 @@ from typing import Any, Callable, Literal
 import torch
 
 from ..config import StudentConfig, TrainConfig, VideoConfig, from_dict, save_json, to_dict
-from ..data import load_dataset
+from ..data import DATASETS, load_dataset
 from ..denoiser import Denoiser
 from ..methods import get_method
 from ..methods.base import Context
 from ..methods.dsm import DSMConfig
+from ..mixtures import BUILTIN_MIXTURES
 from ..models import ModelInfo, device_of
 from ..nets import backbone_spec, default_backbone
 from ..schedules import make_schedule
 from . import dist
 from .loop import Trainer, check_lr_scale
+from .run_folder import RunFolder, find_run
 
 CONFIG_JSON = "config.json"
 
@@ -132,9 +136,48 @@ def load_run_config(run_dir: Path) -> RunConfig:
     return run_config_from_dict(json.loads(path.read_text()))
 
 
-# -- teachers --------------------------------------------------------------------------------------------------
+def absolute_spec(spec: str | None) -> str | None:
+    """A ``--teacher`` / ``--data`` value with the local path it names made absolute (``PATH``, ``PATH@SIZE``,
+    ``gmm:FILE``, ``npz:PATH``, ``folder:PATH[@SIZE]``), so that a run's ``config.json`` means the same from any
+    directory; built-in names, hub ids and paths that do not exist are kept as given (the checks name them)."""
+    if not spec or spec in DATASETS or spec in BUILTIN_MIXTURES:
+        return spec
+    prefix, rest = "", spec
+    for p in ("gmm:", "npz:", "folder:"):
+        if spec.startswith(p):
+            prefix, rest = p, spec[len(p):]
+    if prefix == "gmm:" and rest in BUILTIN_MIXTURES:
+        return spec
+    size = ""
+    if not Path(rest).expanduser().exists():
+        m = re.fullmatch(r"(.*)(@\d+(?:x\d+)?)", rest)
+        if not (m and Path(m.group(1)).expanduser().exists()):
+            return spec
+        rest, size = m.group(1), m.group(2)
+    return prefix + os.path.abspath(os.path.expanduser(rest)) + size
+
+
+def _absolute_path(path: str | None) -> str | None:
+    return os.path.abspath(os.path.expanduser(path)) if path else path
+
+
+def absolute_paths(cfg: RunConfig) -> RunConfig:
+    """``cfg`` with every local path it names absolute (teacher, data, prompts, pairs, vision encoder): a run's
+    ``config.json`` resumes from any directory."""
+    cfg.teacher = absolute_spec(cfg.teacher)
+    cfg.data = absolute_spec(cfg.data)
+    cfg.pairs.path = _absolute_path(cfg.pairs.path)
+    cfg.real.prompts = _absolute_path(cfg.real.prompts)
+    cfg.real.vision_encoder = _absolute_path(cfg.real.vision_encoder)
+    return cfg
+
+
+# -- teachers ---------------------------------------------------------------------------------------------------
 def train_teacher(cfg: TeacherConfig, out: Path, resume: bool = False) -> Path:
+    """Train a built-in teacher into run folder ``out`` (locked for the run; a failed start leaves it as it was:
+    :class:`dmdx.train.run_folder.RunFolder`); ``resume`` continues the run there."""
     out = Path(out)
+    cfg.data = absolute_spec(cfg.data)
     ds = load_dataset(cfg.data, "train")
     dev = device_of(cfg.train.device)
     cond = cfg.conditional if cfg.conditional is not None else (ds.kind == "image" and ds.num_classes > 0)
@@ -152,10 +195,13 @@ def train_teacher(cfg: TeacherConfig, out: Path, resume: bool = False) -> Path:
     ctx = Context(teacher=None, teacher_net=None, student=den, data=ds, num_classes=k, shape=tuple(ds.shape),
                   batch_size=cfg.train.batch_size, device=dev)
     world = dist.setup(cfg.train.parallel, dev, cfg.train.dist_timeout)
-    out.mkdir(parents=True, exist_ok=True)
-    if world.main:
-        save_json(to_dict(cfg), out / CONFIG_JSON)
-    return Trainer(out, cfg.method, cfg.train, ctx, info, world=world).run(resume=resume)
+    resume = resume or (dist.elastic_restart() and find_run(out) is not None)
+    with RunFolder(out, resume, main=world.main) as folder:
+        trainer = Trainer(out, cfg.method, cfg.train, ctx, info, world=world)
+        if world.main:
+            save_json(to_dict(cfg), out / CONFIG_JSON)
+        folder.started()
+        return trainer.run(resume=resume)
 
 
 # -- distillation ----------------------------------------------------------------------------------------------
@@ -168,14 +214,23 @@ def check_run_config(cfg: RunConfig) -> None:
 
 def distill(cfg: RunConfig, out: Path, setup: Callable[[RunConfig, Path], tuple[Context, ModelInfo]],
             resume: bool = False) -> Path:
-    """Write the config, set the run up with ``setup(cfg, out)`` (the teacher kind's ``build_run``:
-    :func:`dmdx.teachers.build_run`), then train it with the shared loop."""
+    """Set the run up with ``setup(cfg, out)`` (the teacher kind's ``build_run``: :func:`dmdx.teachers.build_run`),
+    write its ``config.json``, then train it with the shared loop.
+
+    The run folder is locked for the run, and a start that fails on a user error (before training) leaves it as it
+    was (:class:`dmdx.train.run_folder.RunFolder`).  ``config.json`` is written once the set-up is done, so a folder
+    holds a run (what ``--resume`` continues) from then on; a set-up stopped before that (Ctrl-C while teacher pairs
+    are collected) is continued by the same command."""
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    check_run_config(cfg)  # before a bad config is written
+    absolute_paths(cfg)
+    check_run_config(cfg)
     world = dist.setup(cfg.train.parallel, device_of(cfg.train.device), cfg.train.dist_timeout)
-    if world.main:
-        save_json(to_dict(cfg), out / CONFIG_JSON)
-    with dist.rank_zero_first(world):  # rank 0 fills the caches (surrogate, pairs, prompts), the others read them
-        ctx, info = setup(cfg, out)
-    return Trainer(out, cfg.method, cfg.train, ctx, info, world=world).run(resume=resume)
+    resume = resume or (dist.elastic_restart() and find_run(out) is not None)
+    with RunFolder(out, resume, main=world.main) as folder:
+        with dist.rank_zero_first(world):  # rank 0 fills the caches (surrogate, pairs, prompts), the others read them
+            ctx, info = setup(cfg, out)
+        trainer = Trainer(out, cfg.method, cfg.train, ctx, info, world=world)
+        if world.main:
+            save_json(to_dict(cfg), out / CONFIG_JSON)
+        folder.started()
+        return trainer.run(resume=resume)

@@ -110,6 +110,19 @@ def trainable_student(teacher_net, rc, seed: int):
     return student
 
 
+def check_builtin_run(cfg, teacher: Model):
+    """``(data name, dataset or None, student times)`` of a run on a built-in network, checked: the method for the
+    teacher's shape, the dataset (the teacher's unless ``--data``) and its shape, the student's times."""
+    tinfo = teacher.info
+    get_method(cfg.method.name).check(cfg.method, tuple(tinfo.shape))
+    data_name = cfg.data or tinfo.data
+    ds = load_dataset(data_name, "train") if data_name else None
+    if ds is not None and list(ds.shape) != list(tinfo.shape):
+        raise ValueError(f"data {data_name!r} has samples of shape {list(ds.shape)} but the teacher expects "
+                         f"{tinfo.shape}")
+    return data_name, ds, student_times(cfg.student.times, teacher.denoiser.schedule)
+
+
 def builtin_run(cfg, run_dir: Path, teacher: Model, make_teacher_net=None):
     """``(Context, ModelInfo)`` of a run on a built-in network (a dmdx model folder, or an exact mixture's
     surrogate): dataset (the teacher's unless ``--data``), the student as a copy of the teacher's network, pairs
@@ -121,13 +134,7 @@ def builtin_run(cfg, run_dir: Path, teacher: Model, make_teacher_net=None):
     method = get_method(cfg.method.name)
     dev = device_of(cfg.train.device)
     tinfo = teacher.info
-    method.check(cfg.method, tuple(tinfo.shape))
-    data_name = cfg.data or tinfo.data
-    ds = load_dataset(data_name, "train") if data_name else None
-    if ds is not None and list(ds.shape) != list(tinfo.shape):
-        raise ValueError(f"data {data_name!r} has samples of shape {list(ds.shape)} but the teacher expects "
-                         f"{tinfo.shape}")
-    times = student_times(cfg.student.times, teacher.denoiser.schedule)  # before a surrogate is fitted
+    data_name, ds, times = check_builtin_run(cfg, teacher)  # before a surrogate is fitted
     teacher_net = make_teacher_net() if make_teacher_net is not None else teacher.denoiser
     torch.manual_seed(cfg.train.seed)
     student = frozen_copy(teacher_net, trainable=True).train()

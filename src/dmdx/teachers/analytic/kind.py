@@ -20,7 +20,7 @@ from ...mixtures import AnalyticDenoiser, GaussianMixture, mixture_spec
 from ...models import MODEL_WEIGHTS, Model, ModelInfo, build_denoiser, device_of, load_weights, read_info, save_model
 from ...nets import backbone_spec, default_backbone
 from ...schedules import FlowMatching, make_schedule
-from ...train.setup import builtin_run
+from ...train.setup import builtin_run, check_builtin_run
 
 def gmm_model(spec: str, schedule: dict | str | None = None) -> Model:
     """The exact teacher of mixture ``spec`` (a built-in name or a JSON file) on ``schedule`` (default: the spec's
@@ -107,6 +107,9 @@ class AnalyticKind:
         save_model(folder, den, ModelInfo(kind="teacher", backbone=backbone_spec(den.backbone),
                                           schedule=den.schedule.to_dict(), prediction="x0", shape=teacher.info.shape))
         return den.to(dev)
+
+    def check_run(self, cfg) -> None:
+        check_builtin_run(cfg, self.load_teacher(cfg.teacher))
 
     def build_run(self, cfg, run_dir: Path):
         """The exact teacher, its surrogate (after the cheap checks), then as for a built-in network."""

@@ -13,7 +13,8 @@ from pathlib import Path
 from ...config import EvalRequest, SampleRequest
 from ...evaluate import evaluate_request, sample_to_file
 from ...models import MODEL_JSON, Model, device_of, load_folder
-from ...train.setup import builtin_run
+from ...pipelines.folder import TEACHER_FORMS
+from ...train.setup import builtin_run, check_builtin_run
 
 
 class ModelFolderKind:
@@ -38,7 +39,16 @@ class ModelFolderKind:
         return "vector" if len(shape) == 1 else "image"
 
     def load_teacher(self, spec: str, device="cpu") -> Model:
+        path = Path(spec).expanduser()
+        if not path.exists():
+            raise FileNotFoundError(f"{str(spec)!r} not found: no such folder (expected {TEACHER_FORMS})")
+        if path.is_dir() and not (path / MODEL_JSON).is_file():
+            raise FileNotFoundError(f"{spec} is neither a dmdx model folder (no {MODEL_JSON}) nor a diffusers "
+                                    f"pipeline folder (no model_index.json); expected {TEACHER_FORMS}")
         return load_folder(spec, device)
+
+    def check_run(self, cfg) -> None:
+        check_builtin_run(cfg, self.load_teacher(cfg.teacher))
 
     def build_run(self, cfg, run_dir: Path):
         """Teacher, dataset (the teacher's unless ``--data``), student, pairs and the pixel backbone; checked."""

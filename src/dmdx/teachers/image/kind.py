@@ -17,12 +17,13 @@ from ...config import EvalRequest, SampleRequest
 from ...data import Dataset
 from ...data import files as data_files
 from ...denoiser import Denoiser
-from ...eval.scorers import LPIPS, CLIPScorer, Scorers, check_unsupported, image_files, load_inception
+from ...eval.scorers import LPIPS, CLIPScorer, Scorers, check_inputs, check_unsupported, image_files, load_inception
 from ...methods import get_method
 from ...methods.base import Context
 from ...models import MODEL_JSON, Model, ModelInfo, device_of, load_folder
 from ...nets.pipeline import BACKBONES, FAMILY_BACKBONE, PixelBackbone
-from ...pipelines.folder import check_folder, is_pipeline_folder, load_cond, looks_like_hub_id, read_prompts, save_cond
+from ...pipelines.folder import (check_folder, component_config, is_pipeline_folder, load_cond, looks_like_hub_id,
+                                read_prompts, save_cond)
 from ...pipelines.image import (DEFAULT_GUIDANCE, check_shape, denoiser_component, encode_images, encode_prompts,
                                 latent_shape, pipeline_kind, schedule_from_folder, vae_scale_factor)
 from ...train.setup import pipeline_pairs, pipeline_student_info, real_guidance, student_times, trainable_student
@@ -119,27 +120,43 @@ class ImagePipelineKind:
         return ds, lat["caption_rows"], {k[8:]: v for k, v in lat.items() if k.startswith("caption.")}
 
     # -- the run ---------------------------------------------------------------------------------------------
-    def build_run(self, cfg, run_dir: Path):
-        """Teacher, cached prompt embeddings, cached VAE latents, student (maybe LoRA), pairs; checked first."""
+    def check_run(self, cfg) -> None:
+        """The folder (configs and weights), its shape for the method, the student's times, the prompts file, the
+        images of ``--data`` (listed; they are decoded at set-up), the vision encoder folder; Flux's guidance."""
         rc = cfg.real
-        method = get_method(cfg.method.name)
-        dev = device_of(cfg.train.device)
         path = check_folder(cfg.teacher).resolve()
         _, family = denoiser_component(path)
         shape = latent_shape(path, rc.resolution)
         check_shape(path, shape)
-        method.check(cfg.method, tuple(shape))
+        get_method(cfg.method.name).check(cfg.method, tuple(shape))
+        student_times(cfg.student.times, schedule_from_folder(path, shape)[0])
         if not rc.prompts:
             raise ValueError("a diffusers teacher needs --prompts FILE (one prompt a line)")
+        read_prompts(rc.prompts)
+        if cfg.data:
+            data_files.image_paths(cfg.data)
+        if rc.vision_encoder and not Path(rc.vision_encoder).is_dir():
+            raise FileNotFoundError(f"vision encoder folder not found: {rc.vision_encoder} (real.vision_encoder: a "
+                                    "local transformers folder, e.g. DINOv2)")
+        if (family == "flux" and component_config(path, "transformer").get("guidance_embeds")
+                and real_guidance(cfg, 1.0) != 1.0):
+            raise ValueError("this Flux teacher is guidance-distilled: it has no real classifier-free guidance; set "
+                             "real_guidance to 1 and choose the guidance embedding with real.flux_guidance")
+
+    def build_run(self, cfg, run_dir: Path):
+        """Teacher, cached prompt embeddings, cached VAE latents, student (maybe LoRA), pairs; checked first."""
+        self.check_run(cfg)
+        rc = cfg.real
+        method = get_method(cfg.method.name)
+        dev = device_of(cfg.train.device)
+        path = check_folder(cfg.teacher).resolve()
+        shape = latent_shape(path, rc.resolution)
         run_dir = Path(run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
         cond_file = self.conditioning(path, rc.prompts, shape, run_dir)
         bank, _ = load_cond(cond_file)
         teacher = load_teacher(path, dev, rc.teacher_dtype, rc.resolution, str(cond_file.resolve()), rc.guidance,
                                    rc.flux_guidance)
-        if family == "flux" and teacher.denoiser.backbone.guidance_distilled and real_guidance(cfg, 1.0) != 1.0:
-            raise ValueError("this Flux teacher is guidance-distilled: it has no real classifier-free guidance; set "
-                             "real_guidance to 1 and choose the guidance embedding with real.flux_guidance")
         ds, caption_rows, caption_bank = self.data(cfg.data, path, shape, run_dir) if cfg.data else (None, None, None)
         times = student_times(cfg.student.times, teacher.denoiser.schedule)
         teacher_net = teacher.denoiser
@@ -187,6 +204,8 @@ class ImagePipelineKind:
 
     def evaluate(self, req: EvalRequest) -> list[dict]:
         check_unsupported(hpsv2=req.hpsv2, imagereward=req.imagereward)
+        check_inputs(prompts=req.prompts, ref=req.ref, inception=req.inception, clip=req.clip,
+                     pickscore=req.pickscore, lpips=req.lpips)  # all missing files named at once
         prompts = self._prompts(req)
         if req.inception and not req.ref:
             raise ValueError("--inception is used for FID/KID against --ref DIR; pass --ref too")

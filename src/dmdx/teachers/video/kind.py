@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ...config import VideoConfig
-from ...data.video import load_video_folder
+from ...data.video import load_video_folder, video_files
 from ...denoiser import Denoiser
 from ...methods import get_method
 from ...methods.base import Context
@@ -150,25 +150,36 @@ class VideoKind:
         return VideoData(name=str(spec), x=d["x"], cond=cond, has_caption=d.get("has_caption"))
 
     # -- the run ---------------------------------------------------------------------------------------------
+    def check_run(self, cfg) -> None:
+        """The folder (configs and weights), its geometry for the method, the student's times, the prompts file, the
+        video files of ``--data`` (listed; they are decoded at set-up)."""
+        rc, vc = cfg.real, cfg.video
+        path, _ = check_video_folder(cfg.teacher)
+        geo = geometry(path, vc.frames, vc.height, vc.width)
+        get_method(cfg.method.name).check(cfg.method, tuple(geo.shape))
+        student_times(cfg.student.times, schedule_from_folder(path)[0])
+        if getattr(cfg.method, "gan", False) and not cfg.data:  # DMD2's GAN term
+            raise ValueError(f"method {cfg.method.name!r} has a GAN term on real videos: pass --data FOLDER (video "
+                             "files, optional NAME.txt captions), or --set method.gan=false")
+        if not rc.prompts:
+            raise ValueError("a video teacher needs --prompts FILE (one prompt a line)")
+        read_prompts(rc.prompts)
+        if rc.resolution:
+            raise ValueError("real.resolution is for image pipelines; a video teacher's size is video.height, "
+                             "video.width and video.frames")
+        if cfg.data:
+            video_files(cfg.data)
+
     def build_run(self, cfg, run_dir: Path):
         """Teacher, cached prompt embeddings, cached video latents, student (maybe LoRA), pairs; checked first."""
+        self.check_run(cfg)
         rc, vc = cfg.real, cfg.video
         method = get_method(cfg.method.name)
         dev = device_of(cfg.train.device)
         path, family = check_video_folder(cfg.teacher)
         path = path.resolve()
         geo = geometry(path, vc.frames, vc.height, vc.width)
-        method.check(cfg.method, tuple(geo.shape))
-        sched, _ = schedule_from_folder(path)
-        times = student_times(cfg.student.times, sched)
-        if getattr(cfg.method, "gan", False) and not cfg.data:  # DMD2's GAN term: before the slow set-up
-            raise ValueError(f"method {cfg.method.name!r} has a GAN term on real videos: pass --data FOLDER (video "
-                             "files, optional NAME.txt captions), or --set method.gan=false")
-        if not rc.prompts:
-            raise ValueError("a video teacher needs --prompts FILE (one prompt a line)")
-        if rc.resolution:
-            raise ValueError("real.resolution is for image pipelines; a video teacher's size is video.height, "
-                             "video.width and video.frames")
+        times = student_times(cfg.student.times, schedule_from_folder(path)[0])
         run_dir = Path(run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
         cond_file = self.conditioning(path, family, rc.prompts, run_dir, vc)
