@@ -12,6 +12,9 @@ Where ADM's student gradient points, with the run's own trained heads: per sampl
 generator's move of x0 (``d D(x_fake) / d x0``) and the DM loss's move (``x0_real(x_t) - x0_fake(x_t)``, DMD2's
 direction) at the same x_t, by time:
     python benchmarks/critic_probe.py --adm-run RUN --align
+What ADM's critic has to see, with the run's own student and fake score: the gap ``rms(x_real - x_fake) / spread``
+(``critic/adm/gap`` of the log) at each real guidance and step, over ADM's time law and at fixed times:
+    python benchmarks/critic_probe.py --adm-run RUN --gap [--guidances 1,1.5,3,5] [--dts 0.015625,0.25,1]
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ import torch
 
 from dmdx.data import load_dataset
 from dmdx.methods.adm import TeacherDiscriminator, hinge_d
+from dmdx.methods.base import critic_gap
 from dmdx.teachers import load_model
 
 
@@ -85,6 +89,8 @@ def adm_probe(args):
         method.cfg.dt = args.dt
     if args.align:
         return align_probe(method, ctx, args)
+    if args.gap:
+        return gap_probe(method, ctx, args)
     method.cfg.t_max = args.t_max
     print(f"{run}, step {ckpt['step']}, dt {method.cfg.dt}, t in [{method.cfg.t_min}, {method.cfg.t_max}]")
     with torch.no_grad():
@@ -105,6 +111,37 @@ def adm_probe(args):
         return method.real_step(x_t, t, s, cond), method.fake_step(x_t, t, s, cond), s, cond
 
     train_heads(TeacherDiscriminator(ctx.teacher_net, ctx, args.head_arch), batches, args.steps, args.lr)
+
+
+@torch.no_grad()
+def gap_probe(method, ctx, args, times=(0.1, 0.25, 0.5, 0.75, 0.9), batches=4):
+    """``rms(x_real - x_fake) / spread(x_fake)`` (``methods.base.critic_gap``) for each real guidance and step, over
+    ADM's time law (``method.noised``) and at fixed times; the same student samples and noise for every cell."""
+    cfg = method.cfg
+    print(f"gap = rms(x_real - x_fake) / spread(x_fake), mean over {batches} batches of {args.batch}")
+    print("| guidance | dt | over t ~ U[t_min, t_max] | " + " | ".join(f"t = {t}" for t in times) + " |")
+    print("|---|---|---|" + "---|" * len(times))
+    for g in (float(v) for v in args.guidances.split(",")):
+        cfg.real_guidance = g
+        for dt in (float(v) for v in args.dts.split(",")):
+            cfg.dt = dt
+            row = []
+            for t0 in (None, *times):
+                gaps = []
+                for b in range(batches):
+                    torch.manual_seed(b)
+                    x, cond, _ = ctx.student_x0(args.batch, grad=False)
+                    if t0 is None:
+                        x_t, t, s = method.noised(x)
+                    else:
+                        t = torch.full((args.batch,), t0, dtype=torch.float64)
+                        s = ctx.schedule.training_time((t - dt).clamp(min=0.0))
+                        x_t = ctx.schedule.add_noise(x, torch.randn_like(x), t)
+                    with method.steps_precision():
+                        xr, xf = method.real_step(x_t, t, s, cond), method.fake_step(x_t, t, s, cond)
+                    gaps.append(critic_gap(xr - xf, xf, "adm")["critic/adm/gap"])
+                row.append(sum(gaps) / len(gaps))
+            print(f"| {g:g} | {dt:g} | " + " | ".join(f"{v:.3g}" for v in row) + " |", flush=True)
 
 
 def align_probe(method, ctx, args):
@@ -138,6 +175,9 @@ def main():
     ap.add_argument("--dt", type=float, help="ADM step size (default: the run's)")
     ap.add_argument("--t-max", type=float, default=None)
     ap.add_argument("--align", action="store_true", help="with --adm-run: ADM's student direction against DM's")
+    ap.add_argument("--gap", action="store_true", help="with --adm-run: the critic's gap by guidance and step")
+    ap.add_argument("--guidances", default="1,1.5,3,5", help="with --gap: real guidance scales")
+    ap.add_argument("--dts", default="0.015625,0.25,1", help="with --gap: ADM steps")
     ap.add_argument("--steps", type=int, default=150)
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--batch", type=int, default=64)

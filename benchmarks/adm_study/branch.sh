@@ -7,6 +7,8 @@
 # The new run is BASE's folder up to that checkpoint (its log rows up to there, its pairs and snapshots), resumed with
 # `dmdx distill --resume --set k=v ...`: ADP is not repeated, and every branch starts from the same student, critics
 # and RNG state.  A resumed CPU run continues exactly as an uninterrupted one (tests/test_train.py).
+# SEED=N: another training seed for the branch (the checkpoint's RNG state is replaced by torch.manual_seed(N)'s: the
+# same student and critics, other noise, times and labels from there on); SCORE=0: no fd_seeds.py at the end.
 base=$1; name=$2; at=$3; shift 3
 cd "$(dirname "$0")/../.."
 export PYTHONPATH=$PWD/src OMP_NUM_THREADS=1
@@ -24,8 +26,16 @@ import json, sys
 rows = [line for line in open(sys.argv[1]) if json.loads(line)["step"] <= int(sys.argv[3])]
 open(sys.argv[2], "w").writelines(rows)
 PY
+if [ -n "$SEED" ]; then python - "$d/checkpoints/$ckpt/optim.pt" "$SEED" <<'PY'
+import sys, torch
+state = torch.load(sys.argv[1], weights_only=True)
+torch.manual_seed(int(sys.argv[2]))
+state["extra"]["rng"] = torch.get_rng_state()
+torch.save(state, sys.argv[1])
+PY
+fi
 sets=(); for kv in "$@"; do sets+=(--set "$kv"); done
 t0=$(date +%s)
 nice -n 5 python -m dmdx.cli distill --method dmdx --out "$d" --resume --quiet "${sets[@]}" > "$d.log" 2>&1
 echo "training s $(( $(date +%s) - t0 ))" >> "$d.log"
-python benchmarks/adm_study/fd_seeds.py "$d@$at" > "$d.fd" 2>&1
+[ "${SCORE:-1}" = 0 ] || python benchmarks/adm_study/fd_seeds.py "$d@$at" > "$d.fd" 2>&1

@@ -16,7 +16,13 @@ nice -n 5 python -m dmdx.cli eval --model $d --steps 1 --n 5000 --json $d.json >
 python - "$d.json" "$mix" "$name" "$((t1-t0))" "$*" <<'PY' >> $root/summary.txt
 import json, sys
 r = json.load(open(sys.argv[1]))
-print(sys.argv[2], sys.argv[3], f"q={r['quality']:.3f} modes={r['modes_covered']} we={r['weight_error']:.3f} "
-      f"mwe={r.get('max_weight_error', -1):.3f} sw={r['sw']:.3f} w=" + " ".join(f"{x:.2f}" for x in r['mode_weights']),
+r = r[0] if isinstance(r, list) else r
+if "class_mode_weights" in r:  # a class-conditional mixture: each class against its own modes
+    w = " | ".join(f"{c}: " + " ".join(f"{x:.2f}" for x in v) for c, v in r["class_mode_weights"].items())
+    head = f"q={r['quality']:.3f} off_class={r['off_class']:.3f} modes={r['modes_covered']} "
+else:
+    w = " ".join(f"{x:.2f}" for x in r["mode_weights"])
+    head = f"q={r['quality']:.3f} modes={r['modes_covered']} we={r['weight_error']:.3f} "
+print(sys.argv[2], sys.argv[3], head + f"mwe={r.get('max_weight_error', -1):.3f} sw={r['sw']:.3f} w=" + w,
       f"t={sys.argv[4]}s", sys.argv[5])
 PY
