@@ -30,8 +30,8 @@ Tensor = torch.Tensor
 @dataclass
 class SiDConfig:
     name: str = "sid"
-    # alpha of the generator loss: SiD's sid_train.py default and every image run of its run_sid.sh (--alpha 1.2);
-    # SiD-LSG's Stable Diffusion runs use 1 (the "sd" recipe)
+    # alpha of the generator loss: SiD's sid_train.py default, run_sid.sh's CIFAR-10 / ImageNet 64 / FFHQ 64 runs
+    # (AFHQv2: 1.0); SiD-LSG's Stable Diffusion runs use 1 (the "sd" recipe)
     alpha: float = 1.2
     # The student's loss times, t ~ U[t_min, t_max] on the teacher's schedule: SiD-LSG's timesteps
     # randint(tmin=20, tmax=980) of 1000 (sid_training_loop.py).  SiD's EDM runs draw t uniform on the
