@@ -25,7 +25,7 @@ import torch
 
 from dmdx.data import load_dataset
 from dmdx.methods.adm import TeacherDiscriminator, hinge_d
-from dmdx.models import load_model
+from dmdx.teachers import load_model
 
 
 def train_heads(disc, batches, steps: int, lr: float):
@@ -68,7 +68,8 @@ def adp_probe(args):
 def adm_probe(args):
     from dmdx.train.checkpoint import latest_checkpoint
     from dmdx.train.loop import Trainer
-    from dmdx.train.run import build_run, load_run_config
+    from dmdx.teachers import build_run
+    from dmdx.train.run import load_run_config
 
     run = Path(args.adm_run)
     cfg = load_run_config(run)

@@ -31,10 +31,11 @@ def one(family: str, method: str, root: Path, bf16: bool) -> dict:
     import torch
     from PIL import Image
 
-    from dmdx.recipes import apply_recipe
-    from dmdx.teachers.tiny import make_tiny_pipeline
+    from dmdx.teachers import apply_recipe
+    from dmdx.teachers.image.tiny import make_tiny_pipeline
     from dmdx.train.loop import Trainer
-    from dmdx.train.run import build_run, default_run_config
+    from dmdx.teachers import build_run
+    from dmdx.train.run import default_run_config
 
     torch.set_num_threads(1)
     pipe = make_tiny_pipeline(family, root / family)

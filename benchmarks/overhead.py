@@ -14,7 +14,8 @@ from pathlib import Path
 import torch
 
 from dmdx.train.loop import Trainer
-from dmdx.train.run import build_run, default_run_config
+from dmdx.teachers import build_run
+from dmdx.train.run import default_run_config
 
 
 def timeit(fn, reps: int) -> float:

@@ -23,10 +23,11 @@ def one(family: str, method: str, gc: bool, root: Path) -> dict:
 
     from dmdx.config import TrainConfig
     from dmdx.data.video import write_video
-    from dmdx.recipes import apply_recipe
-    from dmdx.teachers.tiny_video import make_tiny_video_pipeline
+    from dmdx.teachers import apply_recipe
+    from dmdx.teachers.video.tiny import make_tiny_video_pipeline
     from dmdx.train.loop import Trainer
-    from dmdx.train.run import build_run, default_run_config
+    from dmdx.teachers import build_run
+    from dmdx.train.run import default_run_config
 
     torch.set_num_threads(1)
     pipe = make_tiny_video_pipeline(family, root / family)

@@ -25,10 +25,11 @@ def _home(dmdx_home, monkeypatch):
 
 @pytest.fixture(scope="session")
 def pipeline_students(tmp_path_factory):
-    """``get(family)``: a one-step-trained LoRA student of a tiny pipeline (SD with SD1.5's PNDM scheduler), its
-    LoRA up-weights randomised; built once per session on first use (tests/test_export.py, test_pipeline_eval.py)."""
+    """``get(family)``: a one-step-trained LoRA student of a tiny pipeline (sd, sd_v, sdxl, sd3, flux; SD with SD1.5's
+    PNDM scheduler) at the recipe's LoRA settings, its LoRA weights randomised (helpers.lora_student); built once
+    per session on first use (tests/test_export.py, test_pipeline_eval.py)."""
     from helpers import lora_student, pndm_pipeline
-    from dmdx.teachers.tiny import make_tiny_pipeline
+    from dmdx.teachers.image.tiny import make_tiny_pipeline
 
     root = tmp_path_factory.mktemp("pipeline_students")
     cache: dict = {}
@@ -38,7 +39,8 @@ def pipeline_students(tmp_path_factory):
             folder = root / f"pipe_{family}"
             pipe = pndm_pipeline(folder) if family == "sd" else make_tiny_pipeline(family, folder)
             (root / family).mkdir()
-            cache[family] = lora_student(pipe, root / family, times=(1.0,) if family == "flux" else (1.0, 0.5))
+            times = {"flux": (1.0,), "sd_v": (1.0,), "sd3": (1.0, 0.75, 0.5, 0.25)}.get(family, (1.0, 0.5))
+            cache[family] = lora_student(pipe, root / family, times=times)
         return cache[family]
 
     return get

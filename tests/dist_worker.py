@@ -1,11 +1,13 @@
 """One rank of the distributed tests (tests/test_dist.py launches two of these, under torchrun or directly).
 
-``python dist_worker.py main OUT P``: gradients of each DMD2 phase under ddp, a ddp and an fsdp run of the same
-seed, the resume of the single-process run in P on two ranks, then ``dmdx distill`` with a NaN injected on rank 1
-(the process exits with the CLI's status).  ``kill OUT``: ``dmdx distill`` with rank 1 SIGKILLed after its
-step-4 checkpoint on torchrun's first attempt.  ``video OUT PIPE PROMPTS VIDEOS``: a tiny Wan pipeline's
-``dmdx distill`` under fsdp, then resumed from its first checkpoint.  A folder ``surrogate`` next to OUT is copied into every run
-folder (the analytic teacher's fitted MLP, a cache that is otherwise fitted again for each run).
+``python dist_worker.py main OUT P K``: gradients of each DMD2 phase under ddp, the average of gradients only rank
+1 has, a ddp and an fsdp run of the same seed, the ddp run again with SIGTERM sent to rank 1 during step K
+(preempted there) and resumed, the resume of the single-process run in P on two ranks, then ``dmdx distill`` with
+a NaN injected on rank 1 (the process exits with the CLI's status).  ``kill OUT``: ``dmdx distill`` with rank 1
+SIGKILLed after its step-4 checkpoint on torchrun's first attempt.  ``video OUT PIPE PROMPTS VIDEOS``: a tiny Wan
+pipeline's ``dmdx distill`` under fsdp, then resumed from its first checkpoint.  A folder ``surrogate`` next to OUT
+is copied into every run folder (the analytic teacher's fitted MLP, a cache that is otherwise fitted again for each
+run).
 """
 
 from __future__ import annotations
@@ -31,9 +33,9 @@ def seed_dir(run_dir: Path, surrogate: Path) -> Path:
 def trainer(cfg, run_dir):
     from dmdx.train import dist
     from dmdx.train.loop import Trainer
-    from dmdx.train.run import build_run
+    from dmdx.teachers import build_run
 
-    world = dist.setup(cfg.train.parallel, torch.device("cpu"))
+    world = dist.setup(cfg.train.parallel, torch.device("cpu"), cfg.train.dist_timeout)
     with dist.rank_zero_first(world):
         ctx, info = build_run(cfg, seed_dir(Path(run_dir), Path(run_dir).parent.parent / "surrogate"))
     return Trainer(Path(run_dir), cfg.method, cfg.train, ctx, info, world=world)
@@ -61,7 +63,63 @@ def full_states(tr) -> dict:
     return out
 
 
-def main(out: Path, single_run: Path) -> int:
+def branch_net() -> torch.nn.ModuleDict:
+    """A body, a head only samples of label 1 go through, and a head nothing uses."""
+    torch.manual_seed(0)
+    return torch.nn.ModuleDict({"body": torch.nn.Linear(4, 3), "head": torch.nn.Linear(3, 1),
+                                "unused": torch.nn.Linear(3, 1)})
+
+
+def branch_batch(rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rank r's 8 samples, all of label r: rank 0's batch never takes the head's branch."""
+    return torch.randn(8, 4, generator=torch.Generator().manual_seed(100 + rank)), torch.full((8,), rank)
+
+
+def branch_loss(net, x, y) -> torch.Tensor:
+    h = net["body"](x)
+    out = h.sum(1)
+    if bool((y == 1).any()):  # a branch taken by data: the head gets no gradient on a batch without label 1
+        out = out + torch.where(y == 1, net["head"](h).squeeze(1), torch.zeros(()))
+    return (out ** 2).mean()
+
+
+def uneven_grads(world) -> dict:
+    net = branch_net()
+    branch_loss(net, *branch_batch(world.rank)).backward()
+    had = sorted(k for k, p in net.named_parameters() if p.grad is not None)
+    world.average_gradients(list(net.parameters()))
+    return {"had": had, "grads": {k: p.grad.clone() for k, p in net.named_parameters() if p.grad is not None}}
+
+
+def preempted_run(cfg, run_dir: Path, at: int) -> dict:
+    """The ddp run of ``cfg`` with SIGTERM sent to rank 1 during step ``at`` (a real signal, from itself); then
+    resumed from the checkpoint that stop wrote, by a fresh trainer, to the end."""
+    from dmdx.train.loop import Preempted
+
+    rank = int(os.environ["RANK"])
+    tr = trainer(cfg, run_dir)
+    if rank == 1:
+        run_phase = tr.run_phase
+
+        def signalled(stage, phase, step):
+            if step == at - 1:  # 0-based: the at-th step
+                os.kill(os.getpid(), signal.SIGTERM)
+            return run_phase(stage, phase, step)
+
+        tr.run_phase = signalled
+    try:
+        tr.run()
+        raise AssertionError("the run was not preempted")
+    except Preempted as e:
+        stopped = {"step": e.step, "path": str(e.path), "message": str(e),
+                   "state": (e.path / "state.json").read_text()}  # kept only until the resumed run prunes it
+    del tr
+    tr = trainer(cfg, run_dir)
+    tr.run(resume=True)
+    return {"stopped": stopped, "final": full_states(tr)}
+
+
+def main(out: Path, single_run: Path, preempt_at: int) -> int:
     rank = int(os.environ["RANK"])
     # 1. gradients of each DMD2 phase, averaged over two ranks (rank r draws with seed 100 + r)
     cfg = tiny_config("dmd2", steps=4, grad_clip=0.0, parallel="ddp")
@@ -72,7 +130,8 @@ def main(out: Path, single_run: Path) -> int:
     for phase in stage.method.phases():
         res[phase.name] = capture_grads(tr, stage, phase, 100 + rank)
     torch.save(res, out / f"grads_{rank}.pt")
-    # 2. ddp and fsdp runs of one seed at world size 2 (checkpoints at 3 and 6)
+    torch.save(uneven_grads(tr.world), out / f"uneven_{rank}.pt")
+    # 2. ddp and fsdp runs of one seed at world size 2 (checkpoints at 3 and 6); the ddp run again, preempted
     for mode in ("ddp", "fsdp"):
         cfg = tiny_config("dmd2", steps=6, ckpt_every=3, parallel=mode)
         tr = trainer(cfg, out / mode)
@@ -80,6 +139,8 @@ def main(out: Path, single_run: Path) -> int:
         states = full_states(tr)
         if rank == 0:
             torch.save(states, out / f"{mode}_final.pt")
+    cfg = tiny_config("dmd2", steps=6, ckpt_every=3, parallel="ddp")
+    torch.save(preempted_run(cfg, out / "preempted", preempt_at), out / f"preempted_{rank}.pt")
     # 3. a single-process run (old checkpoint format, step 3) resumed on two ranks, sharded
     cfg = tiny_config("dmd2", steps=6, ckpt_every=3, parallel="fsdp")
     tr = trainer(cfg, single_run)
@@ -170,7 +231,7 @@ def video(out: Path, pipe: str, prompts: str, videos: str) -> int:
 if __name__ == "__main__":
     what, out = sys.argv[1], Path(sys.argv[2])
     if what == "main":
-        sys.exit(main(out, Path(sys.argv[3])))
+        sys.exit(main(out, Path(sys.argv[3]), int(sys.argv[4])))
     if what == "video":
         sys.exit(video(out, *sys.argv[3:6]))
     else:

@@ -1,4 +1,4 @@
-"""Which adapter claims which --teacher / --model value, and what the callers get through it."""
+"""Which teacher kind claims which --teacher / --model value, and what the callers get through it."""
 
 from __future__ import annotations
 
@@ -7,16 +7,17 @@ from pathlib import Path
 
 import pytest
 
-from dmdx.recipes import teacher_kind
-from dmdx.teachers.adapter import EvalRequest, SampleRequest, adapter_for
+from dmdx.teachers import kind_for, teacher_kind
+from dmdx.config import EvalRequest, SampleRequest
+
 
 DIGITS = Path(__file__).resolve().parents[1] / "src" / "dmdx" / "assets" / "teacher_digits"
 
 
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory):
-    from dmdx.teachers.tiny import make_tiny_pipeline
-    from dmdx.teachers.tiny_video import make_tiny_video_pipeline
+    from dmdx.teachers.image.tiny import make_tiny_pipeline
+    from dmdx.teachers.video.tiny import make_tiny_video_pipeline
 
     root = tmp_path_factory.mktemp("adapters")
     sd = make_tiny_pipeline("sd", root / "sd")
@@ -40,7 +41,7 @@ def test_each_kind_has_its_adapter(folders):
              # a student belongs to the adapter of the teacher it was distilled from
              str(folders["sd_student"]): "image", str(folders["wan_student"]): "video",
              str(folders["mlp_student"]): "builtin"}
-    assert {spec: adapter_for(spec).name for spec in cases} == cases
+    assert {spec: kind_for(spec).name for spec in cases} == cases
 
 
 def test_teacher_kinds_come_from_the_adapters(folders):
@@ -52,7 +53,7 @@ def test_teacher_kinds_come_from_the_adapters(folders):
 
 
 def test_loading_through_the_adapters_keeps_the_clear_errors(folders):
-    from dmdx.models import load_model
+    from dmdx.teachers import load_model
 
     assert load_model("gmm:ring8").analytic
     assert load_model(DIGITS).info.kind == "teacher"
@@ -70,19 +71,19 @@ def test_loading_through_the_adapters_keeps_the_clear_errors(folders):
 
 def test_requests_refuse_what_the_kind_cannot_use(folders, tmp_path):
     with pytest.raises(ValueError, match="--prompts is for text-to-image and text-to-video"):
-        adapter_for(DIGITS).sample(SampleRequest(str(DIGITS), tmp_path / "s.png", prompts="p.txt"))
+        kind_for(DIGITS).sample(SampleRequest(str(DIGITS), tmp_path / "s.png", prompts="p.txt"))
     with pytest.raises(ValueError, match="is a text-to-image model: pass --prompts"):
-        adapter_for(folders["sd"]).sample(SampleRequest(str(folders["sd"]), tmp_path / "imgs"))
+        kind_for(folders["sd"]).sample(SampleRequest(str(folders["sd"]), tmp_path / "imgs"))
     with pytest.raises(ValueError, match="no metric for video models"):
-        adapter_for(folders["wan"]).evaluate(EvalRequest(str(folders["wan"])))
+        kind_for(folders["wan"]).evaluate(EvalRequest(str(folders["wan"])))
     with pytest.raises(ValueError, match="nothing to export"):
-        adapter_for(folders["mlp_student"]).export(folders["mlp_student"], tmp_path / "out")
+        kind_for(folders["mlp_student"]).export(folders["mlp_student"], tmp_path / "out")
 
 
 def test_reused_pairs_must_come_from_the_same_prompts(tmp_path):
     from types import SimpleNamespace
 
-    from dmdx.teachers.common import run_pairs
+    from dmdx.train.setup import run_pairs
     from dmdx.train.run import PairsConfig
 
     (tmp_path / "pairs.json").write_text(json.dumps({"guidance": 4.0, "shape": [4, 8, 8], "prompts": "aaaa",

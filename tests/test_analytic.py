@@ -6,7 +6,7 @@ import torch
 from dmdx.denoiser import Denoiser
 from dmdx.sampling import SOLVERS, nfe, ode_step, sample_ode, student_sample, time_grid
 from dmdx.schedules import SCHEDULES, FlowMatching, make_schedule
-from dmdx.teachers.analytic import AnalyticDenoiser, GaussianMixture, load_mixture
+from dmdx.mixtures import AnalyticDenoiser, GaussianMixture, load_mixture
 
 
 def test_exact_denoiser_matches_monte_carlo():
@@ -186,3 +186,67 @@ def test_scatter7_is_a_valid_unequal_mixture_and_the_exact_sampler_recovers_it()
     x = sample_ode(AnalyticDenoiser(gmm, sched), sched, noise, 50, solver="heun")
     m = mixture_metrics(x, gmm)
     assert m["quality"] > 0.97 and m["max_weight_error"] < 0.02
+
+
+def test_class_conditional_vp_mixture_teacher_is_exact():
+    """classes3: a class-conditional mixture on SD's VP schedule (integer times).  Its label restricts the exact
+    posterior to the class's components (a Monte-Carlo posterior over exact class samples agrees), and the ODE
+    started from the exact marginal at t = 1 (alpha(1) x0 + sigma(1) eps: on VP, alpha(1) = 0.068 > 0) recovers
+    every class's own weights; CFG is the formula on those exact posteriors."""
+    from dmdx.eval.vectors import class_metrics
+    from dmdx.schedules import VPDiscrete
+    from dmdx.teachers.analytic import gmm_model
+
+    model = gmm_model("classes3")
+    den, gmm, sched = model.denoiser, model.denoiser.backbone, model.denoiser.schedule
+    assert isinstance(sched, VPDiscrete) and model.info.num_classes == 3 == gmm.num_classes
+    g = torch.Generator().manual_seed(0)
+    # the conditional posterior mean against Monte Carlo over exact samples of class 1
+    x0, _ = gmm.sample(200_000, g, classes=torch.ones(200_000, dtype=torch.long))
+    x0 = x0.double()
+    t = 0.6
+    a, s = (float(v) for v in sched.alpha_sigma(torch.tensor(t)))
+    x_t = torch.tensor([[1.0, 0.5], [-1.5, 0.2]], dtype=torch.float64)
+    w = torch.softmax(-((x_t[:, None, :] - a * x0[None]) ** 2).sum(-1) / (2 * s**2), dim=1)
+    exact = den(x_t.float(), t, {"labels": torch.ones(2, dtype=torch.long)}).double()
+    torch.testing.assert_close(exact, w @ x0, atol=0.02, rtol=0)
+    # many ODE steps from the exact marginal at t = 1 give each class its own weights (0.7 / 0.3)
+    n = 1500
+    labels = torch.arange(n) % 3
+    x0, _ = gmm.sample(n, g, classes=labels)
+    a1, s1 = (float(v) for v in sched.alpha_sigma(torch.tensor(1.0)))
+    x1 = a1 * x0 + s1 * torch.randn(x0.shape, generator=g)
+    x = sample_ode(den, sched, x1 / s1, 100, {"labels": labels}, solver="ddim")  # prior(z) = sigma(1) z = x1
+    m = class_metrics(x, labels, gmm)
+    assert m["modes_covered"] == 6 and m["off_class"] == 0 and m["quality"] > 0.97
+    assert m["max_weight_error"] < 0.04, m["class_mode_weights"]  # 500 samples a class: sd 0.02
+    # CFG on the exact posteriors
+    cond = {"labels": torch.tensor([0, 1, 2, 3])}  # 3: the null label
+    xt = torch.randn(4, 2, generator=g)
+    c, u = den(xt, 0.4, cond), den(xt, 0.4, None)
+    torch.testing.assert_close(den(xt, 0.4, cond, guidance=5.0), u + 5.0 * (c - u), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(c[3], u[3])
+
+
+def test_mixture_files_choose_schedule_classes_and_guidance(tmp_path):
+    from dmdx.data import load_dataset
+    from dmdx.teachers.analytic import fit_surrogate, gmm_model
+
+    p = tmp_path / "m.json"
+    p.write_text(json.dumps({"means": [[0, 0], [3, 3], [-3, 3]], "weights": [1, 1, 2], "std": 0.2,
+                             "classes": [0, 1, 1], "schedule": {"name": "vp"}, "guidance": 4}))
+    model = gmm_model(str(p))
+    assert model.denoiser.schedule.name == "vp" and model.info.num_classes == 2 and model.info.guidance == 4
+    assert gmm_model("ring8").info.num_classes == 0 and gmm_model("ring8").denoiser.schedule.name == "flow"
+    ds = load_dataset(f"gmm:{p}")
+    assert ds.num_classes == 2 and set(ds.labels.tolist()) == {0, 1}
+    assert torch.equal(ds.mixture.classes[torch.cdist(ds.x.double(), ds.mixture.means).argmin(1)], ds.labels)
+    sur = fit_surrogate(model, 20, batch_size=64, progress=False)  # a conditional MLP that takes the null label
+    assert sur.backbone.config["num_classes"] == 2
+    out = sur(torch.zeros(3, 2), 0.5, {"labels": torch.tensor([0, 1, 2])}, guidance=4.0)
+    assert out.shape == (3, 2) and torch.isfinite(out).all()
+    bad = tmp_path / "bad.json"
+    for extra, match in (({"classes": [0, 2, 2]}, "classes"), ({"sched": "vp"}, "unknown keys")):
+        bad.write_text(json.dumps({"means": [[0, 0], [3, 3], [-3, 3]], "weights": [1, 1, 2], "std": 0.2, **extra}))
+        with pytest.raises(ValueError, match=match):
+            gmm_model(str(bad))

@@ -6,7 +6,7 @@ import torch
 from PIL import Image
 
 from dmdx.data import DATASETS, Dataset, cache_dir, list_datasets, load_dataset, sample_batch
-from dmdx.teachers.analytic import BUILTIN_MIXTURES
+from dmdx.mixtures import BUILTIN_MIXTURES
 
 
 @pytest.mark.parametrize("name", list(BUILTIN_MIXTURES))
@@ -15,11 +15,13 @@ def test_toy_sets(name):
     K = len(BUILTIN_MIXTURES[name]["weights"])
     assert train.kind == "vector" and train.shape == (2,) and len(train) == 20_000 and len(test) == 5_000
     assert train.x.dtype == torch.float32 and train.labels.dtype == torch.int64
-    assert train.num_classes == K and train.mixture is not None and train.mixture.num_components == K
-    assert set(train.labels.unique().tolist()) == set(range(K))
-    # labels are the generating component: samples sit near their mode
-    d = (train.x - train.mixture.means[train.labels].float()).norm(dim=1)
-    assert d.max() < 10 * float(train.mixture.std.max())
+    C = len(set(BUILTIN_MIXTURES[name].get("classes", range(K))))  # labels: classes (a component each by default)
+    assert train.num_classes == C and train.mixture is not None and train.mixture.num_components == K
+    assert set(train.labels.unique().tolist()) == set(range(C))
+    # labels are the generating component's class: samples sit near a mode of their class
+    gmm = train.mixture
+    d = torch.cdist(train.x.double(), gmm.means) + 1e9 * (gmm.classes[None] != train.labels[:, None])
+    assert d.min(1).values.max() < 10 * float(gmm.std.max())
     assert not torch.equal(train.x[:100], test.x[:100])
     assert torch.equal(load_dataset(name).x, train.x)
 

@@ -15,8 +15,10 @@ pytest.importorskip("peft")
 
 from helpers import make_trainer, tiny_config  # noqa: E402
 
-from dmdx.teachers import diffusers as dfs  # noqa: E402
-from dmdx.teachers.tiny import make_tiny_pipeline  # noqa: E402
+from dmdx.nets.pipeline import pack, unpack  # noqa: E402
+from dmdx.pipelines.folder import check_folder, load_cond  # noqa: E402
+from dmdx.teachers.image import load_teacher  # noqa: E402
+from dmdx.teachers.image.tiny import make_tiny_pipeline  # noqa: E402
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -67,7 +69,7 @@ def last_log(run):
 def test_x0_matches_scheduler(pipes, family):
     from diffusers import DDIMScheduler, FlowMatchEulerDiscreteScheduler
 
-    m = dfs.load_teacher(pipes[family])
+    m = load_teacher(pipes[family])
     den, bb = m.denoiser, m.denoiser.backbone
     torch.manual_seed(0)
     x = torch.randn(2, *m.info.shape)
@@ -123,14 +125,14 @@ def test_adm_dmdx_finite(pipes, inputs, tmp_path, method):
 
 
 def _pipe_kwargs(family, info, cond, den, noise):
-    from dmdx.export import sampling_args
+    from dmdx.teachers import sampling_args
 
     kw = dict(prompt_embeds=cond["text"], latents=den.schedule.prior(noise), output_type="latent",
               **sampling_args(info))
     if "pooled" in cond:
         kw["pooled_prompt_embeds"] = cond["pooled"]
     if family == "flux":
-        kw["latents"] = dfs.pack(kw["latents"])
+        kw["latents"] = pack(kw["latents"])
         kw["height"] = kw["width"] = 16
     return kw
 
@@ -139,15 +141,15 @@ def _pipe_kwargs(family, info, cond, den, noise):
 def test_export_reproduces_student(dmd2_runs, tmp_path, family):
     from diffusers import DiffusionPipeline
 
-    from dmdx.export import export_run
-    from dmdx.models import load_model
+    from dmdx.teachers import export_run
+    from dmdx.teachers import load_model
     from dmdx.sampling import student_sample
 
     run = dmd2_runs[family]
     out = export_run(run, tmp_path / "pipe")
     m = load_model(run)  # the run folder rebuilds the student from the teacher folder + its weights
     den, info = m.denoiser, m.info
-    bank, _ = dfs.load_cond(run / "prompts.safetensors")
+    bank, _ = load_cond(run / "prompts.safetensors")
     cond = {k: v[:2] for k, v in bank.items()}
     noise = torch.randn(2, *info.shape, generator=torch.Generator().manual_seed(1))
     # VP pipelines pass their generator to the scheduler; SD3 / Flux re-noise from the global RNG
@@ -158,15 +160,15 @@ def test_export_reproduces_student(dmd2_runs, tmp_path, family):
     torch.manual_seed(5)
     got = pipe(generator=torch.Generator().manual_seed(5), **_pipe_kwargs(family, info, cond, den, noise)).images
     if family == "flux":
-        got = dfs.unpack(got, 8, 8)
+        got = unpack(got, 8, 8)
     torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4 * ref.abs().max().item())
 
 
 def test_lora_export_loads_into_base(pipes, inputs, tmp_path):
     from diffusers import DiffusionPipeline
 
-    from dmdx.export import export_run
-    from dmdx.models import load_model
+    from dmdx.teachers import export_run
+    from dmdx.teachers import load_model
 
     lora = {"rank": 4, "alpha": 4.0, "targets": ["to_q", "to_k", "to_v", "to_out.0"]}
     cfg = run_cfg("dmd2", pipes["sd"], inputs, steps=2)
@@ -184,7 +186,7 @@ def test_lora_export_loads_into_base(pipes, inputs, tmp_path):
     base.scheduler = DiffusionPipeline.from_pretrained(str(full)).scheduler
     base.load_lora_weights(str(lora_dir))
     merged = DiffusionPipeline.from_pretrained(str(full))
-    bank, _ = dfs.load_cond(run / "prompts.safetensors")
+    bank, _ = load_cond(run / "prompts.safetensors")
     noise = torch.randn(1, *m.info.shape, generator=torch.Generator().manual_seed(0))
     kw = _pipe_kwargs("sd", m.info, {"text": bank["text"][:1]}, m.denoiser, noise)
     a = base(generator=torch.Generator().manual_seed(3), **kw).images
@@ -194,12 +196,12 @@ def test_lora_export_loads_into_base(pipes, inputs, tmp_path):
 
 # -- errors --------------------------------------------------------------------------------------------------------
 def test_errors(pipes, inputs, tmp_path):
-    from dmdx.models import load_model
+    from dmdx.teachers import load_model
 
     with pytest.raises(FileNotFoundError, match="local diffusers pipeline folder"):
         load_model("stabilityai/sdxl-turbo")
     with pytest.raises(FileNotFoundError, match="local diffusers pipeline folder"):
-        dfs.check_folder(tmp_path / "missing")
+        check_folder(tmp_path / "missing")
     bad = tmp_path / "bad"
     shutil.copytree(pipes["sd"], bad)
     index = json.loads((bad / "model_index.json").read_text())

@@ -3,6 +3,8 @@
 import json
 import math
 import os
+import random
+import re
 import shutil
 import socket
 import subprocess
@@ -77,8 +79,9 @@ def surrogate(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def job(tmp_path_factory, surrogate):
-    """One two-rank job (two processes started directly, as torchrun would) for the gradient, ddp/fsdp, resume and
-    NaN tests; a single-process run to step 3 first."""
+    """One two-rank job (two processes started directly, as torchrun would) for the gradient, ddp/fsdp,
+    preemption, resume and NaN tests; a single-process run to step 3 first.  The preemption signal comes during a
+    random step of 1-5 (printed by failing assertions)."""
     root = tmp_path_factory.mktemp("dist")
     shutil.copytree(surrogate, root / "surrogate")
     single = _seeded(root / "single", surrogate)
@@ -88,11 +91,12 @@ def job(tmp_path_factory, surrogate):
     at3 = {"student": state_of(tr.student), "ema": state_of(tr.ema)}
     out = root / "out"
     out.mkdir()
-    procs, outs = _two_ranks("main", out, single)
+    preempt_at = random.randint(1, 5)
+    procs, outs = _two_ranks("main", out, single, preempt_at)
     for p, (o, e) in zip(procs, outs):  # the job ends with the NaN test: the CLI's status 3
         assert (out / "resumed_1to2_final.pt").is_file() and p.returncode == 3, o[-2000:] + e[-6000:]
     return {"root": root, "out": out, "single": single, "single_at3": at3, "stderr": [e for _, e in outs],
-            "surrogate": surrogate}
+            "surrogate": surrogate, "preempt_at": preempt_at}
 
 
 def _reference_grads(tmp_path, surrogate) -> dict:
@@ -126,6 +130,50 @@ def test_ddp_gradients_equal_the_single_process_gradient_on_the_concatenated_bat
         assert nonzero > 0
 
 
+def test_gradients_only_some_ranks_have_are_averaged_with_zeros_from_the_others(job):
+    """A head that only rank 1's batch goes through (a branch taken by data): rank 0 has no gradient for it, the
+    ranks agree which parameters got one anywhere, and every rank ends with the single-process gradient on the
+    concatenated batch; a parameter no rank used keeps no gradient."""
+    from dist_worker import branch_batch, branch_loss, branch_net
+
+    got = [torch.load(job["out"] / f"uneven_{r}.pt", weights_only=True) for r in range(2)]
+    assert got[0]["had"] == ["body.bias", "body.weight"]
+    assert got[1]["had"] == ["body.bias", "body.weight", "head.bias", "head.weight"]
+    net = branch_net()
+    (x0, y0), (x1, y1) = branch_batch(0), branch_batch(1)
+    branch_loss(net, torch.cat([x0, x1]), torch.cat([y0, y1])).backward()
+    ref = {k: p.grad for k, p in net.named_parameters() if p.grad is not None}
+    assert sorted(ref) == got[1]["had"]
+    for g in got:
+        assert sorted(g["grads"]) == sorted(ref)  # "unused" has no gradient on any rank, so none after averaging
+        for k, v in ref.items():
+            assert torch.allclose(g["grads"][k], v, rtol=1e-5, atol=1e-7), k
+    assert float(ref["head.weight"].abs().sum()) > 0
+
+
+def test_a_preempted_ddp_run_resumes_to_the_uninterrupted_weights(job):
+    """SIGTERM reaches rank 1 only, during a random step K: both ranks finish step K, agree to stop, write a
+    checkpoint at K (marked preempted) and raise Preempted with the same message; a fresh trainer resumed from it
+    ends bit for bit where the uninterrupted ddp run of the same seed ended."""
+    k = job["preempt_at"]
+    runs = [torch.load(job["out"] / f"preempted_{r}.pt", weights_only=True) for r in range(2)]
+    assert [r["stopped"]["step"] for r in runs] == [k, k], k
+    msgs = [re.sub(r" [0-9.]+ s after the signal", "", r["stopped"]["message"]) for r in runs]
+    assert msgs[0] == msgs[1]  # the time since the signal is known on the rank that received it
+    msg = runs[1]["stopped"]["message"]
+    assert f"preempted by SIGTERM (received by rank(s) [1] of 2) at step {k} of 6" in msg, msg
+    assert re.search(r"written [0-9.]+ s after the signal", msg), msg
+    assert runs[0]["stopped"]["path"] in msg
+    state = json.loads(runs[0]["stopped"]["state"])
+    assert state["step"] == k and state["preempted"] == "SIGTERM" and state["format"] == "dcp"
+    assert _log_steps(job["out"] / "preempted") == list(range(1, 7))
+    final = torch.load(job["out"] / "ddp_final.pt", weights_only=True)
+    for r in runs:
+        for net in ("student", "ema"):
+            for key, v in final[net].items():
+                assert torch.equal(r["final"][net][key], v), (k, net, key)
+
+
 def test_fsdp_and_ddp_reach_the_same_weights(job, tmp_path):
     a = torch.load(job["out"] / "ddp_final.pt", weights_only=True)
     b = torch.load(job["out"] / "fsdp_final.pt", weights_only=True)
@@ -139,7 +187,7 @@ def test_fsdp_and_ddp_reach_the_same_weights(job, tmp_path):
 
 
 def test_the_exported_model_is_the_full_ema_from_rank_0(job):
-    from dmdx.models import load_model
+    from dmdx.teachers import load_model
 
     final = torch.load(job["out"] / "fsdp_final.pt", weights_only=True)
     model = load_model(str(job["out"] / "fsdp"))
@@ -222,8 +270,15 @@ def test_nproc_launches_torchrun_without_the_flag():
     from dmdx.cli import torchrun_command
 
     cmd = torchrun_command(["distill", "--method", "dmd2", "--nproc", "4", "--out", "r", "--nproc=3"], 4)
-    assert cmd[1:] == ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=4", "-m", "dmdx", "distill",
-                       "--method", "dmd2", "--out", "r"]
+    from dataclasses import fields
+
+    from torch.distributed.launcher.api import LaunchConfig
+
+    # where this torch's torchrun can pass SIGUSR1 on to its workers, it is told to
+    signals = (["--signals_to_handle=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1"]
+               if "signals_to_handle" in {f.name for f in fields(LaunchConfig)} else [])
+    assert cmd[1:] == ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=4", *signals, "-m", "dmdx",
+                       "distill", "--method", "dmd2", "--out", "r"]
     with pytest.raises(ValueError, match="--nproc"):
         torchrun_command([], 0)
     p = subprocess.run([sys.executable, "-m", "dmdx", "distill", "--help"], env=_env(), capture_output=True,
@@ -249,7 +304,7 @@ def test_global_batch_rule():
 def test_fsdp_in_one_process_sample_grids_and_snapshots(opts, tmp_path, surrogate):
     """FSDP2 without a launcher (a group of one), with CPU offload or the bf16 mixed-precision policy; sample grids
     and snapshots come from the gathered EMA."""
-    from dmdx.models import load_model
+    from dmdx.teachers import load_model
     from dmdx.train import dist
 
     cfg = tiny_config("dmd2", steps=2, parallel="fsdp", ckpt_every=2, sample_every=2, snapshot_every=2, **opts)
@@ -274,7 +329,7 @@ def test_fsdp_in_one_process_sample_grids_and_snapshots(opts, tmp_path, surrogat
 def wan(tmp_path_factory):
     pytest.importorskip("diffusers")
     pytest.importorskip("av")
-    from dmdx.teachers.tiny_video import make_tiny_video_pipeline
+    from dmdx.teachers.video.tiny import make_tiny_video_pipeline
 
     from helpers import video_inputs
 
@@ -365,7 +420,7 @@ def test_fsdp_video_cogvideox_adm_in_one_process(tmp_path, monkeypatch):
     transformer block its own unit, gradient checkpointing on (the recipe)."""
     pytest.importorskip("diffusers")
     from dmdx.cli import main
-    from dmdx.teachers.tiny_video import make_tiny_video_pipeline
+    from dmdx.teachers.video.tiny import make_tiny_video_pipeline
     from dmdx.train import dist
 
     monkeypatch.setattr(dist, "UNIT_MIN_PARAMS", 1)
@@ -401,3 +456,226 @@ def test_fsdp_units_are_the_outermost_large_blocks():
     assert fsdp_units(net, min_params=64 * 64) == [net.blocks[0], net.blocks[1]]
     assert fsdp_units(net.blocks[0], min_params=64 * 64) == [net.blocks[0].to_out[0]]  # a block on its own
     assert fsdp_units(net) == []  # below UNIT_MIN_PARAMS: one unit for the whole network
+
+
+# -- life on a cluster (docs/scaling.md, "On a cluster") ---------------------------------------------------------
+def test_nproc_passes_signals_to_its_whole_process_group_and_returns_the_workers_status(tmp_path):
+    """``launch`` (behind ``--nproc``) on a stand-in for torchrun that starts a child in its own process group:
+    SIGINT sent to this process reaches both, and the status a worker reported (130) is returned, not the
+    launcher's own (1, as torchrun's whenever a worker fails)."""
+    import signal
+    import threading
+    import time
+
+    from dmdx.cli import STATUS_DIR_ENV, launch
+
+    child = (f"import os, signal, sys, time\n"
+             f"signal.signal(signal.SIGINT, lambda *a: (open(sys.argv[1] + '/got_' + sys.argv[2], 'w').close(), "
+             f"os._exit(0)))\n"
+             f"open(sys.argv[1] + '/ready_' + sys.argv[2], 'w').close()\n"
+             f"time.sleep(60)\n")
+    fake_torchrun = (f"import os, signal, subprocess, sys\n"
+                     f"p = subprocess.Popen([sys.executable, '-c', {child!r}, {str(tmp_path)!r}, 'worker'])\n"
+                     f"signal.signal(signal.SIGINT, lambda *a: open({str(tmp_path)!r} + '/got_agent', 'w').close())\n"
+                     f"open({str(tmp_path)!r} + '/ready_agent', 'w').close()\n"
+                     f"p.wait()\n"
+                     f"open(os.path.join(os.environ[{STATUS_DIR_ENV!r}], 'rank_0'), 'w').write('130')\n"
+                     f"sys.exit(1)\n")
+
+    def interrupt():
+        deadline = time.monotonic() + 60
+        while not all((tmp_path / f"ready_{w}").exists() for w in ("agent", "worker")):
+            if time.monotonic() > deadline:
+                return
+            time.sleep(0.02)
+        os.kill(os.getpid(), signal.SIGINT)  # as Ctrl-C would, to the launcher only
+
+    t = threading.Thread(target=interrupt)
+    t.start()
+    code = launch([sys.executable, "-c", fake_torchrun])
+    t.join()
+    assert code == 130
+    assert (tmp_path / "got_agent").exists() and (tmp_path / "got_worker").exists()  # the whole group got it
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # this process's handler is back
+
+
+def _proc_env(pid: int) -> dict[str, str]:
+    raw = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    return dict(kv.decode(errors="replace").split("=", 1) for kv in raw if b"=" in kv)
+
+
+def _workers(run: Path) -> dict[int, int]:
+    """Global rank -> pid of the training processes of ``run`` (torchrun's workers: RANK in their environment)."""
+    found = {}
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            if str(run).encode() not in (d / "cmdline").read_bytes():
+                continue
+            env = _proc_env(int(d.name))
+        except OSError:
+            continue
+        if "RANK" in env and "LOCAL_RANK" in env:
+            found[int(env["RANK"])] = int(d.name)
+    return found
+
+
+def _parent(pid: int) -> int:
+    return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+
+
+def _rows(run: Path) -> list[int]:
+    """The steps logged so far (complete lines only: the run may be writing)."""
+    path = run / "log.jsonl"
+    if not path.is_file():
+        return []
+    out = []
+    for line in path.read_text().split("\n")[:-1]:
+        out.append(json.loads(line)["step"])
+    return out
+
+
+def _until(cond, timeout: float, what: str, procs=()) -> None:
+    import time
+
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, what
+        assert all(p.poll() is None for p in procs), f"{what}: a process ended first"
+        time.sleep(0.05)
+
+
+def _doc_block(lang: str, start: str) -> str:
+    text = (HERE.parent / "docs" / "scaling.md").read_text()
+    blocks = re.findall(rf"```{lang}\n(.*?)```", text, re.S)
+    found = [b for b in blocks if b.startswith(start)]
+    assert len(found) == 1, f"docs/scaling.md: one ```{lang} block starting {start!r}"
+    return found[0]
+
+
+def test_on_a_cluster(tmp_path):
+    """docs/scaling.md's SLURM script as written, on two "nodes" of this machine (a stand-in srun that starts one
+    torchrun per node, a stand-in scontrol), one process each: it trains; USR1 to the script (SLURM's notice before
+    the time limit) stops every rank after the same step with a checkpoint there and requeues the job; the
+    requeued job resumes on two nodes, where rank 1 is frozen (SIGSTOP): rank 0 names it and the step within
+    train.dist_timeout, and when rank 1 wakes both have exited with status 4.  Then the Kubernetes manifest's
+    container command on two "pods": killing the pod of rank 1 (its torchrun and its worker) makes rank 0 exit
+    within the timeout, naming it.  Last, ``dmdx distill --resume --nproc 2`` continues the two nodes' run on one
+    node until SIGTERM sent to it (the launcher only) stops its workers with status 75; every step was logged once
+    (only global rank 0 writes)."""
+    import signal
+    import time
+
+    import yaml
+
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "srun").write_text(
+        f"#!{sys.executable}\n"
+        "# a stand-in for srun: the command once per node (SLURM_NNODES) on this machine; signals passed on\n"
+        "import os, signal, subprocess, sys\n"
+        "args = [a for a in sys.argv[1:] if not a.startswith('--kill-on-bad-exit')]\n"
+        "n = int(os.environ['SLURM_NNODES'])\n"
+        "procs = [subprocess.Popen(args, env={**os.environ, 'SLURM_NODEID': str(k), 'SLURM_PROCID': str(k)},\n"
+        "                          start_new_session=True) for k in range(n)]\n"
+        "for s in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):\n"
+        "    signal.signal(s, lambda sig, f: [p.send_signal(sig) for p in procs if p.poll() is None])\n"
+        "codes = [p.wait() for p in procs]\n"
+        "sys.exit(max(c if c >= 0 else 128 - c for c in codes))\n")
+    (bin_dir / "scontrol").write_text('#!/bin/sh\ncase "$1" in\n  show) echo 127.0.0.1 ;;\n'
+                                      '  requeue) echo "requeue $2" >> "$FAKE_SLURM_LOG" ;;\nesac\n')
+    for f in bin_dir.iterdir():
+        f.chmod(0o755)
+    script = tmp_path / "dmdx.sbatch"
+    script.write_text(_doc_block("bash", "#!/bin/bash\n#SBATCH"))
+    run = tmp_path / "run"
+    steps, timeout = 1000, 8  # never reached: every launch is stopped
+    args = (f"--method dmd2 --teacher gmm:ring8 --steps {steps} --quiet --set recipe=none --set surrogate_steps=20 "
+            f"--set train.batch_size=16 --set train.sample_every=0 --set train.health_n=0 --set train.log_every=1 "
+            f"--set train.ckpt_every=4 --set train.dist_timeout={timeout}")
+    base = _env(PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}", OUT=str(run), ARGS=args, GPUS="1",
+                SLURM_JOB_NODELIST="node[0-1]", SLURM_JOB_ID="4242", FAKE_SLURM_LOG=str(tmp_path / "slurm.log"))
+    started: list[subprocess.Popen] = []
+
+    def start(cmd, name, **env):
+        log = open(tmp_path / f"{name}.log", "w")
+        p = subprocess.Popen(cmd, env={**base, "PORT": str(_free_port()), **env}, stdout=log,
+                             stderr=subprocess.STDOUT, cwd=tmp_path)
+        started.append(p)
+        return p
+
+    def output(name):
+        return (tmp_path / f"{name}.log").read_text()
+
+    try:
+        # 1. the job trains on two nodes; USR1 to the batch script: preempted after one step, checkpoint, requeue
+        job = start(["bash", str(script)], "slurm1", SLURM_NNODES="2")
+        _until(lambda: len(_rows(run)) >= 3, 120, "the job did not start training", [job])
+        job.send_signal(signal.SIGUSR1)
+        assert job.wait(timeout=120) == 1, output("slurm1")  # torchrun's status when its workers end non-zero
+        text = output("slurm1")
+        stops = re.findall(r"preempted by SIGTERM \(received by rank\(s\) \[[01, ]+\] of 2\) at step (\d+) of 1000: "
+                           r"checkpoint (\S+) written", text)
+        assert len(stops) == 1, text[-5000:]  # printed once: by global rank 0 only
+        assert "s after the signal; continue with the same command and --resume" in text
+        k = int(stops[0][0])
+        state = json.loads((Path(stops[0][1]) / "state.json").read_text())
+        assert state["step"] == k and state["preempted"] == "SIGTERM" and state["world"] == 2
+        assert latest_checkpoint(run)["step"] == k and _rows(run) == list(range(1, k + 1))
+        assert (tmp_path / "slurm.log").read_text() == "requeue 4242\n"
+        # 2. the requeued job resumes on two nodes; rank 1 is frozen: rank 0 names it, both exit with status 4
+        job = start(["bash", str(script)], "slurm2", SLURM_NNODES="2")
+        _until(lambda: len(_rows(run)) >= k + 3, 120, "the requeued job did not resume", [job])
+        worker = _workers(run)[1]
+        os.kill(worker, signal.SIGSTOP)
+        frozen = time.monotonic()
+        _until(lambda: "rank 0 of 2: a collective" in output("slurm2"), timeout + 30, "rank 0 did not report")
+        assert time.monotonic() - frozen < timeout + 15
+        time.sleep(1)
+        os.kill(worker, signal.SIGCONT)  # it wakes, finds the others gone, exits too
+        assert job.wait(timeout=120) != 0
+        text = output("slurm2")
+        at = re.search(r"rank 0 of 2: a collective in step (\d+) failed after [0-9.]+ s \(Timed out[^)]*\); "
+                       r"rank\(s\) \[1\] did not answer within \d+ s", text)
+        assert at and int(at.group(1)) in (_rows(run)[-1], _rows(run)[-1] + 1), text[-5000:]
+        # rank 1's own report (its torchrun may end first: the rendezvous store lived with rank 0's torchrun)
+        assert "rank 1 of 2: a collective in step" in text and "(exitcode: 4)" in text, text[-5000:]
+        # 3. the Kubernetes manifest's command on two pods; the pod of rank 1 is killed
+        manifest = yaml.safe_load(_doc_block("yaml", "apiVersion: batch/v1"))
+        container = manifest["spec"]["template"]["spec"]["containers"][0]
+        pod_env = {e["name"]: e["value"] for e in container["env"]}
+        pod_env.update(OUT=str(run), ARGS=args, GPUS="1", HEAD="127.0.0.1", PORT=str(_free_port()))
+        logged = len(_rows(run))  # the resumed run first drops the rows after its checkpoint, then goes past them
+        pods = [start(container["command"] + container["args"], f"pod{i}", **pod_env) for i in range(2)]
+        _until(lambda: len(_rows(run)) >= logged + 2, 120, "the pods did not resume", pods)
+        worker = _workers(run)[1]
+        agent = _parent(worker)
+        survivor = next(p for p in pods if p.pid != agent)
+        for pid in (worker, agent):
+            os.kill(pid, signal.SIGKILL)
+        killed = time.monotonic()
+        assert survivor.wait(timeout=120) != 0
+        assert time.monotonic() - killed < timeout  # within the collective timeout: the peer's connection closed
+        text = output(f"pod{pods.index(survivor)}")
+        # named whether its wait ran out or its torchrun, finding the rendezvous gone with the killed pod, stopped it
+        assert re.search(r"rank 0 of 2: a collective in step \d+ failed after [0-9.]+ s \(.*\); rank\(s\) \[1\] "
+                         r"(did not answer|had not answered when a stop signal came)", text), text[-5000:]
+        # 4. `dmdx distill --nproc 2` resumes on one node; SIGTERM to it reaches its workers: status 75
+        logged = len(_rows(run))
+        job = start([sys.executable, "-m", "dmdx", "distill", "--method", "dmd2", "--out", str(run), "--resume",
+                     "--nproc", "2"], "nproc")
+        _until(lambda: len(_rows(run)) >= logged + 2, 120, "--nproc did not resume", [job])
+        job.send_signal(signal.SIGTERM)
+        assert job.wait(timeout=120) == 75, output("nproc")[-5000:]
+        stop = int(re.findall(r"preempted by SIGTERM \(received by rank\(s\) \[[01, ]+\] of 2\) at step (\d+)",
+                              output("nproc"))[0])
+        assert latest_checkpoint(run)["step"] == stop and _rows(run)[-1] == stop
+        assert not _workers(run)  # no process of the run is left
+        assert _rows(run) == list(range(1, stop + 1))  # each step logged once, the steps redone after a failure too
+    finally:
+        for p in started:
+            if p.poll() is None:
+                p.kill()
+        for pid in _workers(run).values():
+            os.kill(pid, signal.SIGKILL)

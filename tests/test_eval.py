@@ -7,7 +7,7 @@ import torch
 from dmdx.data import cache_dir, load_dataset
 from dmdx.eval import (FeatureClassifier, PixelBackbone, chi2_quantile, frechet_distance, get_classifier,
                        get_pixel_backbone, image_metrics, mixture_metrics, precision_recall, sliced_wasserstein)
-from dmdx.teachers.analytic import load_mixture
+from dmdx.mixtures import load_mixture
 
 TINY = {"epochs": 1, "max_train": 96, "batch_size": 32, "progress": False}
 
@@ -61,7 +61,7 @@ def test_mixture_metrics_dropped_modes_and_junk():
 def test_mixture_metrics_high_dim():
     gmm = load_mixture("ring8")
     means = torch.randn(4, 10, generator=torch.Generator().manual_seed(0), dtype=torch.float64) * 10
-    from dmdx.teachers.analytic import GaussianMixture
+    from dmdx.mixtures import GaussianMixture
 
     gmm = GaussianMixture(means, [0.25] * 4, 0.3)
     x, _ = gmm.sample(8000, generator=torch.Generator().manual_seed(2))
@@ -157,3 +157,42 @@ def test_image_metrics(tmp_path, monkeypatch):
         image_metrics(torch.zeros(4, 1, 16, 16), None, "digits", classifier=clf)
     with pytest.raises(ValueError, match="image data set"):
         get_classifier("ring8")
+
+
+# ------------------------------------------------------------------------- the second feature space (contrastive)
+def test_nt_xent_is_exact_on_aligned_orthogonal_views():
+    """Views that equal their partner and are orthogonal to everything else: each row's logits are 1/T for its
+    partner and 0 for the 2B - 2 others, so the loss is log(1 + (2B - 2) e^(-1/T)); swapped partners cost more."""
+    from dmdx.eval.contrastive import TEMPERATURE, nt_xent
+
+    z = torch.eye(8)[:4]
+    assert nt_xent(z, z).item() == pytest.approx(math.log(1 + 6 * math.exp(-1 / TEMPERATURE)), rel=1e-5)
+    assert nt_xent(z, z.roll(1, 0)).item() > nt_xent(z, z).item() + 1
+
+
+def test_contrastive_encoder_is_a_separate_judge(tmp_path, monkeypatch):
+    """Its own network, objective, seed and cache file: nothing shared with the evaluation classifier or ADP's pixel
+    backbone.  Real test images score FD ~0 and recall 1 against themselves; noise is farther than real train images."""
+    from dmdx.eval import ContrastiveEncoder, contrastive_metrics, get_contrastive
+
+    monkeypatch.setenv("DMDX_HOME", str(tmp_path))
+    for size in (8, 16, 28):
+        assert ContrastiveEncoder(1, size).features(torch.randn(3, 1, size, size)).shape == (3, 128)
+    enc = get_contrastive("digits", **TINY)
+    model, info = enc
+    assert isinstance(model, ContrastiveEncoder) and not model.training
+    assert not any(p.requires_grad for p in model.parameters())
+    assert info["seed"] != get_classifier("digits", **TINY)[1]["seed"] and "NT-Xent" in info["objective"]
+    files = {p.name for p in (tmp_path / "digits").iterdir()}
+    assert "contrastive.safetensors" in files and "classifier.safetensors" in files
+    assert not (tmp_path / "digits" / "pixel_backbone.safetensors").exists()  # trained only by ADP's set-up
+    again, info2 = get_contrastive("digits")  # cached
+    assert info2["final_train_loss"] == info["final_train_loss"]
+    test = load_dataset("digits", "test")
+    same = contrastive_metrics(test.x, "digits", encoder=enc)
+    assert same["fd_contrastive"] < 1e-2 and same["recall_contrastive"] == 1
+    noise = torch.rand(200, 1, 8, 8, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    bad = contrastive_metrics(noise, "digits", encoder=enc)
+    assert bad["fd_contrastive"] > same["fd_contrastive_train_vs_test"] > 0
+    with pytest.raises(ValueError, match=r"\[N, 1, 8, 8\]"):
+        contrastive_metrics(torch.zeros(4, 1, 16, 16), "digits", encoder=enc)

@@ -18,7 +18,7 @@ from dmdx.methods.gdd import GDD, frozen_convolutions
 from dmdx.methods.sid import sid_loss
 from dmdx.methods.vsd import vsd_loss
 from dmdx.schedules import FlowMatching, _bcast
-from dmdx.teachers.analytic import AnalyticDenoiser, GaussianMixture
+from dmdx.mixtures import AnalyticDenoiser, GaussianMixture
 
 from helpers import make_trainer, state_of, tiny_config
 
@@ -125,7 +125,7 @@ def test_sid_and_vsd_move_samples_from_the_fake_toward_the_real_gaussian(alpha):
 
 def test_guided_denoising_loss_is_the_loss_of_the_guided_prediction():
     """SiD-LSG's fake-score loss: ``dsm_loss(..., guidance=g)`` is the mse of ``u + g (c - u)``; g = 1 is plain."""
-    from dmdx.models import load_model
+    from dmdx.teachers import load_model
     from dmdx.param import from_x0_eps
 
     model = load_model(DIGITS)
@@ -282,7 +282,8 @@ def test_one_iteration_at_the_defaults_on_mixtures_and_digits(method, tmp_path, 
         if teacher.startswith("gmm:"):
             shutil.copytree(surrogate, run / "surrogate")
         rc = main(["distill", "--method", method, "--teacher", teacher, "--out", str(run), "--steps", "1", "--quiet",
-                   "--set", "train.batch_size=4", "--set", "train.health_n=8", *extra])
+                   "--set", "train.batch_size=4", "--set", "train.health_n=8", "--set", "train.health_quality_n=16",
+                   *extra])  # the last step's quality figure: the teacher's 50-step reference on 16 samples, not 500
         assert rc == 0
         row = _check_row(run, method)
         if method in ("sid", "vsd"):
@@ -299,7 +300,7 @@ def test_one_iteration_at_the_defaults_on_bf16_pipelines(family, tmp_path):
     """The documented command on a tiny UNet (SD) and transformer (SD3) pipeline with the default bf16 teacher."""
     pytest.importorskip("diffusers")
     from dmdx.cli import main
-    from dmdx.teachers.tiny import make_tiny_pipeline
+    from dmdx.teachers.image.tiny import make_tiny_pipeline
 
     pipe = make_tiny_pipeline(family, tmp_path / "pipe")
     (tmp_path / "p.txt").write_text("a red cat\na blue dog\n")
@@ -321,7 +322,8 @@ def test_one_iteration_at_the_defaults_on_bf16_pipelines(family, tmp_path):
         if method == "gdd":
             assert cfg["method"]["freeze"] == "auto"
     # what GDD-I freezes there: the UNet's inner convolutions (not conv_in / conv_out), nothing in the transformer
-    from dmdx.teachers.diffusers import denoiser_component, load_component
+    from dmdx.pipelines.folder import load_component
+    from dmdx.pipelines.image import denoiser_component
 
     model = load_component(pipe, denoiser_component(pipe)[0], torch.float32)
     frozen = frozen_convolutions(model)
@@ -338,7 +340,7 @@ def test_one_iteration_at_the_defaults_on_a_video_pipeline(tmp_path):
     from helpers import video_inputs
 
     from dmdx.cli import main
-    from dmdx.teachers.tiny_video import make_tiny_video_pipeline
+    from dmdx.teachers.video.tiny import make_tiny_video_pipeline
 
     pipe = make_tiny_video_pipeline("wan", tmp_path / "wan")
     inputs = video_inputs(tmp_path / "in", ["a red cat runs", "a blue bird flies"], 0)

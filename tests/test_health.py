@@ -33,7 +33,7 @@ def test_critic_logs_on_hand_made_logits():
 def test_fake_score_lag_against_exact_denoisers(tmp_path):
     """A fake score equal to the teacher lags by exactly 1; one that is the exact denoiser of the student's
     distribution (a point mass: x0 is that point whatever x_t) has zero error, lag 0."""
-    from dmdx.models import gmm_model
+    from dmdx.teachers.analytic import gmm_model
 
     teacher = gmm_model("ring8").denoiser
     point = Denoiser(ConstantBackbone(2), teacher.schedule, "x0")
@@ -68,7 +68,7 @@ class ConstantBackbone(nn.Module):
 def _ring8_context(student, times):
     from dmdx.data import load_dataset
     from dmdx.methods.base import Context
-    from dmdx.models import gmm_model
+    from dmdx.teachers.analytic import gmm_model
 
     teacher = gmm_model("ring8").denoiser
     return Context(teacher=teacher, teacher_net=teacher, student=student or teacher, data=load_dataset("ring8", "train"),
@@ -112,7 +112,7 @@ def test_image_quality_is_read_against_the_teachers_own_figure(tmp_path, monkeyp
     from dmdx.data import load_dataset
     from dmdx.eval import get_classifier
     from dmdx.methods.base import Context, Method
-    from dmdx.models import load_model
+    from dmdx.teachers import load_model
 
     monkeypatch.setenv("DMDX_HOME", str(tmp_path / "home"))
     get_classifier("digits", epochs=10, max_train=300, batch_size=32, progress=False)  # small (test acc ~0.8), cached
@@ -140,7 +140,7 @@ def test_image_quality_is_read_against_the_teachers_own_figure(tmp_path, monkeyp
 def test_health_signals_leave_training_bit_identical(tmp_path):
     """A run with every health signal (quality figure included) trains exactly as one with none."""
     from dmdx.train.loop import Trainer
-    from dmdx.train.run import build_run
+    from dmdx.teachers import build_run
 
     on = tiny_config("dmd2", steps=4, health_every=2, health_quality_n=64)
     off = tiny_config("dmd2", steps=4, health_n=0)
@@ -186,3 +186,62 @@ def test_inspect_on_a_folder_that_is_not_a_run(tmp_path, capsys):
     assert main(["inspect", str(tmp_path)]) == 2
     assert "not a dmdx run folder" in capsys.readouterr().err
     assert main(["inspect", str(tmp_path / "missing")]) == 2
+
+
+def _write_run(folder, rows, ref=None, steps=100):
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (folder / "config.json").write_text(json.dumps({"method": {"name": "dmdx"}, "train": {"steps": steps}}))
+    if ref is not None:
+        (folder / "health_ref.json").write_text(json.dumps(ref))
+    return folder
+
+
+def test_inspect_tells_a_blind_critic_from_one_at_equilibrium(tmp_path):
+    """Three ADM critics at chance on constructed runs: one whose real and fake inputs are nearly the same while
+    the student is off the data (blind: the quality problem is the verdict, the critic its explanation), one with
+    the same tiny gap while the student matches (equilibrium: healthy), and one that has a signal it does not learn
+    (too weak: a problem).  A critic that learns its signal is a note."""
+    ref = {"steps": 10, "n": 64, "diversity": 2.0,
+           "quality": {"modes_covered": 8, "max_weight_error": 0.02, "in_mode": 0.99, "sw": 0.1}}
+
+    def rows(gap, in_mode, acc=0.5, modes=8):
+        out = [{"step": 10 * (i + 1), "stage": "adm", "loss/gan_d": 2.0, "critic/adm/acc": acc,
+                "critic/adm/margin": 0.0, "critic/adm/gap": gap, "health/diversity_ratio": 1.0} for i in range(10)]
+        out[-1].update({"health/modes_covered": modes, "health/max_weight_error": 0.03, "health/in_mode": in_mode,
+                        "health/sw": 0.2})
+        return out
+
+    text, healthy, _ = inspect_run(_write_run(tmp_path / "blind", rows(0.004, 0.46), ref))
+    assert not healthy and "problem: samples off the data: 46%" in text
+    assert "note: critic 'adm' is blind: there is no signal to learn" in text and "0.004 of the samples' spread" in text
+    assert "problem: critic" not in text  # the critic explains the quality problem; it is not a second one
+    text, healthy, _ = inspect_run(_write_run(tmp_path / "equilibrium", rows(0.004, 0.97), ref))
+    assert healthy and "critic 'adm' at equilibrium" in text and "never beat chance" not in text
+    text, healthy, _ = inspect_run(_write_run(tmp_path / "weak", rows(0.3, 0.6, modes=7), ref))
+    assert not healthy and "critic 'adm' is too weak" in text and "mode coverage: 7 modes" in text
+    text, healthy, _ = inspect_run(_write_run(tmp_path / "learns", rows(0.3, 0.97, acc=0.8), ref))
+    assert healthy and "critic 'adm': accuracy 0.80 -> 0.80" in text and "differ by 0.3" in text
+    # no quality figure to judge by: a blind critic is the problem itself
+    unjudged = [{k: v for k, v in r.items() if not k.startswith("health/") or k == "health/diversity_ratio"}
+                for r in rows(0.004, 0.5)]
+    problems, _ = diagnose(unjudged, ref, 100, 0.3)
+    assert len(problems) == 1 and problems[0].startswith("critic 'adm' is blind")
+
+
+def test_adm_logs_the_gap_its_critic_has_to_see(tmp_path):
+    """critic/adm/gap = rms(x_real - x_fake) / spread(x_fake) from the critic's own update: it grows with ADM's step
+    (dt) on the same student and fake score, and the quality figure comes at the last step as well."""
+    from dmdx.train.loop import Trainer
+    from dmdx.teachers import build_run
+
+    gaps = {}
+    for dt in (1 / 64, 1.0):
+        cfg = tiny_config("adm", steps=3, health_every=100, health_quality_n=64)
+        cfg.method.dt = dt
+        ctx, info = build_run(cfg, tmp_path / f"adm{dt}")
+        Trainer(tmp_path / f"adm{dt}", cfg.method, cfg.train, ctx, info).run()
+        rows = [json.loads(line) for line in (tmp_path / f"adm{dt}" / "log.jsonl").read_text().splitlines()]
+        gaps[dt] = rows[-1]["critic/adm/gap"]
+        assert "health/modes_covered" in rows[-1]  # step 3 = train.steps, although health_every is 100
+    assert 0 < gaps[1 / 64] < gaps[1.0], gaps

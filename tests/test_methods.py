@@ -3,12 +3,13 @@ import pytest
 import torch
 
 from dmdx.methods import METHODS
-from dmdx.methods.adm import hinge_d, hinge_g, normalised_surrogate, smoothness_penalty
-from dmdx.methods.adp import adp_times
+from dmdx.methods.adm import dmd2_scale, hinge_d, hinge_g, smoothness_penalty
+from dmdx.methods.adp import adp_input, adp_times
 from dmdx.methods.dmd2 import DMD2, dm_loss
-from dmdx.sampling import ode_step
-from dmdx.schedules import FlowMatching
-from dmdx.teachers.analytic import AnalyticDenoiser, GaussianMixture
+from dmdx.mixtures import AnalyticDenoiser, GaussianMixture
+from dmdx.sampling import ode_step, student_sample
+from dmdx.schedules import FlowMatching, VPDiscrete
+from dmdx.train.setup import student_times
 
 from helpers import make_trainer, state_of, tiny_config
 
@@ -51,7 +52,7 @@ def test_dm_gradient_sharpens_a_smeared_ring_toward_the_modes():
     the DM update moves samples along the ring toward their nearest teacher mode; at high noise it vanishes."""
     import math
 
-    from dmdx.teachers.analytic import _ring, load_mixture
+    from dmdx.mixtures import _ring, load_mixture
 
     torch.manual_seed(0)
     sched = FlowMatching()
@@ -86,6 +87,69 @@ def test_adp_time_sampler_follows_cubic_law():
     # P(t <= c) = P(1 - u^3 <= c) = 1 - (1 - c)^(1/3)
     for c in (0.1, 0.5, 0.9, 0.99):
         assert float((t <= c).double().mean()) == pytest.approx(1 - (1 - c) ** (1 / 3), abs=0.005)
+
+
+@pytest.fixture(scope="module")
+def adp_method(tmp_path_factory):
+    """An ADP method of a tiny run (its student and pairs are replaced per test)."""
+    tr = make_trainer(tiny_config("adp"), tmp_path_factory.mktemp("adp"))
+    return tr.build_stage(0).method
+
+
+class _InputSpy(torch.nn.Module):
+    """A student that records what it is fed: (x_t, t) per call; returns x_t."""
+
+    def __init__(self, schedule):
+        super().__init__()
+        self.schedule, self.calls = schedule, []
+
+    def forward(self, x, t, cond=None):
+        self.calls.append((x.detach().clone(), torch.as_tensor(t).detach().clone()))
+        return x
+
+
+@pytest.mark.parametrize("first", [1.0, 0.399])
+@pytest.mark.parametrize("schedule", [FlowMatching(), VPDiscrete()], ids=["flow", "vp"])
+def test_adp_input_at_the_students_first_time_is_the_samplers(adp_method, monkeypatch, schedule, first):
+    """ADP's training input at the student's first time is exactly what sampling feeds there (``prior(noise)``: no
+    ``alpha(1) x0`` leak on VP, no image at t = 0.399); below it, the pair's path at that time."""
+    import types
+
+    import dmdx.methods.adp as adp_module
+
+    ctx = adp_method.ctx
+    times = student_times([first], schedule)  # VP: snapped to the integer step, as at set-up
+    n = 101
+    noise, x0 = torch.randn(n, 2), 3 + torch.randn(n, 2)
+    monkeypatch.setattr(ctx, "student", _InputSpy(schedule))
+    monkeypatch.setattr(ctx, "times", times)
+    monkeypatch.setattr(ctx, "pairs", types.SimpleNamespace(batch=lambda k, device: (noise, x0, None)))
+    monkeypatch.setattr(adp_module, "adp_times", lambda k, cubic, device: torch.linspace(1, 0, k, dtype=torch.float64))
+    adp_method.predict(grad=False)
+    (x_in, t), = ctx.student.calls
+    ctx.student.calls.clear()
+    student_sample(ctx.student, schedule, noise, times)
+    (x_sample, t_sample), = ctx.student.calls
+    at_first = t == times[0]
+    assert int(at_first.sum()) >= 1 and torch.equal(t_sample, torch.full((n,), times[0], dtype=torch.float64))
+    assert torch.equal(x_in[at_first], x_sample[at_first])
+    assert torch.equal(x_in[at_first], schedule.prior(noise)[at_first])
+    below = ~at_first
+    assert (t[below] < times[0]).all() and int(below.sum()) >= 30
+    torch.testing.assert_close(x_in[below], schedule.add_noise(x0, noise, t)[below])
+
+
+def test_adp_cubic_law_puts_its_mass_above_the_first_time_on_it():
+    """With the paper's t' = 1 - u^3, the share fed at the first time t1 is P(t' >= t1) = (1 - t1)^(1/3): 0.84 at
+    0.399; at t1 = 1 the VP step grid gives it P(t' rounds to 999/999) = (0.5 / 999)^(1/3) = 0.079."""
+    torch.manual_seed(0)
+    n = 200_000
+    x0, noise = torch.zeros(n, 1), torch.randn(n, 1)
+    flow, vp = FlowMatching(), VPDiscrete()
+    _, t = adp_input(flow, x0, noise, adp_times(n, True, "cpu"), 0.399)
+    assert float((t == 0.399).double().mean()) == pytest.approx((1 - 0.399) ** (1 / 3), abs=0.005)
+    _, t = adp_input(vp, x0, noise, vp.training_time(adp_times(n, True, "cpu")), 1.0)
+    assert float((t == 1.0).double().mean()) == pytest.approx((0.5 / 999) ** (1 / 3), abs=0.003)
 
 
 @pytest.mark.parametrize("method", ["dmd", "dmd2", "adm", "adp"])
@@ -125,46 +189,93 @@ def test_adm_student_gradient_goes_through_fake_step_and_discriminator(tmp_path)
     assert not loss.requires_grad
 
 
-def test_normalised_surrogate_gives_each_sample_a_unit_rms_gradient_of_the_losss_direction():
-    """d surrogate / dx = (dL/dx per sample / its rms) / numel: the direction of L's gradient, each sample's scale 1."""
-    torch.manual_seed(0)
-    x = torch.randn(3, 2, 4, requires_grad=True)
-    scale = torch.tensor([1e-4, 1.0, 50.0]).view(3, 1, 1)  # per-sample gradient scales 5 decades apart
-    w = torch.randn(2, 4)
-
-    def loss_of_x(z):
-        return (scale * w * z).sum() + (z ** 3).sum() * 1e-6
-
-    sur, value = normalised_surrogate(x, loss_of_x)
-    assert value.item() == pytest.approx(loss_of_x(x.detach()).item())
-    sur.backward()
-    xd = x.detach().requires_grad_(True)
-    (g,) = torch.autograd.grad(loss_of_x(xd), xd)
-    expected = g / g.pow(2).mean(dim=(1, 2), keepdim=True).sqrt() / x.numel()
-    torch.testing.assert_close(x.grad, expected)
-    rms = (x.grad * x.numel()).pow(2).mean(dim=(1, 2)).sqrt()
-    torch.testing.assert_close(rms, torch.ones(3))
-
-
 def test_adm_normalised_generator_gradient_reaches_only_the_student(tmp_path):
-    """``grad_norm=sample`` (off by default: the paper's loss) changes the student's gradient, not its routing: the
-    fake score and heads get none, the gradient is cut with the fake step, and an unknown value is refused."""
+    """``grad_norm=dmd2`` (off by default: the paper's loss) changes the student's gradient, not its routing: the
+    fake score and heads get none, and an unknown value (the removed ``sample`` included) is refused."""
     assert METHODS["adm"].Config().grad_norm == "none"
     cfg = tiny_config("adm")
-    cfg.method.grad_norm = "sample"
+    cfg.method.grad_norm = "dmd2"
     tr = make_trainer(cfg, tmp_path)
-    adm = tr.build_stage(0).method
-    for name, net in tr.build_stage(0).trainables.items():
+    stage = tr.build_stage(0)
+    adm = stage.method
+    for name, net in stage.trainables.items():
         net.requires_grad_(name == "student")
     loss, logs = adm.student_loss()
-    assert "loss/gan_g" in logs
+    assert "loss/gan_g" in logs and logs["adm/dmd2_scale"] > 0
     loss.backward()
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in tr.ctx.student.parameters())
     assert all(p.grad is None for p in adm.disc.heads.parameters())
     assert all(p.grad is None for p in adm.fake_score.parameters())
-    with pytest.raises(ValueError, match="grad_norm"):
-        METHODS["adm"].check(METHODS["adm"].Config(grad_norm="tensor"), (2,))
+    for bad in ("tensor", "sample"):
+        with pytest.raises(ValueError, match="grad_norm.*allowed: none, dmd2"):
+            METHODS["adm"].check(METHODS["adm"].Config(grad_norm=bad), (2,))
 
+
+def _adm_at_a_score_equilibrium(tmp_path):
+    """ADM whose fake score equals its real score exactly (the teacher network on both sides, guidance 1), and a fixed
+    student sample x0 (a leaf with a gradient)."""
+    cfg = tiny_config("adm")
+    cfg.method.real_guidance = 1.0
+    tr = make_trainer(cfg, tmp_path)
+    ctx = tr.ctx
+    ctx.teacher = ctx.teacher_net  # the fake score starts as a copy of this network
+    adm = tr.build_stage(0).method
+    adm.fake_score.requires_grad_(False)
+    x0 = torch.randn(32, 2).requires_grad_(True)
+    ctx.student_x0 = lambda n, grad=True: (x0, None, 1.0)
+    return adm, x0
+
+
+def _generator_gradient(adm, x0, grad_norm, seed=1):
+    adm.cfg.grad_norm = grad_norm
+    x0.grad = None
+    torch.manual_seed(seed)  # the same times and noise for every call
+    loss, _ = adm.student_loss()
+    loss.backward()
+    return x0.grad.clone()
+
+
+@pytest.mark.parametrize("grad_norm", ["none", "dmd2"])
+def test_adm_generator_gradient_is_zero_at_an_exact_equilibrium(tmp_path, grad_norm):
+    """Fake score = real score (guidance 1): both ODE steps give the same latents, so no critic can tell them apart,
+    and a critic at its equilibrium is constant (any constant in [-1, 1] minimises the hinge loss of two equal
+    distributions).  Then the student's gradient is exactly 0 under every normalisation: none makes a push of its own.
+
+    (The paper's generator loss ``-D(x_fake)`` never sees ``x_real``: with random, untrained heads its gradient at
+    this equilibrium is the heads' noise, not 0, under any normalisation; see the next test for what a normalisation
+    may do with that noise.)"""
+    adm, x0 = _adm_at_a_score_equilibrium(tmp_path)
+    torch.manual_seed(0)
+    x_t, t, s = adm.noised(x0.detach())
+    assert torch.equal(adm.real_step(x_t, t, s, None), adm.fake_step(x_t, t, s, None))
+    with torch.no_grad():
+        for head in adm.disc.heads.heads:
+            last = [m for m in head.modules() if getattr(m, "weight", None) is not None][-1]
+            last.weight.zero_()  # D(x) = its last bias, whatever x
+    g = _generator_gradient(adm, x0, grad_norm)
+    assert torch.count_nonzero(g) == 0 and torch.isfinite(g).all()
+
+
+def test_adm_normalised_generator_gradient_does_not_amplify_an_uninformed_critic(tmp_path):
+    """At the same exact equilibrium with random heads, the gradient is the heads' noise.  A normalisation must not
+    turn a critic that knows less into the same push: the gradient of ``eps * D`` is ``eps`` times that of ``D``
+    under every option (``sample``, removed in issue 33, divided each sample's gradient by its own rms and gave 1 per
+    sample whatever eps), and ``dmd2`` is the raw gradient divided per sample by ``mean |x0 - x0_real(x_t)|``."""
+    adm, x0 = _adm_at_a_score_equilibrium(tmp_path)
+    disc = adm.disc
+    grads = {}
+    for eps in (1.0, 1e-3):
+        adm.disc = lambda x, s, cond, eps=eps: eps * disc(x, s, cond)
+        for norm in ("none", "dmd2"):
+            grads[norm, eps] = _generator_gradient(adm, x0, norm)
+    for norm in ("none", "dmd2"):
+        assert grads[norm, 1.0].abs().sum() > 0
+        torch.testing.assert_close(grads[norm, 1e-3], 1e-3 * grads[norm, 1.0], rtol=1e-4, atol=0)
+    torch.manual_seed(1)
+    x_t, t, _ = adm.noised(x0.detach())  # what student_loss drew
+    scale = (x0.detach() - adm.ctx.teacher(x_t, t, None)).abs().mean(1)
+    torch.testing.assert_close(scale, dmd2_scale(x0, adm.ctx.teacher(x_t, t, None)))
+    torch.testing.assert_close(grads["dmd2", 1.0], grads["none", 1.0] / scale[:, None], rtol=1e-4, atol=0)
 
 
 def test_adm_dm_term_is_zero_while_fake_equals_real_and_reaches_only_the_student(tmp_path):
@@ -195,7 +306,7 @@ def test_adm_dm_term_is_zero_while_fake_equals_real_and_reaches_only_the_student
     with pytest.raises(ValueError, match="dm_weight"):
         METHODS["adm"].check(METHODS["adm"].Config(dm_weight=-1.0), (2,))
 
-@pytest.mark.parametrize("grad_norm", ["none", "sample"])
+@pytest.mark.parametrize("grad_norm", ["none", "dmd2"])
 @pytest.mark.parametrize("dt", [1.0, 0.25])
 def test_adm_generator_gradient_points_from_fake_to_real_once_its_critic_has_learned(tmp_path, dt, grad_norm):
     """Exact scores of two shifted Gaussians (real N(mu_r, s^2), fake = the student's N(mu_f, s^2)) and a small

@@ -18,7 +18,8 @@ from torch import nn
 pytest.importorskip("diffusers")
 pytest.importorskip("transformers")
 
-from dmdx.eval import pipelines as pe  # noqa: E402
+from dmdx.eval import scorers  # noqa: E402
+from dmdx.teachers.image import evaluate as image_eval  # noqa: E402
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -45,7 +46,7 @@ class TinyInception(nn.Module):
 def tiny_clip(folder: Path) -> Path:
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
 
-    from dmdx.teachers.tiny import _tokenizer
+    from dmdx.teachers.image.tiny import _tokenizer
 
     torch.manual_seed(0)
     tok = _tokenizer()
@@ -69,7 +70,7 @@ def files(tmp_path_factory):
     root = tmp_path_factory.mktemp("scorers")
     torch.manual_seed(0)
     torch.jit.save(torch.jit.script(TinyInception().eval()), str(root / "inception.pt"))
-    lp = pe.LPIPS()
+    lp = scorers.LPIPS()
     state = {k: v for k, v in lp.state_dict().items()}
     state = {k: (v.abs() if "lin" in k else v) for k, v in state.items()}  # LPIPS's linear weights are >= 0
     save_file(state, str(root / "lpips_alex.safetensors"))
@@ -94,20 +95,20 @@ def test_clip_score_matched_beats_shuffled():
     g = torch.Generator().manual_seed(0)
     text = nn.functional.normalize(torch.randn(64, 16, generator=g), dim=-1)
     image = nn.functional.normalize(text + 0.1 * torch.randn(64, 16, generator=g), dim=-1)
-    matched = pe.clip_score(image, text)
-    shuffled = pe.clip_score(image, text[torch.randperm(64, generator=g)])
+    matched = scorers.clip_score(image, text)
+    shuffled = scorers.clip_score(image, text[torch.randperm(64, generator=g)])
     cos = (image * text).sum(-1)
     assert matched == pytest.approx(float(100 * cos.clamp(min=0).mean()), rel=1e-5)
     assert matched > 80 and shuffled < 20
-    assert pe.pick_score(image, text, 100.0) == pytest.approx(float(100 * cos.mean()), rel=1e-5)
+    assert scorers.pick_score(image, text, 100.0) == pytest.approx(float(100 * cos.mean()), rel=1e-5)
 
 
 def test_fid_of_a_set_against_itself_and_a_shift():
     g = torch.Generator().manual_seed(0)
     x = torch.randn(500, 6, generator=g)
-    assert abs(pe.fid(x, x)) < 1e-6
+    assert abs(scorers.fid(x, x)) < 1e-6
     shift = torch.tensor([1.0, -2.0, 0.0, 0.5, 0.0, 0.0])
-    assert pe.fid(x, x + shift) == pytest.approx(float(shift @ shift), rel=1e-4)  # same covariance: |mu1 - mu2|^2
+    assert scorers.fid(x, x + shift) == pytest.approx(float(shift @ shift), rel=1e-4)  # same covariance: |mu1 - mu2|^2
 
 
 def test_kid_is_unbiased_and_matches_the_formula():
@@ -117,13 +118,13 @@ def test_kid_is_unbiased_and_matches_the_formula():
     k = lambda a, b: (a @ b.T / d + 1) ** 3  # noqa: E731
     kxx, kyy, kxy = k(x, x), k(y, y), k(x, y)
     brute = sum(kxx[i, j] + kyy[i, j] for i in range(n) for j in range(n) if i != j) / (n * (n - 1)) - 2 * kxy.mean()
-    mean, std = pe.kid(x, y, subsets=3, subset_size=n)
+    mean, std = scorers.kid(x, y, subsets=3, subset_size=n)
     assert mean == pytest.approx(float(brute), rel=1e-6) and std < 1e-9  # one subset = the whole set
     # same distribution: the unbiased estimate averages to 0 (the biased V-statistic would stay > 0)
     vals, biased = [], []
     for _ in range(60):
         a, b = torch.randn(n, d, generator=g), torch.randn(n, d, generator=g)
-        vals.append(pe.kid(a, b, subsets=1, subset_size=n)[0])
+        vals.append(scorers.kid(a, b, subsets=1, subset_size=n)[0])
         biased.append(float(k(a, a).mean() + k(b, b).mean() - 2 * k(a, b).mean()))
     sem = np.std(vals) / math.sqrt(len(vals))
     assert abs(np.mean(vals)) < 3 * sem
@@ -131,42 +132,42 @@ def test_kid_is_unbiased_and_matches_the_formula():
 
 
 def test_lpips_and_diversity(files):
-    lp = pe.LPIPS.from_file(files["lpips"])
+    lp = scorers.LPIPS.from_file(files["lpips"])
     g = torch.Generator().manual_seed(0)
     a, b = torch.rand(3, 3, 64, 64, generator=g) * 2 - 1, torch.rand(3, 3, 64, 64, generator=g) * 2 - 1
     assert torch.allclose(lp(a, a), torch.zeros(3), atol=1e-6)
     torch.testing.assert_close(lp(a, b), lp(b, a))
     assert (lp(a, b) > 0).all()
     images = torch.stack([a[0], a[0], a[1], b[1], a[2]])  # prompt 0: two equal images; prompt 1: two different
-    div = pe.lpips_diversity(lp, images, [0, 0, 1, 1, 2])  # prompt 2 has one image: no pair, left out
+    div = scorers.lpips_diversity(lp, images, [0, 0, 1, 1, 2])  # prompt 2 has one image: no pair, left out
     assert div == pytest.approx(float(lp(a[1:2], b[1:2])) / 2, rel=1e-5)
     with pytest.raises(ValueError, match="at least 2 images per prompt"):
-        pe.lpips_diversity(lp, images[:1], [0])
+        scorers.lpips_diversity(lp, images[:1], [0])
     with pytest.raises(ValueError, match="holds only the linear layers"):
         bad = files["root"] / "lin_only.pth"
         torch.save({k: v for k, v in lp.state_dict().items() if k.startswith("lin")}, bad)
-        pe.LPIPS.from_file(bad)
+        scorers.LPIPS.from_file(bad)
 
 
 # -- sampling --------------------------------------------------------------------------------------------------
 def test_student_images_are_its_sampler_decoded_and_reproducible(student, files):
-    from dmdx.models import load_model
+    from dmdx.teachers import load_model
     from dmdx.sampling import student_sample
-    from dmdx.teachers import diffusers as dfs
+    from dmdx.pipelines.image import encode_prompts
 
     m = load_model(student)
     prompts = ["a red cat", "a blue dog"]
-    s = pe.generate_images(m, prompts, per_prompt=2, seed=3, batch_size=3)
+    s = image_eval.generate_images(m, prompts, per_prompt=2, seed=3, batch_size=3)
     assert s.seeds == [3, 4, 3, 4] and s.prompt_index == [0, 0, 1, 1] and s.nfe == 2
-    one = pe.generate_images(m, prompts[1:], per_prompt=1, seed=4, batch_size=1)  # another batch, same (prompt, seed)
+    one = image_eval.generate_images(m, prompts[1:], per_prompt=1, seed=4, batch_size=1)  # another batch, same (prompt, seed)
     torch.testing.assert_close(one.images[0], s.images[3], rtol=0, atol=1e-5)
     # image (p, s) = VAE decode of the student's own loop from seed s
     pipe = Path(m.info.extra["pipeline"])
-    bank, _ = dfs.encode_prompts(pipe, prompts[1:], tuple(m.info.shape))
+    bank, _ = encode_prompts(pipe, prompts[1:], tuple(m.info.shape))
     g = torch.Generator().manual_seed(4)
     noise = torch.randn(tuple(m.info.shape), generator=g)[None]
     z = student_sample(m.denoiser, m.denoiser.schedule, noise, m.info.times, bank, generator=[g])
-    torch.testing.assert_close(s.images[3:], pe.decode_latents(pipe, z), rtol=0, atol=1e-5)
+    torch.testing.assert_close(s.images[3:], image_eval.decode_latents(pipe, z), rtol=0, atol=1e-5)
 
 
 def test_sample_cli_student_and_teacher(student, files, tmp_path):

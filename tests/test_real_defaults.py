@@ -28,8 +28,11 @@ pytest.importorskip("transformers")
 pytest.importorskip("peft")
 
 from dmdx.cli import main  # noqa: E402
-from dmdx.teachers import diffusers as dfs  # noqa: E402
-from dmdx.teachers.tiny import make_tiny_pipeline  # noqa: E402
+from dmdx.nets.pipeline import add_lora  # noqa: E402
+from dmdx.pipelines.folder import load_component  # noqa: E402
+from dmdx.pipelines.image import denoiser_component, encode_prompts, flux_mu, schedule_from_folder  # noqa: E402
+from dmdx.teachers.image import load_teacher  # noqa: E402
+from dmdx.teachers.image.tiny import make_tiny_pipeline  # noqa: E402
 
 FAMILIES = ("sd", "sd_v", "sdxl", "sd3", "flux")
 METHODS = ("dmd", "dmd2", "adm", "adp", "dmdx")
@@ -127,7 +130,7 @@ def trainer(root, pipes, family, method, name, data=True, **sets):
     from helpers import make_trainer
 
     from dmdx.config import set_path
-    from dmdx.recipes import apply_recipe
+    from dmdx.teachers import apply_recipe
     from dmdx.train.run import default_run_config
 
     cfg = default_run_config(method)
@@ -160,7 +163,7 @@ def test_captions_reach_the_gan(root, pipes):
     method = tr.build_stage(0).method
     assert isinstance(method, DMD2)
     shape = tuple(method.ctx.shape)
-    want, _ = dfs.encode_prompts(pipes["sd"], ["a green frog", "an old bridge"], shape)
+    want, _ = encode_prompts(pipes["sd"], ["a green frog", "an old bridge"], shape)
     seen = []
     logits = method.logits
 
@@ -191,8 +194,8 @@ def test_captions_reach_the_gan(root, pipes):
 def test_pairs_progress_resume_and_checks(root, pipes, capsys):
     from dmdx.pairs import collect_pairs, load_pairs
 
-    m = dfs.load_teacher(pipes["sd"])
-    bank, _ = dfs.encode_prompts(pipes["sd"], ["a red cat", "a blue dog"], tuple(m.info.shape))
+    m = load_teacher(pipes["sd"])
+    bank, _ = encode_prompts(pipes["sd"], ["a red cat", "a blue dog"], tuple(m.info.shape))
     out = root / "pairs-sd"
     kw = dict(steps=2, solver="euler", guidance=2.0, shard_size=2, batch_size=2, cond_bank=bank)
     collect_pairs(m, out, 3, **kw)
@@ -264,6 +267,52 @@ def test_fake_score_dm_prediction_in_float32_under_bf16(root, pipes):
     assert dtypes == {"fake": torch.float32, "real": torch.bfloat16}  # ...but not inside the fake score's
 
 
+@pytest.mark.parametrize("family", ["sd", "sd3"])
+def test_adm_steps_and_critic_run_in_float32_under_a_bf16_teacher(root, pipes, family):
+    """ADM's two ODE steps and its discriminator's passes compute in float32 under the default bf16 teacher, inside
+    train.bf16 autocast too; the teacher's own weights stay bf16 and unchanged, the student's gradient flows back
+    through the float32 pass after the block, and ``float32_steps=false`` leaves the teacher in bf16."""
+    from dmdx.methods import adm as adm_module
+
+    tr = trainer(root, pipes, family, "adm", f"f32-adm-{family}", data=False)
+    stage = tr.build_stage(0)
+    adm, ctx = stage.method, tr.ctx
+    teacher = ctx.teacher.backbone.model
+    assert {p.dtype for p in teacher.parameters()} == {torch.bfloat16}
+    before = {k: v.clone() for k, v in teacher.state_dict().items()}
+    seen = {"teacher": set(), "steps": set()}
+    hooks = [m.register_forward_hook(lambda _m, _i, out: seen["teacher"].add(out.dtype))
+             for m in teacher.modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))]
+    ode_step = adm_module.ode_step
+
+    def spy(den, sched, x_t, t, s, cond, solver, x0=None):
+        x0 = den(x_t, t, cond) if x0 is None else x0
+        seen["steps"].update({x0.dtype, "autocast" if torch.is_autocast_enabled("cpu") else "no autocast"})
+        return ode_step(den, sched, x_t, t, s, cond, solver, x0=x0)
+
+    adm_module.ode_step = spy
+    try:
+        for name, net in stage.trainables.items():
+            net.requires_grad_(name == "student")
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss, _ = adm.student_loss()
+            adm.critic_loss()
+        loss.backward()  # the float32 copies the graph kept, after the block put the bf16 weights back
+        assert seen == {"teacher": {torch.float32}, "steps": {torch.float32, "no autocast"}}
+        assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in ctx.student.parameters())
+        assert {p.dtype for p in teacher.parameters()} == {torch.bfloat16}
+        assert all(torch.equal(v, before[k]) for k, v in teacher.state_dict().items())
+        seen["teacher"].clear()
+        adm.cfg.float32_steps = False
+        adm.critic_loss()
+        assert seen["teacher"] == {torch.bfloat16}
+    finally:
+        adm_module.ode_step = ode_step
+        adm.cfg.float32_steps = True
+        for h in hooks:
+            h.remove()
+
+
 @pytest.mark.parametrize("method", ["dmd2", "adm", "adp"])
 def test_unet_teachers_see_integer_timesteps(root, pipes, method):
     """DM, fake-score, GAN, ADM and ADP terms draw their times on the VP schedule's integer steps."""
@@ -300,26 +349,26 @@ def _sched_folder(root, pipes, family, name, **keys):
 def test_flow_scheduler_keys_refused(root, pipes, key, value):
     folder = _sched_folder(root, pipes, "sd3", f"{key}", **{key: value})
     with pytest.raises(ValueError, match=key):
-        dfs.schedule_from_folder(folder, (4, 8, 8))
+        schedule_from_folder(folder, (4, 8, 8))
 
 
 def test_scheduler_keys_supported_or_refused(root, pipes):
     folder = _sched_folder(root, pipes, "flux", "linear", time_shift_type="linear")
-    sched, _ = dfs.schedule_from_folder(folder, (4, 8, 8))
+    sched, _ = schedule_from_folder(folder, (4, 8, 8))
     cfg = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
-    assert sched.shift == pytest.approx(dfs.flux_mu(16, cfg))  # linear: mu / (mu + 1/t - 1), a shift of mu
-    exp, _ = dfs.schedule_from_folder(pipes["flux"], (4, 8, 8))
-    assert exp.shift == pytest.approx(math.exp(dfs.flux_mu(16, cfg)))
-    same, _ = dfs.schedule_from_folder(_sched_folder(root, pipes, "sd3", "off", use_karras_sigmas=False,
+    assert sched.shift == pytest.approx(flux_mu(16, cfg))  # linear: mu / (mu + 1/t - 1), a shift of mu
+    exp, _ = schedule_from_folder(pipes["flux"], (4, 8, 8))
+    assert exp.shift == pytest.approx(math.exp(flux_mu(16, cfg)))
+    same, _ = schedule_from_folder(_sched_folder(root, pipes, "sd3", "off", use_karras_sigmas=False,
                                                      shift_terminal=None), (4, 8, 8))
     assert same.shift == 3.0  # keys set to off are fine
     folder = _sched_folder(root, pipes, "sd", "betas", trained_betas=[0.001] * 1000)
     with pytest.raises(ValueError, match="trained_betas"):
-        dfs.schedule_from_folder(folder, (4, 8, 8))
+        schedule_from_folder(folder, (4, 8, 8))
 
 
 def test_recipes_resolve_as_documented(pipes):
-    from dmdx.recipes import apply_recipe
+    from dmdx.teachers import apply_recipe
     from dmdx.train.run import default_run_config
 
     def resolved(family, method, user=None):
@@ -351,9 +400,9 @@ def test_recipe_lora_targets_attach(pipes, family):
 
     targets = {"sd": UNET_LORA_TARGETS, "sdxl": UNET_LORA_TARGETS, "sd3": SD3_LORA_TARGETS,
                "flux": FLUX_LORA_TARGETS}[family]
-    comp, _ = dfs.denoiser_component(pipes[family])
-    model = dfs.load_component(pipes[family], comp)
-    dfs.add_lora(model, 2, 8.0, targets)
+    comp, _ = denoiser_component(pipes[family])
+    model = load_component(pipes[family], comp)
+    add_lora(model, 2, 8.0, targets)
     names = {n for n, m in model.named_modules() if hasattr(m, "lora_A")}
     hit = {t for t in targets if any(n == t or n.endswith("." + t) for n in names)}
     assert hit == set(targets), sorted(set(targets) - hit)  # every target names layers of the family's model

@@ -4,7 +4,8 @@ import json
 
 from dmdx import recipes
 from dmdx.cli import main
-from dmdx.recipes import Setting, apply_recipe, recipe, teacher_kind
+from dmdx.recipes import Setting, recipe
+from dmdx.teachers import apply_recipe, teacher_kind
 from dmdx.train.run import default_run_config
 
 
@@ -74,7 +75,7 @@ def test_builtin_image_teacher_gets_the_small_scale_gan_recipe(tmp_path, capsys)
     assert cfg["train"]["lr_scale"] == {"student": 0.2, "disc_heads": 10, "latent_heads": 10, "pixel_heads": 10}
     assert cfg["method"]["adm"]["dt"] == 1 and cfg["method"]["adp"]["d_t_max"] == 0.5
     assert cfg["method"]["adp"]["reg_weight"] == 10 and cfg["method"]["adm"]["reg_weight"] == 10
-    assert cfg["method"]["adm"]["grad_norm"] == "sample" and cfg["method"]["adm"]["lr_scale"] == {"student": 0.5}
+    assert cfg["method"]["adm"]["grad_norm"] == "none" and cfg["method"]["adm"]["lr_scale"] == {"student": 0.5}
     assert cfg["method"]["adp"]["lr_scale"] == {}  # ADP's stage keeps train.lr_scale's student x0.2
     assert cfg["pairs"]["n"] == 500 and cfg["pairs"]["steps"] == 25
     assert "method.adm.dt = 1.0" in err and "benchmarks/" in err
@@ -83,7 +84,7 @@ def test_builtin_image_teacher_gets_the_small_scale_gan_recipe(tmp_path, capsys)
     assert cfg["method"]["adp"]["d_t_max"] == 0.5  # the rest of the recipe still applies
     assert cfg["method"]["adm"]["lr_scale"] == {}  # the user's own rates: ADM's stage is not given the recipe's x0.5
     cfg, _ = _dry_run(capsys, tmp_path, teacher, "dmdx", "student.times=1,0.75,0.5,0.25")
-    assert cfg["method"]["adm"]["grad_norm"] == "none" and cfg["method"]["adm"]["dt"] == 1  # one-step students only
+    assert cfg["method"]["adm"]["dt"] == 1 and cfg["method"]["adm"]["reg_weight"] == 10  # four-step: the same recipe
     cfg, _ = _dry_run(capsys, tmp_path, teacher, "dmdx", 'method.adm.lr_scale={"student": 0.1}')
     assert cfg["method"]["adm"]["lr_scale"] == {"student": 0.1} and cfg["train"]["lr_scale"]["student"] == 0.2
     cfg, _ = _dry_run(capsys, tmp_path, teacher, "dmdx", "recipe=none")

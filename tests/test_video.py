@@ -15,9 +15,12 @@ pytest.importorskip("peft")
 av = pytest.importorskip("av")
 
 from dmdx.cli import main  # noqa: E402
-from dmdx.teachers import video as vid  # noqa: E402
-from dmdx.teachers.diffusers import load_cond  # noqa: E402
-from dmdx.teachers.tiny_video import make_tiny_video_pipeline  # noqa: E402
+from dmdx.config import VideoConfig  # noqa: E402
+from dmdx.nets.video import WanBackbone  # noqa: E402
+from dmdx.pipelines.video import check_video_folder, geometry  # noqa: E402
+from dmdx.teachers.video import load_teacher  # noqa: E402
+from dmdx.pipelines.folder import load_cond  # noqa: E402
+from dmdx.teachers.video.tiny import make_tiny_video_pipeline  # noqa: E402
 
 WAN_SIZE = ["--set", "video.frames=9", "--set", "video.height=16", "--set", "video.width=16"]  # no native size
 
@@ -59,7 +62,7 @@ def last_log(run):
 def test_x0_matches_scheduler(pipes, family):
     from diffusers import CogVideoXDDIMScheduler, UniPCMultistepScheduler
 
-    m = vid.load_teacher(pipes[family], vc=vid.VideoConfig(9, 16, 16))
+    m = load_teacher(pipes[family], vc=VideoConfig(9, 16, 16))
     den, bb = m.denoiser, m.denoiser.backbone
     torch.manual_seed(0)
     x = torch.randn(2, *m.info.shape)
@@ -105,7 +108,7 @@ def test_folder_is_a_working_pipeline(pipes, family):
 def test_features_are_3d_maps(pipes):
     from dmdx.denoiser import FeatureTap
 
-    m = vid.load_teacher(pipes["cogvideox"])
+    m = load_teacher(pipes["cogvideox"])
     bb = m.denoiser.backbone
     with FeatureTap(bb, bb.feature_layers) as tap:
         bb(torch.randn(2, *m.info.shape), torch.tensor([500.0]), bb.null_cond(None))
@@ -113,11 +116,11 @@ def test_features_are_3d_maps(pipes):
 
 
 def test_grad_checkpointing_same_gradients(pipes):
-    m = vid.load_teacher(pipes["wan"], vc=vid.VideoConfig(9, 16, 16))
+    m = load_teacher(pipes["wan"], vc=VideoConfig(9, 16, 16))
     x = torch.randn(2, *m.info.shape)
     grads = []
     for gc in (False, True):
-        bb = vid.WanBackbone(**{**m.info.backbone["config"], "grad_checkpointing": gc}).train()
+        bb = WanBackbone(**{**m.info.backbone["config"], "grad_checkpointing": gc}).train()
         assert bb.model.is_gradient_checkpointing == gc
         bb(x, torch.tensor([500.0]), None).square().mean().backward()
         grads.append(torch.cat([p.grad.flatten() for p in bb.parameters() if p.grad is not None]))
@@ -126,16 +129,16 @@ def test_grad_checkpointing_same_gradients(pipes):
 
 # -- errors --------------------------------------------------------------------------------------------------------
 def test_errors(pipes, tmp_path):
-    from dmdx.models import load_model
+    from dmdx.teachers import load_model
 
     with pytest.raises(FileNotFoundError, match="local diffusers pipeline folder"):
-        vid.check_video_folder(tmp_path / "missing")
+        check_video_folder(tmp_path / "missing")
     with pytest.raises(ValueError, match=r"frames must be 4k \+ 1"):
-        vid.geometry(pipes["cogvideox"], frames=8)
+        geometry(pipes["cogvideox"], frames=8)
     with pytest.raises(ValueError, match="height=20 is not a multiple of 8 pixels"):
-        vid.geometry(pipes["cogvideox"], height=20)
+        geometry(pipes["cogvideox"], height=20)
     with pytest.raises(ValueError, match="width=24 is not a multiple of 16 pixels"):
-        vid.geometry(pipes["wan"], 9, 16, 24)
+        geometry(pipes["wan"], 9, 16, 24)
     bad = tmp_path / "bad"
     shutil.copytree(pipes["wan"], bad)
     index = json.loads((bad / "model_index.json").read_text())
@@ -149,7 +152,7 @@ def test_errors(pipes, tmp_path):
     with pytest.raises(ValueError, match="unsupported transformer class 'LTXVideoTransformer3DModel'; supported: "
                        ".*CogVideoXTransformer3DModel, WanTransformer3DModel"):
         load_model(bad)
-    assert vid.geometry(pipes["cogvideox"]).shape == (4, 3, 2, 2)  # the transformer's native 9 x 16 x 16
+    assert geometry(pipes["cogvideox"]).shape == (4, 3, 2, 2)  # the transformer's native 9 x 16 x 16
 
 
 def test_video_folder_errors(tmp_path):
@@ -223,7 +226,7 @@ def test_backward_simulation_over_student_times(pipes, inputs, tmp_path):
     from helpers import tiny_config
 
     from dmdx.sampling import student_sample
-    from dmdx.train.run import build_run
+    from dmdx.teachers import build_run
 
     cfg = tiny_config("adm", teacher=str(pipes["cogvideox"]), steps=1, batch_size=1)
     cfg.real.prompts, cfg.real.teacher_dtype = str(inputs / "p.txt"), "float32"
@@ -244,71 +247,146 @@ def test_backward_simulation_over_student_times(pipes, inputs, tmp_path):
     assert len(seen) >= 3
 
 
-@pytest.mark.parametrize("name", ["dmd2_cog32", "dmdx_wan32", "adm_wan"])
-def test_export_reproduces_student(runs, inputs, name, tmp_path):
-    from diffusers import DiffusionPipeline
-
-    from dmdx.export import export_run
-    from dmdx.models import load_model
+def video_latents(run, pipe, args: dict, prompt: str):
+    """(dmdx student sample, ``pipe(prompt, **args)``) as latents [1, C, T, H, W], from the same start latents and
+    re-noise seed; the pipeline encodes the prompt string itself (the run's prompt bank holds its encoding)."""
+    from dmdx.teachers import load_model
     from dmdx.sampling import student_sample
 
-    run = runs[name]
-    out = export_run(run, tmp_path / "pipe")
-    meta = json.loads((out / "dmdx_student.json").read_text())
     m = load_model(run)
     den, info = m.denoiser, m.info
     bank, _ = load_cond(run / "prompts.safetensors")
-    cond = {k: v[:2] for k, v in bank.items()}
-    noise = torch.randn(2, *info.shape, generator=torch.Generator().manual_seed(1))
+    prompts = [line.strip() for line in open(json.loads((run / "config.json").read_text())["real"]["prompts"])
+               if line.strip()]
+    cond = {k: v[prompts.index(prompt)][None] for k, v in bank.items()}
+    noise = torch.randn(1, *info.shape, generator=torch.Generator().manual_seed(1))
     lat = den.schedule.prior(noise)
-    pipe = DiffusionPipeline.from_pretrained(str(out))
-    if "cog" in name:  # LCM draws its re-noising noise in the pipeline's [B, T, C, H, W] layout
+    if info.extra["family"] == "cogvideox":  # LCM draws its re-noising noise in the pipeline's [B, T, C, H, W] layout
         g, x = torch.Generator().manual_seed(5), lat
         for k, t in enumerate(info.times):
             ref = den(x, t, cond)
             if k + 1 < len(info.times):
                 eps = torch.randn(x.transpose(1, 2).shape, generator=g).transpose(1, 2)
                 x = den.schedule.add_noise(ref, eps, info.times[k + 1])
-        got = pipe(prompt_embeds=cond["text"], latents=lat.transpose(1, 2), output_type="latent",
-                   generator=torch.Generator().manual_seed(5), **meta["call"]).frames.transpose(1, 2)
-    else:  # a plain call with the prompts (the pipeline encodes them); the flow scheduler re-noises from the global RNG
-        assert meta["exact"]  # the recipe's 4 times too: the exported scheduler's own set_timesteps(4) gives them
-        pipe.scheduler.set_timesteps(len(info.times))
-        sigmas = pipe.scheduler.sigmas[:-1].double()
-        torch.testing.assert_close(sigmas, den.schedule.sigma(torch.tensor(info.times, dtype=torch.float64)),
-                                   rtol=0, atol=1e-6)
+        got = pipe(prompt, latents=lat.transpose(1, 2), output_type="latent",
+                   generator=torch.Generator().manual_seed(5), **args).frames.transpose(1, 2)
+    else:  # the flow scheduler re-noises from the global RNG
         torch.manual_seed(5)
         ref = student_sample(den, den.schedule, noise, info.times, cond)
         torch.manual_seed(5)
-        prompts = (inputs / "p.txt").read_text().splitlines()[:2]
-        got = pipe(prompts, latents=lat, output_type="latent", **meta["call"]).frames
-    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())
+        got = pipe(prompt, latents=lat, output_type="latent", **args).frames
+    return ref, got
 
 
-def test_lora_export_loads_into_base(pipes, inputs, tmp_path):
+@pytest.mark.parametrize("name", ["dmd2_cog32", "dmdx_wan32", "adm_wan"])
+def test_export_reproduces_student(runs, inputs, name, tmp_path):
     from diffusers import DiffusionPipeline
 
-    from dmdx.export import export_run
+    from dmdx.teachers import export_run
 
-    run = distill("dmd2", pipes["cogvideox"], inputs, tmp_path / "run", "--set", "method.gan=false",
-                  "--set", "real.student_lora.rank=4", "--set", "real.fake_lora.rank=4",
-                  "--set", "student.times=[1.0]", "--steps", "2")
-    full = export_run(run, tmp_path / "full")
-    lora_dir = export_run(run, tmp_path / "lora", "lora")
-    meta = json.loads((full / "dmdx_student.json").read_text())
-    base = DiffusionPipeline.from_pretrained(str(pipes["cogvideox"]))
-    merged = DiffusionPipeline.from_pretrained(str(full))
-    base.scheduler = merged.scheduler
-    base.load_lora_weights(str(lora_dir))
-    bank, _ = load_cond(run / "prompts.safetensors")
-    lat = torch.randn(1, 3, 4, 2, 2, generator=torch.Generator().manual_seed(0))
-    kw = dict(prompt_embeds=bank["text"][:1], latents=lat, output_type="latent", **meta["call"])
-    a = base(generator=torch.Generator().manual_seed(3), **kw).frames
-    b = merged(generator=torch.Generator().manual_seed(3), **kw).frames
-    torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4 * b.abs().max().item())
-    trained = merged.transformer.state_dict()
-    orig = DiffusionPipeline.from_pretrained(str(pipes["cogvideox"])).transformer.state_dict()
-    assert any(not torch.equal(trained[k], orig[k]) for k in orig)  # the LoRA changed the merged weights
+    run = runs[name]
+    out = export_run(run, tmp_path / "pipe")
+    meta = json.loads((out / "dmdx_student.json").read_text())
+    times = json.loads((run / "model.json").read_text())["times"]
+    pipe = DiffusionPipeline.from_pretrained(str(out))
+    if "wan" in name:
+        from dmdx.schedules import make_schedule
+
+        assert meta["exact"]  # the recipe's 4 times too: the exported scheduler's own set_timesteps(4) gives them
+        pipe.scheduler.set_timesteps(len(times))
+        schedule = make_schedule(json.loads((run / "model.json").read_text())["schedule"])
+        torch.testing.assert_close(pipe.scheduler.sigmas[:-1].double(),
+                                   schedule.sigma(torch.tensor(times, dtype=torch.float64)), rtol=0, atol=1e-6)
+    for prompt in (inputs / "p.txt").read_text().splitlines()[:2]:
+        ref, got = video_latents(run, pipe, meta["call"], prompt)
+        torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())
+
+
+# the recipe-style LoRA of the video tests: attention, feed-forward, output projection, time embedding and the
+# patch-embedding conv, alpha != rank
+VIDEO_LORA_TARGETS = {
+    "cogvideox": ["to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2", "proj_out",
+                  "time_embedding.linear_1", "time_embedding.linear_2", "patch_embed.proj"],
+    "wan": ["to_q", "to_k", "to_v", "to_out.0", "ffn.net.0.proj", "ffn.net.2", "proj_out",
+            "condition_embedder.time_embedder.linear_1", "condition_embedder.time_proj", "patch_embedding"],
+}
+
+
+@pytest.fixture(scope="module")
+def lora_runs(pipes, inputs, tmp_path_factory):
+    """One-step DMD2 LoRA students (rank 4, alpha 1: scale 1/4), LoRA weights then randomised (both factors, as in
+    tests/test_export.py: a dropped or mis-scaled module moves the video far beyond the tolerance). CogVideoX at 2
+    steps (999 and 500, off LCM's grid: the call passes timesteps=), Wan at the recipe's 4."""
+    from helpers import randomise_lora
+
+    root = tmp_path_factory.mktemp("vlora")
+    out = {}
+    for fam, extra in (("cogvideox", ["--set", "student.times=[1.0,0.5]"]), ("wan", WAN_SIZE)):
+        lora = ["--set", "method.gan=false", "--set", "real.student_lora.rank=4", "--set", "real.student_lora.alpha=1",
+                "--set", f"real.student_lora.targets={json.dumps(VIDEO_LORA_TARGETS[fam])}"]
+        out[fam] = randomise_lora(distill("dmd2", pipes[fam], inputs, root / fam, *lora, *extra))
+    return out
+
+
+@pytest.mark.parametrize("family,fmt", [(f, x) for f in ("cogvideox", "wan") for x in ("diffusers", "lora")])
+def test_printed_code_reproduces_lora_student(lora_runs, pipes, inputs, tmp_path, family, fmt):
+    """The lines `dmdx export` prints (and writes into the model card), run as written, make a video; the same
+    pipe and args from the student's start latents give the student's latents, and the base model is far away."""
+    import re
+
+    from diffusers import DiffusionPipeline
+
+    from dmdx.teachers import export_run, usage
+    from dmdx.models import read_info
+
+    run = lora_runs[family]
+    info = read_info(run)
+    out = export_run(run, tmp_path / "out", fmt)
+    code = usage(info, fmt, out)
+    card = (out / "README.md").read_text()
+    assert f"```python\n{code}\n```" in card
+    ns: dict = {}
+    exec(compile(re.search(r"```python\n(.*?)```", card, re.S).group(1), "<usage>", "exec"), ns)  # noqa: S102
+    assert len(ns["video"]) == 9  # frames
+    prompt = (inputs / "p.txt").read_text().splitlines()[0]
+    ref, got = video_latents(run, ns["pipe"], ns["args"], prompt)
+    if fmt == "diffusers":
+        bare = DiffusionPipeline.from_pretrained(str(pipes[family]))
+        bare.scheduler = ns["pipe"].scheduler
+    else:
+        bare = ns["pipe"]
+        bare.unload_lora_weights()
+    _, far = video_latents(run, bare, ns["args"], prompt)
+    scale = ref.abs().max().item()
+    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4 * scale)
+    assert (far - ref).abs().max() > 1e-2 * scale
+
+
+def test_wan_times_off_the_scheduler_grid(lora_runs, inputs, tmp_path):
+    """Wan times no shift puts on the scheduler's own grid (WanPipeline passes only num_inference_steps): the printed
+    lines point set_timesteps at them, and then reproduce the student."""
+    from helpers import with_times
+
+    from dmdx.teachers import export_run, usage
+    from dmdx.models import read_info
+
+    run = with_times(lora_runs["wan"], [1.0, 0.9, 0.5], tmp_path / "run")
+    info = read_info(run)
+    out = export_run(run, tmp_path / "out")
+    assert json.loads((out / "dmdx_student.json").read_text())["exact"] is False
+    ns: dict = {}
+    exec(compile(usage(info, "diffusers", out), "<usage>", "exec"), ns)  # noqa: S102
+    prompt = (inputs / "p.txt").read_text().splitlines()[0]
+    ref, got = video_latents(run, ns["pipe"], ns["args"], prompt)
+    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4 * ref.abs().max().item())
+
+
+def test_video_comfyui_refused(lora_runs, tmp_path):
+    from dmdx.teachers import export_run
+
+    with pytest.raises(ValueError, match="use --format lora or --format diffusers"):
+        export_run(lora_runs["wan"], tmp_path / "x.safetensors", "comfyui")
+    assert not list(tmp_path.iterdir())
 
 
 def test_sample_writes_mp4(runs, inputs, tmp_path):

@@ -3,7 +3,7 @@
 import sys
 
 from dmdx.evaluate import evaluate
-from dmdx.models import load_model
+from dmdx.teachers import load_model
 
 for path in sys.argv[1:]:
     r = evaluate(load_model(path), 1, 5000)

@@ -19,7 +19,8 @@ from dmdx.eval.images import (
     get_classifier,
     precision_recall,
 )
-from dmdx.models import generate, load_model
+from dmdx.models import generate
+from dmdx.teachers import load_model
 
 
 def features(model, n, steps, seed, clf):

@@ -1,14 +1,52 @@
-"""The ``dmdx`` command line."""
+"""The ``dmdx`` command line.
+
+Exit statuses (docs/scaling.md, "On a cluster"): 0 done; 1 an unexpected error (a traceback); 2 a bad command or
+config; 3 a non-finite loss; 4 a collective failed (a rank stopped answering within ``train.dist_timeout`` or was
+lost); 75 preempted (SIGTERM / SIGUSR1: a checkpoint at the last finished step was written; run the same command
+with ``--resume``); 130 interrupted (Ctrl-C).  ``--nproc`` returns its workers' status."""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
+import signal
+import subprocess
 import sys
+import tempfile
+from dataclasses import fields
 from pathlib import Path
 
 import torch
+
+from .config import EvalRequest, SampleRequest, apply_overrides, from_dict, set_path, to_dict
+from .data import list_datasets, load_dataset
+from .demo import run_demo
+from .export import CARD, comfyui_notes
+from .export import usage as export_usage
+from .methods import METHODS
+from .models import device_of, read_info
+from .pairs import collect_pairs
+from .recipes import format_settings
+from .sampling import SOLVERS
+from .teachers import apply_recipe, distill, export_run, kind_for, load_model, student_call, teacher_kind
+from .train import dist
+from .train.health import inspect_run
+from .train.loop import NonFiniteLossError, Preempted, RankLostError
+from .train.run import TeacherConfig, check_run_config, default_run_config, load_run_config, train_teacher
+from .viz import format_table
+
+EXIT_NONFINITE, EXIT_RANK_LOST, EXIT_PREEMPTED, EXIT_INTERRUPTED = 3, 4, 75, 130
+# under --nproc, each worker writes its exit status into this folder for the launcher (torchrun itself exits 1
+# whenever a worker fails, whatever the status)
+STATUS_DIR_ENV = "DMDX_STATUS_DIR"
+FORWARDED_SIGNALS = ("SIGINT", "SIGTERM", "SIGUSR1")
+
+
+def _main_rank() -> bool:
+    """True in a plain process and on torchrun's global rank 0: messages are printed once, not by every rank."""
+    return os.environ.get("RANK", "0") == "0"
 
 
 def _add_common_train(p: argparse.ArgumentParser) -> None:
@@ -36,14 +74,50 @@ def torchrun_command(argv: list[str], nproc: int) -> list[str]:
             skip = True
         elif not a.startswith("--nproc="):
             rest.append(a)
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "-m", "dmdx",
-            *rest]
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+            *_torchrun_signal_flags(), "-m", "dmdx", *rest]
+
+
+def _torchrun_signal_flags() -> list[str]:
+    """torchrun passes SIGTERM and SIGINT on to its workers; SIGUSR1 (a preemption signal) too where this torch's
+    torchrun can be told to (``--signals_to_handle``): otherwise SIGUSR1 would end torchrun alone."""
+    from torch.distributed.launcher.api import LaunchConfig
+
+    if "signals_to_handle" not in {f.name for f in fields(LaunchConfig)}:
+        return []
+    return ["--signals_to_handle=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1"]
+
+
+def launch(cmd: list[str]) -> int:
+    """Run the torchrun command ``cmd`` in its own process group: SIGINT, SIGTERM and SIGUSR1 sent to this process
+    go to that whole group (torchrun passes them on to its workers, which finish their step, checkpoint and stop).
+    Returns the workers' status when they agree on a failure (75 preempted, 3, 4, ...), else torchrun's."""
+    with tempfile.TemporaryDirectory(prefix="dmdx-status-") as status_dir:
+        proc = subprocess.Popen(cmd, start_new_session=True, env={**os.environ, STATUS_DIR_ENV: status_dir})
+
+        def forward(signum, frame):
+            try:
+                os.killpg(proc.pid, signum)
+            except ProcessLookupError:  # the group has just ended
+                pass
+
+        old = {}
+        for name in FORWARDED_SIGNALS:
+            sig = getattr(signal, name, None)
+            if sig is not None:
+                old[sig] = signal.signal(sig, forward)
+        try:
+            code = proc.wait()
+        finally:
+            for sig, handler in old.items():
+                signal.signal(sig, handler)
+        failed = {int(f.read_text()) for f in Path(status_dir).glob("rank_*")} - {0}
+    if code != 0 and len(failed) == 1:
+        return failed.pop()
+    return 128 - code if code < 0 else code  # killed by a signal: the shell's convention
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .methods import METHODS
-    from .sampling import SOLVERS
-
     ap = argparse.ArgumentParser(prog="dmdx", description="Distil diffusion / flow-matching teachers into few-step "
                                  "students (DMD, DMD2, ADM, ADP, DMDX).")
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -140,8 +214,6 @@ def build_parser() -> argparse.ArgumentParser:
 # -- commands ---------------------------------------------------------------------------------------------------
 def _load_overrides(cfg, args) -> set[str]:
     """Apply --config, --set, --steps and --quiet to ``cfg``; returns the config keys the user set."""
-    from .config import apply_overrides, set_path
-
     keys: set[str] = set()
 
     if getattr(args, "config", None):
@@ -152,8 +224,6 @@ def _load_overrides(cfg, args) -> set[str]:
             data = json.loads(path.read_text())
         except json.JSONDecodeError as e:
             raise ValueError(f"{path}: not valid JSON ({e})") from None
-
-        import dataclasses
 
         def walk(obj, prefix, d):
             for k, v in d.items():
@@ -176,19 +246,12 @@ def _load_overrides(cfg, args) -> set[str]:
 
 
 def cmd_teacher_train(args) -> int:
-    from .config import to_dict
-    from .train.run import TeacherConfig, train_teacher
-
     cfg = TeacherConfig(data=args.data)
     if args.resume and (Path(args.out) / "config.json").is_file():
-        from .config import from_dict
-
         saved = json.loads((Path(args.out) / "config.json").read_text())
         saved.pop("method", None)
         cfg = from_dict(TeacherConfig, saved)
     _load_overrides(cfg, args)
-    from .data import load_dataset
-
     load_dataset(cfg.data, "train")  # validate the name early
     if args.dry_run:
         print(json.dumps(to_dict(cfg), indent=2))
@@ -199,11 +262,6 @@ def cmd_teacher_train(args) -> int:
 
 
 def cmd_distill(args) -> int:
-    from .config import to_dict
-    from .train.run import default_run_config, distill, load_run_config
-
-    from .recipes import apply_recipe, format_settings, teacher_kind
-
     out = Path(args.out)
     resumed = args.resume and (out / "config.json").is_file()
     if resumed:
@@ -223,51 +281,38 @@ def cmd_distill(args) -> int:
         raise ValueError("--teacher is required (a dmdx model folder or gmm:NAME)")
     if not resumed:  # a resumed run's config.json already holds its resolved values
         applied = apply_recipe(cfg, user_keys)
-        if os.environ.get("RANK", "0") == "0":  # once, not from every torchrun rank
+        if _main_rank():
             print(format_settings(teacher_kind(cfg.teacher), cfg.method.name, applied), file=sys.stderr)
     if args.dry_run:
-        from .models import load_model
-        from .train.loop import check_lr_scale
-
-        check_lr_scale(cfg.method, cfg.train)
+        check_run_config(cfg)
         load_model(cfg.teacher)  # validates the teacher path
         print(json.dumps(to_dict(cfg), indent=2))
         return 0
     run = distill(cfg, out, resume=args.resume)
-    from .teachers.adapter import adapter_for
-
-    print(f"student written to {run}; try: {adapter_for(run).hint(run)}")
+    if _main_rank():
+        print(f"student written to {run}; try: {kind_for(run).hint(run)}")
     return 0
 
 
 def cmd_export(args) -> int:
-    from .export import export_run, sampling_args, usage
-    from .models import read_info
-
     out = export_run(Path(args.run), Path(args.out), args.format)
     info = read_info(Path(args.run))
-    print(f"{args.format} export written to {out}; sample the student with its own sampler:\n")
-    print(usage(info, args.format, args.out))
+    call = student_call(info)
+    card = (out.with_suffix("") if args.format == "comfyui" else out) / CARD
+    print(f"{args.format} export written to {out} (model card: {card}); sample the student with its own sampler:\n")
+    print(export_usage(info, args.format, args.out, call))
     if args.format == "comfyui":
-        a = sampling_args(info)
-        print(f"\nComfyUI: LoraLoader on the base checkpoint, KSampler sampler 'lcm', steps "
-              f"{a['num_inference_steps']}, cfg 1.0 (the student's timesteps {a['timesteps']}; not verified in "
-              "ComfyUI itself)")
+        print("\n" + comfyui_notes(info, call))
     return 0
 
 
 def cmd_inspect(args) -> int:
-    from .train.health import inspect_run
-
     text, _, _ = inspect_run(Path(args.run))
     print(text)
     return 0
 
 
 def cmd_pairs(args) -> int:
-    from .models import load_model
-    from .pairs import collect_pairs
-
     m = load_model(args.teacher)
     out = collect_pairs(m, Path(args.out), args.n, args.steps, args.solver, args.guidance, args.seed)
     print(f"{args.n} pairs in {out}")
@@ -275,43 +320,22 @@ def cmd_pairs(args) -> int:
 
 
 def _device(name: str) -> torch.device:
-    from .models import device_of
-
     return device_of(name)
 
 
 def _request(cls, args):
-    """The sample / eval options of the CLI as the adapters' request dataclass (never the namespace itself)."""
-    from dataclasses import fields
-
+    """The sample / eval options of the CLI as the teacher kinds' request dataclass (never the namespace itself)."""
     vals = {f.name: getattr(args, f.name) for f in fields(cls) if hasattr(args, f.name)}
     return cls(**{**vals, "device": _device(args.device)})
 
 
 def cmd_sample(args) -> int:
-    from .teachers.adapter import SampleRequest, adapter_for
-
-    print(adapter_for(args.model).sample(_request(SampleRequest, args)))
+    print(kind_for(args.model).sample(_request(SampleRequest, args)))
     return 0
 
 
-def format_table(rows: list[dict], cols: list[str]) -> str:
-    def fmt(v):
-        if isinstance(v, float):
-            return f"{v:.4g}"
-        return str(v)
-
-    cells = [[c for c in cols]] + [[fmt(r.get(c, "")) for c in cols] for r in rows]
-    widths = [max(len(row[i]) for row in cells) for i in range(len(cols))]
-    lines = ["  ".join(v.rjust(w) for v, w in zip(row, widths)) for row in cells]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)
-
-
 def cmd_eval(args) -> int:
-    from .teachers.adapter import EvalRequest, adapter_for
-
-    rows = adapter_for(args.model).evaluate(_request(EvalRequest, args))
+    rows = kind_for(args.model).evaluate(_request(EvalRequest, args))
     cols = [k for k in rows[0] if not isinstance(rows[0][k], (list, dict))]
     cols += [k for r in rows[1:] for k in r if k not in cols]
     print(format_table(rows, cols))
@@ -322,8 +346,6 @@ def cmd_eval(args) -> int:
 
 
 def cmd_data_list(args) -> int:
-    from .data import list_datasets
-
     rows = list_datasets()
     cols = [c for c in ("name", "kind", "shape", "classes", "about") if c in rows[0]] if rows else []
     print(format_table(rows, cols))
@@ -331,8 +353,6 @@ def cmd_data_list(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    from .demo import run_demo
-
     run_demo(data=args.data, method=args.method, out=Path(args.out), steps=args.steps, teacher=args.teacher,
              n=args.n, small=args.small, progress=not args.quiet, overrides=args.overrides)
     return 0
@@ -342,8 +362,6 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
     if getattr(args, "nproc", None) is not None and not args.dry_run:
-        import subprocess
-
         try:
             if "TORCHELASTIC_RUN_ID" in os.environ or int(os.environ.get("WORLD_SIZE", "1")) > 1:
                 raise ValueError("--nproc launches torchrun itself; under torchrun, leave it out")
@@ -351,7 +369,18 @@ def main(argv: list[str] | None = None) -> int:
         except ValueError as e:
             print(f"dmdx {args.cmd}: error: {e}", file=sys.stderr)
             return 2
-        return subprocess.call(cmd)
+        return launch(cmd)
+    code = 1
+    try:
+        code = _run(args)
+        return code
+    finally:
+        status_dir = os.environ.get(STATUS_DIR_ENV)
+        if status_dir and "RANK" in os.environ and os.path.isdir(status_dir):  # a worker of --nproc
+            Path(status_dir, f"rank_{os.environ['RANK']}").write_text(str(code))
+
+
+def _run(args) -> int:
     handlers = {"demo": cmd_demo, "distill": cmd_distill, "pairs": cmd_pairs, "sample": cmd_sample,
                 "eval": cmd_eval, "export": cmd_export, "inspect": cmd_inspect}
     try:
@@ -365,17 +394,19 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         print("interrupted; the last finished checkpoint is kept (continue with --resume)", file=sys.stderr)
-        return 130
+        return EXIT_INTERRUPTED
     except Exception as e:  # noqa: BLE001 - NonFiniteLossError and friends get a one-line message
-        from .train.loop import NonFiniteLossError
-
-        if isinstance(e, NonFiniteLossError):
-            print(f"dmdx {args.cmd}: {e}", file=sys.stderr)
-            return 3
+        if isinstance(e, Preempted):
+            if _main_rank():
+                again = ("run the same command again to continue" if args.cmd == "demo"
+                         else "continue with the same command and --resume")
+                print(f"dmdx {args.cmd}: {e}; {again}", file=sys.stderr, flush=True)
+            return EXIT_PREEMPTED
+        if isinstance(e, (NonFiniteLossError, RankLostError)):
+            print(f"dmdx {args.cmd}: {e}", file=sys.stderr, flush=True)
+            return EXIT_NONFINITE if isinstance(e, NonFiniteLossError) else EXIT_RANK_LOST
         raise
     finally:
-        from .train import dist
-
         dist.teardown()  # leave a torch.distributed group (if the command joined one)
 
 

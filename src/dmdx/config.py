@@ -10,6 +10,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+import torch
+
 
 @dataclass
 class TrainConfig:
@@ -34,6 +36,12 @@ class TrainConfig:
     # torch.distributed (docs/scaling.md): none | ddp | fsdp | auto (ddp under torchrun with WORLD_SIZE > 1)
     parallel: Literal["none", "ddp", "fsdp", "auto"] = "auto"
     cpu_offload: bool = False  # FSDP2: keep sharded parameters, gradients and optimiser states in CPU memory
+    # seconds a collective waits for a rank before every rank stops (exit status 4, naming the rank and step); it
+    # also bounds the other ranks' wait while rank 0 collects teacher pairs or encodes prompts at set-up
+    dist_timeout: int = 3600
+    # signals that make every rank finish its step, write a checkpoint there and exit with status 75 (docs/scaling.md,
+    # "On a cluster"); [] leaves the signals' default actions
+    preempt_signals: list[str] = field(default_factory=lambda: ["SIGTERM", "SIGUSR1"])
     seed: int = 0
     device: str = "auto"
     log_every: int = 10
@@ -57,6 +65,50 @@ class StudentConfig:
 
 
 # ------------------------------------------------------------------------------------------------------------
+@dataclass
+class VideoConfig:
+    """Video teachers (``--teacher`` a CogVideoX / Wan pipeline folder); see docs/video.md."""
+
+    frames: int | None = None  # pixel frames (4k + 1); default: the model's native count
+    height: int | None = None  # pixels; default: the model's native size
+    width: int | None = None
+    max_sequence_length: int | None = None  # text tokens; default: CogVideoX's max_text_seq_length, Wan's 512
+
+
+@dataclass
+class SampleRequest:
+    """What ``dmdx sample`` asks of a teacher kind (the CLI's options; each kind refuses the ones it cannot use)."""
+
+    model: str
+    out: Path | None = None  # sample: the PNG / NPZ file (built-in models) or the folder (pipelines)
+    n: int = 64
+    steps: int | None = None
+    seed: int = 0
+    guidance: float | None = None
+    solver: str | None = None
+    device: torch.device | str = "cpu"
+    prompts: str | None = None  # pipeline models: one prompt a line
+    per_prompt: int = 1
+    batch_size: int = 4
+
+
+@dataclass
+class EvalRequest(SampleRequest):
+    """What ``dmdx eval`` asks: the sampling options plus the metrics' local files."""
+
+    n: int = 2000
+    per_prompt: int = 2
+    clip: str | None = None
+    pickscore: str | None = None
+    ref: str | None = None
+    inception: str | None = None
+    lpips: str | None = None
+    kid_subset_size: int = 1000
+    teacher_steps: int | None = None
+    hpsv2: str | None = None
+    imagereward: str | None = None
+
+
 def to_dict(cfg) -> dict:
     return json.loads(json.dumps(dataclasses.asdict(cfg)))
 

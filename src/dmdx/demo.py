@@ -11,7 +11,18 @@ from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
+import numpy as np
 import torch
+from PIL import Image
+
+from .config import apply_overrides, save_json, to_dict
+from .evaluate import evaluate
+from .models import generate
+from .recipes import format_settings
+from .teachers import apply_recipe, build_run, load_model, teacher_kind
+from .train.loop import Trainer
+from .train.run import TeacherConfig, default_run_config, load_run_config, train_teacher
+from .viz import format_table, image_grid
 
 # The shipped digits teacher was made by (see docs/demo.md):
 #   dmdx teacher train --data digits --out teacher_digits --steps 3000   (then copy model.json + model.safetensors)
@@ -52,8 +63,6 @@ def _log(msg: str) -> None:
 
 
 def get_teacher(data: str, out: Path, budget: DemoBudget, teacher: str | None, small: bool, progress: bool) -> str:
-    from .train.run import TeacherConfig, train_teacher
-
     if teacher:
         return teacher
     shipped = None if small else shipped_teacher(data)
@@ -78,14 +87,6 @@ def get_teacher(data: str, out: Path, budget: DemoBudget, teacher: str | None, s
 def run_demo(data: str = "digits", method: str = "dmdx", out: Path = Path("dmdx-demo"), steps: int | None = None,
              teacher: str | None = None, n: int = 1000, small: bool = False, progress: bool = True,
              overrides: list[str] | None = None) -> dict:
-    from .cli import format_table
-    from .evaluate import evaluate
-    from .models import load_model
-    from .train.loop import Trainer
-    from .train.run import build_run, default_run_config, load_run_config
-    from .config import apply_overrides, save_json, to_dict
-    from .recipes import apply_recipe, format_settings, teacher_kind
-
     t_start = time.perf_counter()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -121,7 +122,8 @@ def run_demo(data: str = "digits", method: str = "dmdx", out: Path = Path("dmdx-
         Trainer(run_dir, cfg.method, cfg.train, ctx, info).run(resume=resume)
     train_seconds = time.perf_counter() - t0
 
-    _log("evaluating (Frechet distance in the features of a classifier trained on the same data)")
+    _log("evaluating: Frechet distance and recall in two feature spaces, the evaluation classifier's (fd, recall) "
+         "and an independent contrastive encoder's (fd_contrastive, recall_contrastive), both trained on the same data")
     t_model = load_model(teacher_path)
     s_model = load_model(run_dir)
     n_eval = n if not small else min(n, 100)
@@ -133,7 +135,8 @@ def run_demo(data: str = "digits", method: str = "dmdx", out: Path = Path("dmdx-
     ref_ms = rows[len(teacher_steps) - 1]["ms_per_sample"]
     for r in rows:
         r["speedup"] = ref_ms / max(r["ms_per_sample"], 1e-9)
-    cols = ["model", "nfe", "fd", "class_acc", "recall", "ms_per_sample", "speedup"]
+    cols = ["model", "nfe", "fd", "fd_contrastive", "class_acc", "recall", "recall_contrastive", "ms_per_sample",
+            "speedup"]
     table = format_table(rows, [c for c in cols if c in rows[0]])
     print(table)
 
@@ -159,9 +162,6 @@ def _finished(run_dir: Path, steps: int) -> bool:
 
 def _side_by_side(t_model, s_model, path: Path, steps: int) -> None:
     """Teacher at ``steps`` steps (left) next to the one-step student (right), same classes, 10 per class."""
-    from .models import generate
-    from .viz import image_grid
-
     if len(t_model.info.shape) != 3:
         return
     k = max(t_model.info.num_classes, 1)
@@ -169,9 +169,6 @@ def _side_by_side(t_model, s_model, path: Path, steps: int) -> None:
     n = 8 * k
     a = generate(t_model, n, steps, seed=1, labels=labels).x
     b = generate(s_model, n, 1, seed=1, labels=labels).x
-    import numpy as np
-    from PIL import Image
-
     ga, gb = image_grid(a, nrow=8), image_grid(b, nrow=8)
     gap = np.full((ga.shape[0], 6, 3), 255, np.uint8)
     img = Image.fromarray(np.concatenate([ga, gap, gb], axis=1))
@@ -180,22 +177,25 @@ def _side_by_side(t_model, s_model, path: Path, steps: int) -> None:
 
 
 def _plot(rows: list[dict], path: Path) -> None:
+    """Quality against network evaluations: one panel per feature space (both FDs) or the sliced Wasserstein."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    key = "fd" if "fd" in rows[0] else "sw"
-    fig, ax = plt.subplots(figsize=(5, 3.5), dpi=100)
+    labels = {"fd": "FD, evaluation classifier", "fd_contrastive": "FD, contrastive encoder", "sw": "sliced Wasserstein"}
+    keys = [k for k in ("fd", "fd_contrastive") if k in rows[0]] or ["sw"]
+    fig, axes = plt.subplots(1, len(keys), figsize=(5 * len(keys), 3.5), dpi=100, squeeze=False)
     teach = [r for r in rows if r["model"].startswith("teacher")]
-    ax.plot([r["nfe"] for r in teach], [r[key] for r in teach], "o-", label="teacher")
-    for r in rows:
-        if not r["model"].startswith("teacher"):
-            ax.plot([r["nfe"]], [r[key]], "r*", markersize=12, label=r["model"])
-    ax.set_xscale("log")
-    ax.set_xlabel("network evaluations per sample")
-    ax.set_ylabel({"fd": "Frechet distance (lower is better)", "sw": "sliced Wasserstein"}[key])
-    ax.legend()
+    for ax, key in zip(axes[0], keys):
+        ax.plot([r["nfe"] for r in teach], [r[key] for r in teach], "o-", label="teacher")
+        for r in rows:
+            if not r["model"].startswith("teacher"):
+                ax.plot([r["nfe"]], [r[key]], "r*", markersize=12, label=r["model"])
+        ax.set_xscale("log")
+        ax.set_xlabel("network evaluations per sample")
+        ax.set_ylabel(f"{labels[key]} (lower is better)")
+        ax.legend()
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)

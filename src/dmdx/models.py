@@ -1,9 +1,10 @@
-"""Model folders (``model.json`` + ``model.safetensors``), loading any teacher or student by name, and sampling.
+"""Model folders: the on-disk format of every dmdx teacher and student (``model.json`` + ``model.safetensors``),
+reading and writing them, and drawing samples from a loaded model.
 
-``--model`` / ``--teacher`` accept a dmdx model folder (written by ``dmdx teacher train`` or ``dmdx distill``),
-``gmm:NAME`` for an analytic Gaussian-mixture teacher (``gmm:ring8``, ``gmm:grid25``, ``gmm:unequal`` or
-``gmm:FILE.json``), or a local diffusers pipeline folder; which adapter loads what is in
-:mod:`dmdx.teachers.adapter`.
+A folder is written by ``dmdx teacher train`` or ``dmdx distill``; ``model.json`` names the backbone (a registered
+:mod:`dmdx.nets` name and its constructor arguments), the schedule, the prediction kind and how to sample.  Loading a
+``--teacher`` / ``--model`` of any kind (``gmm:NAME``, a diffusers pipeline folder) is the teacher kinds' work:
+:func:`dmdx.teachers.load_model`.
 """
 
 from __future__ import annotations
@@ -18,10 +19,10 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from .denoiser import Denoiser
+from .nets import build_backbone
 from .sampling import nfe as solver_nfe
 from .sampling import sample_ode, student_sample, time_grid
-from .schedules import FlowMatching, make_schedule
-from .teachers.analytic import AnalyticDenoiser, load_mixture
+from .schedules import make_schedule
 
 MODEL_JSON = "model.json"
 MODEL_WEIGHTS = "model.safetensors"
@@ -75,16 +76,6 @@ def save_model(folder: Path, denoiser: Denoiser, info: ModelInfo, state: dict | 
     tmpj.replace(folder / MODEL_JSON)
 
 
-def gmm_model(spec: str, schedule: dict | None = None) -> Model:
-    gmm = load_mixture(spec)
-    sched = make_schedule(schedule) if schedule else FlowMatching()
-    den = AnalyticDenoiser(gmm, sched)
-    info = ModelInfo(kind="teacher", backbone={"name": "gmm", "config": {"spec": spec}}, schedule=sched.to_dict(),
-                     prediction="x0", shape=[gmm.dim], num_classes=0, data=spec if spec in ("ring8", "grid25", "unequal")
-                     else f"gmm:{spec}", solver="heun", steps=50)
-    return Model(den, info, analytic=True)
-
-
 def read_info(folder: Path) -> ModelInfo:
     folder = Path(folder)
     if not folder.exists():
@@ -100,8 +91,6 @@ def read_info(folder: Path) -> ModelInfo:
 
 
 def build_denoiser(info: ModelInfo) -> Denoiser:
-    from .nets import build_backbone
-
     backbone = build_backbone(info.backbone["name"], **info.backbone.get("config", {}))
     return Denoiser(backbone, make_schedule(info.schedule), info.prediction)
 
@@ -127,15 +116,6 @@ def load_folder(spec: str | Path, device: str | torch.device = "cpu") -> Model:
         raise ValueError(f"weights in {spec} do not match the network described in its {MODEL_JSON}: {e}") from None
     den.to(device).eval().requires_grad_(False)
     return Model(den, info)
-
-
-def load_model(spec: str | Path, device: str | torch.device = "cpu") -> Model:
-    """Load a teacher or student: a dmdx model folder, a diffusers pipeline folder or ``gmm:NAME``."""
-    from .teachers.adapter import adapter_for, folder_info
-
-    if folder_info(spec) is not None:
-        return load_folder(spec, device)
-    return adapter_for(spec).load_teacher(str(spec), device)
 
 
 def default_steps(info: ModelInfo) -> int:

@@ -15,8 +15,9 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, replace
-from pathlib import Path
 from typing import Any, Callable
+
+from .config import set_path
 
 # The teacher kinds a recipe can be keyed by.
 TEACHER_KINDS = ("gmm", "vector", "image", "sd", "sdxl", "sd3", "flux", "cogvideox", "wan")
@@ -83,10 +84,6 @@ _HYB_MNIST = "0.732 over three training seeds vs 1.001 at the previous recipe"
 _HYB_DIGITS = "teacher's FD at iteration 150 vs 200"
 
 
-def _one_step(cfg) -> bool:
-    return len(cfg.student.times) == 1
-
-
 def _draws_over(n: int) -> Callable[[Any], bool]:
     """True when the run draws more than ``n`` samples (train.steps x train.batch_size): a cap on pairs.n."""
     return lambda cfg: cfg.train.steps * cfg.train.batch_size > n
@@ -107,12 +104,10 @@ RECIPES[("image", "dmdx")] = [
     Setting("method.adp.reg_weight", 10.0, f"{_IMAGE_MNIST} (digits at 10: teacher's FD at iteration 150, not 200)"),
     Setting("method.adm.reg_weight", 10.0, f"{_IMAGE_MNIST} (ADM's anchor at 1 / 3 / 10 / 30 on cand-gn: FD 0.792 "
                                            "/ 0.757 / 0.727 / 0.726)"),
-    # ADM's generator gradient on the student's x0, normalised per sample (as DMD2 normalises its DM gradient): through
-    # the fake score's step it shrinks ~100x from t = 0.05 to t = 0.9, so without it the noisy times barely train
-    # (one-step students only: four-step ADM with it ends at FD 1.055 against 0.836 without)
-    Setting("method.adm.grad_norm", "sample", "ours: benchmarks/adm-study.md, 'MNIST 16x16: where ADM's student "
-                                              "gradient points' (three training seeds: FD 0.722 vs 0.790 without; "
-                                              "one-step students only)", when=_one_step),
+    # ADM's generator gradient stays the paper's (method.adm.grad_norm=none).  Until issue 33 the recipe set "sample"
+    # for one-step students (each sample's gradient over its own rms: a unit push from a critic that knows nothing);
+    # at this recipe ADM's GAN term with it changed nothing measured (MNIST16 FD 0.753, 0.751 with the term off:
+    # benchmarks/adm-study.md, 'What the GAN terms add at the image recipe').  "dmd2" is not measured here yet.
     # the student x0.5 in ADM's stage (x0.2 in ADP's): x0.5 in ADP too slows digits (teacher's FD at 400, not 150)
     Setting("method.adm.lr_scale", {"student": 0.5}, f"{_IMAGE_MNIST} (MNIST16 FD {_HYB_MNIST}; digits {_HYB_DIGITS})",
             when=lambda cfg: cfg.train.lr_scale == _IMAGE_GAN_LR.value),  # only over the recipe's own rates
@@ -147,16 +142,6 @@ RECIPES[("image", "adm")] = [
 ]
 
 
-def teacher_kind(spec: str | Path | None) -> str | None:
-    """The kind of a ``--teacher`` value (its adapter's answer), or None when it cannot be told (a missing folder:
-    set-up reports it)."""
-    if spec is None:
-        return None
-    from .teachers.adapter import adapter_for
-
-    return adapter_for(spec).kind(str(spec))
-
-
 def recipe(kind: str | None, method: str) -> list[Setting]:
     """The settings of ``kind`` for ``method``: the kind's ``*`` entries, then the method's own (later wins)."""
     if kind is None:
@@ -169,17 +154,16 @@ def _covered(key: str, user_keys: set[str]) -> bool:
     return any(key == k or key.startswith(k + ".") for k in user_keys)
 
 
-def apply_recipe(cfg, user_keys: set[str] = frozenset()) -> list[Setting]:
-    """Apply the recipe of ``cfg``'s teacher kind and method to ``cfg`` (a RunConfig), skipping keys the user set.
+def apply_recipe(cfg, kind: str | None, user_keys: set[str] = frozenset()) -> list[Setting]:
+    """Apply the recipe of teacher kind ``kind`` (:func:`dmdx.teachers.teacher_kind` of ``cfg.teacher``) and
+    ``cfg``'s method to ``cfg`` (a RunConfig), skipping keys the user set.
 
     Returns the settings applied (empty when ``cfg.recipe == "none"``).
     """
-    from .config import set_path
-
     if getattr(cfg, "recipe", "auto") == "none":
         return []
     applied = []
-    for s in recipe(teacher_kind(cfg.teacher), cfg.method.name):
+    for s in recipe(kind, cfg.method.name):
         if _covered(s.key, set(user_keys)) or (s.when is not None and not s.when(cfg)):
             continue
         value = json.dumps(s.value) if isinstance(s.value, (list, dict)) else s.value

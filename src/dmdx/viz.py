@@ -1,4 +1,4 @@
-"""Pictures: image grids (PIL) and 2-D scatter plots (matplotlib, Agg backend)."""
+"""Pictures and tables: image grids (PIL), 2-D scatter plots (matplotlib, Agg backend), text tables."""
 
 from __future__ import annotations
 
@@ -61,3 +61,18 @@ def save_samples(x: torch.Tensor, path: Path, title: str = "") -> None:
         save_image_grid(x, path)
     else:
         save_scatter(x, path, title)
+
+
+def format_table(rows: list[dict], cols: list[str]) -> str:
+    """``rows`` as a right-aligned text table with the columns ``cols`` (what ``dmdx eval`` and the demo print)."""
+
+    def fmt(v):
+        if isinstance(v, float):
+            return f"{v:.4g}"
+        return str(v)
+
+    cells = [[c for c in cols]] + [[fmt(r.get(c, "")) for c in cols] for r in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(cols))]
+    lines = ["  ".join(v.rjust(w) for v, w in zip(row, widths)) for row in cells]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)

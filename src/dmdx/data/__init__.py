@@ -4,7 +4,8 @@ Every data set is an in-memory :class:`Dataset` (vectors ``[N, D]`` or images ``
 deterministic ``train`` / ``test`` split:
 
 - toys (``ring8``, ``grid25``, ``unequal``, ``gmm:FILE.json``): 20,000 train / 5,000 test exact samples drawn with
-  seeds 0 / 1; the label is the component index.
+  seeds 0 / 1; the label is the component's class (the component index unless the mixture groups its components
+  into ``classes``).
 - everything else: a fixed random permutation (seed 0) whose first 15 % is the test split.
 
 ``sample_batch(ds, batch_size, generator)`` draws the training batches (deterministic given the generator state).
@@ -23,7 +24,7 @@ from typing import Literal
 import numpy as np
 import torch
 
-from ..teachers.analytic import BUILTIN_MIXTURES, GaussianMixture, load_mixture
+from ..mixtures import BUILTIN_MIXTURES, GaussianMixture, load_mixture
 from .files import load_folder, load_npz
 
 Tensor = torch.Tensor
@@ -57,7 +58,8 @@ class Dataset:
 
 # name -> description; shapes and class counts of the built-ins are fixed, user sources have shape None.
 DATASETS: dict[str, dict] = {
-    **{name: {"about": m["about"], "kind": "vector", "shape": (2,), "num_classes": len(m["weights"])}
+    **{name: {"about": m["about"], "kind": "vector", "shape": (2,),
+              "num_classes": len(set(m["classes"])) if "classes" in m else len(m["weights"])}
        for name, m in BUILTIN_MIXTURES.items()},
     "digits": {"about": "sklearn digits, 1,797 8x8 grey images, 10 classes", "kind": "image",
                "shape": (1, 8, 8), "num_classes": 10},
@@ -65,7 +67,8 @@ DATASETS: dict[str, dict] = {
               "shape": (1, 28, 28), "num_classes": 10},
     "mnist16": {"about": "the MNIST subset resized to 16x16 (PIL bilinear, antialiased)", "kind": "image",
                 "shape": (1, 16, 16), "num_classes": 10},
-    "gmm:FILE.json": {"about": "a Gaussian mixture JSON file (keys means, weights, std) sampled like the toys",
+    "gmm:FILE.json": {"about": "a Gaussian mixture JSON file (keys means, weights, std; optional classes, schedule, "
+                               "guidance) sampled like the toys",
                       "kind": "vector", "shape": None, "num_classes": None},
     "npz:PATH": {"about": "a .npz with key x ([N, D] vectors, [N, H, W] or [N, C, H, W] images) and optional "
                           "integer labels y", "kind": "vector|image", "shape": None, "num_classes": None},
@@ -116,9 +119,9 @@ def _toy(name: str, gmm: GaussianMixture, split: str) -> Dataset:
     if split == "all":
         parts = [_toy(name, gmm, s) for s in ("train", "test")]
         return Dataset(name, "vector", torch.cat([p.x for p in parts]), torch.cat([p.labels for p in parts]),
-                       gmm.num_components, gmm)
-    x, labels = gmm.sample(TOY_SIZES[split], generator=torch.Generator().manual_seed(TOY_SEEDS[split]))
-    return Dataset(name, "vector", x, labels.long(), gmm.num_components, gmm)
+                       gmm.num_classes, gmm)
+    x, comp = gmm.sample(TOY_SIZES[split], generator=torch.Generator().manual_seed(TOY_SEEDS[split]))
+    return Dataset(name, "vector", x, gmm.classes[comp].long(), gmm.num_classes, gmm)
 
 
 def _to_unit(images: np.ndarray, vmax: float) -> Tensor:

@@ -13,6 +13,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from .files import files_in
+
 Tensor = torch.Tensor
 VIDEO_SUFFIXES = (".mp4", ".webm", ".mov", ".mkv", ".avi", ".gif")
 
@@ -26,8 +28,6 @@ def _av():
 
 
 def video_files(folder: str | Path) -> list[Path]:
-    from .files import files_in
-
     return files_in(folder, VIDEO_SUFFIXES, "video folder", "video files")
 
 

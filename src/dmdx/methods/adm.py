@@ -9,6 +9,7 @@ fake score's step.  The fake score keeps its denoising loss on student samples, 
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -18,7 +19,7 @@ import torch.nn.functional as F
 from ..denoiser import Cond, FeatureTap
 from ..nets.heads import MultiHead
 from ..sampling import SOLVERS, ode_step
-from .base import Method, Phase, critic_logs, dsm_loss, frozen_copy, uniform_t
+from .base import Method, Phase, critic_gap, critic_logs, dsm_loss, frozen_copy, uniform_t
 from .dmd2 import dm_term
 
 Tensor = torch.Tensor
@@ -54,25 +55,21 @@ def hinge_d(d_real: Tensor, d_fake: Tensor) -> Tensor:
     return F.relu(1 - d_real).mean() + F.relu(1 + d_fake).mean()
 
 
-def hinge_g(d_fake: Tensor) -> Tensor:
-    """Generator hinge loss ``-E[D(fake)]``."""
-    return -d_fake.mean()
+def hinge_g(d_fake: Tensor, weight: Tensor | None = None) -> Tensor:
+    """Generator hinge loss ``-E[D(fake)]``; with ``weight`` [B] (no gradient) each sample's term is scaled by its own
+    weight, so its gradient is that sample's gradient of ``-E[D(fake)]`` times the weight."""
+    if weight is None:
+        return -d_fake.mean()
+    return -(weight.detach().reshape(-1, *[1] * (d_fake.ndim - 1)) * d_fake).mean()
 
 
-def normalised_surrogate(x: Tensor, loss_of_x) -> tuple[Tensor, Tensor]:
-    """A surrogate whose gradient on ``x`` is that of ``loss_of_x(x)``, rescaled per sample to unit rms.
+def dmd2_scale(x: Tensor, x0_real: Tensor) -> Tensor:
+    """DMD2's per-sample normaliser ``mean |x - x0_real|`` over each sample's elements (``dm_loss``'s denominator).
 
-    ``0.5 * mse(x, x - g)`` with ``g = d loss / d x`` divided by its rms over each sample's elements: the trick DMD2
-    uses to apply its normalised DM gradient, here on ADM's generator gradient.  Returns (surrogate, loss value).
-    """
-    xd = x.detach().requires_grad_(True)
-    with torch.enable_grad():
-        value = loss_of_x(xd)
-        (g,) = torch.autograd.grad(value, xd)
-    g = g.float()
+    ``x`` is the student's sample, ``x0_real`` the real score's (CFG) prediction from its noised copy; it does not
+    depend on any gradient, so a normalised gradient stays proportional to the raw one."""
     dims = tuple(range(1, x.ndim))
-    g = g / g.pow(2).mean(dim=dims, keepdim=True).sqrt().clamp_min(1e-12)
-    return 0.5 * F.mse_loss(x.float(), (x.float() - g).detach()), value.detach()
+    return (x.detach().float() - x0_real.float()).abs().mean(dim=dims)
 
 
 def smoothness_penalty(disc, x: Tensor, d_x: Tensor, sigma: float) -> Tensor:
@@ -118,11 +115,16 @@ class ADMConfig:
     fake_t_min: float = 1e-3
     gan_g_weight: float = 1.0
     gan_d_weight: float = 1.0
-    # "none": the paper's generator loss -E[D(x_fake)] as is.  "sample": its gradient on the student's x0 rescaled
-    # per sample to unit rms before it reaches the student (``normalised_surrogate``), as DMD2 normalises its DM
-    # gradient: through the fake score's step that gradient shrinks ~100x from t = 0.05 to t = 0.9
-    # (benchmarks/adm-study.md, 'Where ADM's student gradient points'), so without it the noisy times barely train
-    grad_norm: Literal["none", "sample"] = "none"
+    # "none": the paper's generator loss -E[D(x_fake)] as is.  "dmd2": each sample's gradient of it divided by DMD2's
+    # normaliser ``mean |x - x0_real|`` (``dmd2_scale``; x0_real the real score's CFG prediction at the same x_t, one
+    # more teacher pass per student update), a scale that does not depend on the gradient.  ("sample", each sample's
+    # gradient divided by its own rms, is gone: it gave a critic that knows nothing a unit push, issue 33.)
+    grad_norm: Literal["none", "dmd2"] = "none"
+    # The two ODE steps and the discriminator's passes run in float32 whatever the teacher's dtype: a bf16 teacher
+    # computes on float32 copies of its weights there (the memory of a float32 teacher while ADM's phases run).  At
+    # dt = 1/64 bf16 moves the real step by 6% of the real-minus-fake gap on digits (benchmarks/adm_study/bf16_step.py).
+    # False: the teacher's dtype
+    float32_steps: bool = True
     head_arch: Literal["paper", "dmd2"] = "paper"  # conv heads: the paper's (appendix B.1) or DMD2's (nets/heads)
     # Optional regression anchor on teacher ODE pairs (collected or loaded by the set-up when it is on):
     # ``reg_weight * mse(G(noise_pair), x0_pair)``, into the student only.  0: the paper's pure-GAN ADM.
@@ -165,8 +167,9 @@ class ADM(Method):
             raise ValueError(f"reg_weight must be >= 0, got {cfg.reg_weight}")
         if cfg.dm_weight < 0:
             raise ValueError(f"dm_weight must be >= 0, got {cfg.dm_weight}")
-        if cfg.grad_norm not in ("none", "sample"):
-            raise ValueError(f"unknown grad_norm {cfg.grad_norm!r}; allowed: none, sample")
+        if cfg.grad_norm not in ("none", "dmd2"):
+            gone = " ('sample' was removed: it divided by the gradient's own rms)" if cfg.grad_norm == "sample" else ""
+            raise ValueError(f"unknown grad_norm {cfg.grad_norm!r}; allowed: none, dmd2{gone}")
         if cfg.solver not in SOLVERS:
             raise ValueError(f"unknown solver {cfg.solver!r}; allowed: {', '.join(SOLVERS)}")
         check_penalties(cfg)
@@ -199,27 +202,33 @@ class ADM(Method):
     def fake_step(self, x_t, t, s, cond):
         return ode_step(self.fake_score, self.ctx.schedule, x_t, t, s, cond, self.cfg.solver)
 
+    def real_x0(self, x_t, t, cond):
+        """The real score's x0 at (x_t, t): the teacher with CFG ``real_guidance`` (None: its default)."""
+        return self.ctx.teacher(x_t, t, cond, guidance=self.ctx.real_guidance(self.cfg.real_guidance))
+
     def real_step(self, x_t, t, s, cond):
-        g = self.ctx.real_guidance(self.cfg.real_guidance)
+        return ode_step(self.real_x0, self.ctx.schedule, x_t, t, s, cond, self.cfg.solver)
 
-        def real(x, tt, c):
-            return self.ctx.teacher(x, tt, c, guidance=g)
-
-        return ode_step(real, self.ctx.schedule, x_t, t, s, cond, self.cfg.solver)
+    def steps_precision(self):
+        """The block of ADM's ODE steps and discriminator passes: float32 unless ``float32_steps`` is off."""
+        return self.ctx.float32(teacher=True) if self.cfg.float32_steps else contextlib.nullcontext()
 
     def student_loss(self):
-        ctx = self.ctx
+        cfg, ctx = self.cfg, self.ctx
         x, cond, _ = ctx.student_x0(ctx.batch_size)
-
-        def gan_g(x0):
-            x_t, t, s = self.noised(x0)
-            return hinge_g(self.disc(self.fake_step(x_t, t, s, cond), s, cond))
-
-        if self.cfg.grad_norm == "sample":
-            g, value = normalised_surrogate(x, gan_g)
-        else:
-            g = value = gan_g(x)
-        loss, logs = self.cfg.gan_g_weight * g, {"loss/gan_g": value.item()}
+        logs = {}
+        with self.steps_precision():
+            x_t, t, s = self.noised(x)
+            d_fake = self.disc(self.fake_step(x_t, t, s, cond), s, cond)
+            weight = None
+            if cfg.grad_norm == "dmd2":
+                with torch.no_grad():
+                    scale = dmd2_scale(x, self.real_x0(x_t, t, cond))
+                weight = 1 / scale.clamp_min(1e-12)
+                logs["adm/dmd2_scale"] = scale.mean().item()
+        g = hinge_g(d_fake, weight)
+        loss = cfg.gan_g_weight * g
+        logs["loss/gan_g"] = g.item() if weight is None else hinge_g(d_fake).item()
         if self.cfg.dm_weight > 0:
             dm, dm_logs = dm_term(ctx, self.fake_score, x, cond, self.cfg.real_guidance, self.cfg.t_min,
                                   self.cfg.t_max)
@@ -235,14 +244,17 @@ class ADM(Method):
         cfg, ctx = self.cfg, self.ctx
         with torch.no_grad():
             x, cond, _ = ctx.student_x0(ctx.batch_size, grad=False)
-            x_t, t, s = self.noised(x)
-            x_real = self.real_step(x_t, t, s, cond)
-            x_fake = self.fake_step(x_t, t, s, cond)
-        d_real, d_fake = self.disc(x_real, s, cond), self.disc(x_fake, s, cond)
+        with self.steps_precision():
+            with torch.no_grad():
+                x_t, t, s = self.noised(x)
+                x_real = self.real_step(x_t, t, s, cond)
+                x_fake = self.fake_step(x_t, t, s, cond)
+            d_real, d_fake = self.disc(x_real, s, cond), self.disc(x_fake, s, cond)
+            pen, pen_logs = critic_penalties(lambda z: self.disc(z, s, cond), x_real, d_real, x_fake, d_fake, cfg)
         d = hinge_d(d_real, d_fake)
-        pen, pen_logs = critic_penalties(lambda z: self.disc(z, s, cond), x_real, d_real, x_fake, d_fake, cfg)
         fake = dsm_loss(self.fake_score, x, cond, cfg.fake_t_min)
         logs = {"loss/gan_d": d.item(), "loss/fake_dsm": fake.item(), "gan/d_real": d_real.mean().item(),
                 "gan/d_fake": d_fake.mean().item(), **pen_logs}
         logs.update(critic_logs(d_real, d_fake, "adm"))
+        logs.update(critic_gap(x_real - x_fake, x_fake, "adm"))  # the signal it has: (g - 1) dt / t (docs/methods.md)
         return cfg.gan_d_weight * (d + pen) + fake, logs

@@ -1,7 +1,8 @@
 """ADP: adversarial distillation pre-training on teacher ODE pairs (the first stage of DMDX, arXiv 2507.18569).
 
-The one-step student sees a point of the pair's path, ``x_t' = alpha(t') x0_pair + sigma(t') noise_pair`` at
-``t' = 1 - u^3`` (u uniform: biased to high noise), and predicts x0.  Two hinge discriminators judge the prediction
+The student sees a point of the pair's path at ``t' = 1 - u^3`` (u uniform: biased to high noise) and predicts x0:
+at or above its first conditioning time, that time with the sampler's own input (``adp_input``); below it,
+``x_t' = alpha(t') x0_pair + sigma(t') noise_pair``.  Two hinge discriminators judge the prediction
 against the teacher's x0: a latent one (frozen teacher backbone + heads, both re-noised at a uniform time) and a
 pixel one (a frozen vision backbone + heads on decoded samples), weighted 0.85 / 0.15.
 """
@@ -15,8 +16,9 @@ import torch
 import torch.nn.functional as F
 
 from ..nets.heads import MultiHead
+from ..schedules import _bcast
 from .adm import TeacherDiscriminator, check_penalties, critic_penalties, hinge_d, hinge_g
-from .base import Method, Phase, critic_logs, uniform_t
+from .base import Method, Phase, critic_gap, critic_logs, uniform_t
 
 Tensor = torch.Tensor
 
@@ -60,6 +62,19 @@ def adp_times(n: int, cubic: bool, device) -> Tensor:
     return 1 - u**3 if cubic else u
 
 
+def adp_input(schedule, x0: Tensor, noise: Tensor, t: Tensor, first_time: float) -> tuple[Tensor, Tensor]:
+    """The student's input on the pair (noise, x0) at path times ``t``, and the times it is fed at.
+
+    A time at or above the student's first conditioning time ``first_time`` *is* that time, and gets exactly what
+    sampling feeds there, ``schedule.prior(noise)`` (``sampling.student_sample``); a time below it gets the pair's path
+    ``alpha(t) x0 + sigma(t) noise``, the form the few-step sampler feeds at its later times.  (On VP schedules
+    ``alpha(1) > 0``: the path at t = 1 would leak ``alpha(1) x0`` into an input that sampling gives as pure noise.)
+    """
+    t = t.clamp(max=first_time)
+    first = _bcast(t >= first_time, x0)
+    return torch.where(first, schedule.prior(noise), schedule.add_noise(x0, noise, t)), t
+
+
 class ADP(Method):
     name = "adp"
     network_names = ("latent_heads", "pixel_heads")
@@ -101,7 +116,7 @@ class ADP(Method):
         ctx = self.ctx
         noise, x0, cond = ctx.pairs.batch(ctx.batch_size, ctx.device)
         t = ctx.schedule.training_time(adp_times(x0.shape[0], self.cfg.cubic, ctx.device))
-        x_in = ctx.schedule.add_noise(x0, noise, t)
+        x_in, t = adp_input(ctx.schedule, x0, noise, t, ctx.times[0])
         with torch.set_grad_enabled(grad):
             return ctx.student(x_in, t, cond), x0, cond
 
@@ -137,11 +152,15 @@ class ADP(Method):
         pen, pen_logs = critic_penalties(lambda z: self.latent(z, t, cond), r_t, d_real, f_t, d_fake, cfg)
         loss = cfg.latent_weight * (lat + pen)
         logs = {"loss/gan_d_latent": lat.item(), **pen_logs, **critic_logs(d_real, d_fake, "latent")}
+        # its signal: the re-noised pair's x0 difference (each input carries its own noise on top)
+        alpha, _ = self.ctx.schedule.alpha_sigma(t)
+        logs.update(critic_gap(_bcast(alpha, x0).float() * (x0.float() - x_hat.float()), f_t, "latent"))
         if self.pixel is not None:
             p_real, p_fake = self.pixel(x0), self.pixel(x_hat)
             pix = hinge_d(p_real, p_fake)
             loss = loss + cfg.pixel_weight * pix
             logs["loss/gan_d_pixel"] = pix.item()
             logs.update(critic_logs(p_real, p_fake, "pixel"))
+            logs.update(critic_gap(x0.float() - x_hat.float(), x_hat, "pixel"))
         logs["loss/gan_d"] = loss.item()
         return loss, logs

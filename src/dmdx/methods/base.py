@@ -89,11 +89,23 @@ class Context:
     # loss); the loop replaces it where the parameters themselves are bf16 in forward (FSDP2's bf16 policy)
     full_precision: Callable[[], contextlib.AbstractContextManager] | None = None
 
-    def float32(self) -> contextlib.AbstractContextManager:
-        """A block whose network calls run in float32 even under train.bf16 autocast (where the loop allows it)."""
-        if self.full_precision is not None:
-            return self.full_precision()
-        return torch.autocast(self.device.type, enabled=False)
+    @contextlib.contextmanager
+    def float32(self, teacher: bool = False):
+        """A block whose network calls run in float32 even under train.bf16 autocast (where the loop allows it).
+
+        With ``teacher`` the frozen teacher network computes in float32 inside it too, whatever its weights' dtype
+        (``real.teacher_dtype``): a backbone that stores lower-precision weights offers ``float32()``, a block in which
+        it runs on float32 copies of them (``nets.pipeline.PipelineBackbone.float32``).
+        """
+        with contextlib.ExitStack() as stack:
+            stack.enter_context(self.full_precision() if self.full_precision is not None
+                                else torch.autocast(self.device.type, enabled=False))
+            if teacher:
+                for net in {id(n): n for n in (self.teacher, self.teacher_net) if n is not None}.values():
+                    up = getattr(getattr(net, "backbone", None), "float32", None)
+                    if up is not None:
+                        stack.enter_context(up())
+            yield
 
     def randint_shared(self, high: int) -> int:
         """A random integer in [0, high), the same on every rank of a distributed run."""
@@ -186,6 +198,19 @@ def dsm_loss(den: Denoiser, x0: Tensor, cond: Cond, t_min: float = 1e-3, t_max: 
     both = den.predict(torch.cat([x_t, x_t]), torch.cat([t, t]), cond_cat(cond, den.backbone.null_cond(cond)))
     pred_c, pred_u = both.chunk(2)
     return F.mse_loss(pred_u + guidance * (pred_c - pred_u), target)
+
+
+def critic_gap(difference: Tensor, x_fake: Tensor, prefix: str) -> dict[str, float]:
+    """``critic/{prefix}/gap``: how much a critic has to see, ``rms(difference) / spread(x_fake)``.
+
+    ``difference`` is what separates a real input from its fake counterpart (ADM: ``x_real - x_fake``, the two ODE
+    steps from one x_t), the spread the rms distance of the fake inputs from their batch mean.  Near 0 the two inputs
+    are the same to any critic: it has no signal to learn (issue 33: 0.003-0.005 at ADM's dt = 1/64 on digits at
+    guidance 1.5, where its critic stays at chance)."""
+    f = x_fake.detach().float()
+    spread = (f - f.mean(0, keepdim=True)).pow(2).mean().sqrt()
+    gap = difference.detach().float().pow(2).mean().sqrt() / spread.clamp_min(1e-12)
+    return {f"critic/{prefix}/gap": gap.item()}
 
 
 def critic_logs(d_real: Tensor, d_fake: Tensor, prefix: str) -> dict[str, float]:

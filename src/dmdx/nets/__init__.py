@@ -1,14 +1,15 @@
-"""Backbones (denoiser networks) and discriminator heads."""
+"""Backbones (denoiser networks) and discriminator heads: the built-in MLP and UNets, the diffusers image
+pipelines' UNets / transformers (:mod:`.pipeline`) and video transformers (:mod:`.video`)."""
 
 from __future__ import annotations
 
 from torch import nn
 
 from .heads import ConvHead, MultiHead, VectorHead, feature_shapes
-from ..teachers.diffusers import BACKBONES as PIPELINE_BACKBONES
-from ..teachers.video import BACKBONES as VIDEO_BACKBONES
 from .mlp import MLPDenoiser
+from .pipeline import BACKBONES as PIPELINE_BACKBONES
 from .unet import DiffusersUNet2D, UNet
+from .video import BACKBONES as VIDEO_BACKBONES
 
 BACKBONES: dict[str, type[nn.Module]] = {"mlp": MLPDenoiser, "unet": UNet, "diffusers_unet2d": DiffusersUNet2D}
 
@@ -16,11 +17,11 @@ BACKBONES: dict[str, type[nn.Module]] = {"mlp": MLPDenoiser, "unet": UNet, "diff
 def build_backbone(name: str, **kwargs) -> nn.Module:
     """Construct the backbone registered as ``name`` from its constructor kwargs (its ``config``).
 
-    Diffusers pipeline backbones (``sd_unet``, ``sd3_transformer``, ``flux_transformer``) live in
-    :mod:`dmdx.teachers.diffusers` and are built from their pipeline folder."""
+    Diffusers pipeline backbones (``sd_unet``, ``sd3_transformer``, ``flux_transformer``: :mod:`.pipeline`;
+    ``cogvideox_transformer``, ``wan_transformer``: :mod:`.video`) are built from their pipeline folder."""
     if name in PIPELINE_BACKBONES:
         return PIPELINE_BACKBONES[name](**kwargs)
-    if name in VIDEO_BACKBONES:  # CogVideoX / Wan transformers (dmdx.teachers.video)
+    if name in VIDEO_BACKBONES:
         return VIDEO_BACKBONES[name](**kwargs)
     if name not in BACKBONES:
         raise ValueError(f"unknown backbone {name!r}; allowed: {', '.join(BACKBONES)}")

@@ -23,6 +23,11 @@ a ``shared_randint`` hook for the random choices all ranks must share (DMD2's ba
 - ``auto`` (the default): ``ddp`` when ``WORLD_SIZE > 1`` (torchrun), else ``none``.
 
 The frozen teacher is never wrapped: every rank holds a replica, so feature taps on it work unchanged.
+
+Life on a cluster (docs/scaling.md, "On a cluster"): collectives time out after ``train.dist_timeout`` seconds; a
+collective that fails (a timeout, or a peer whose connection closed) is reported by :func:`describe_failure`, which
+asks the other ranks through the process group's store (the group itself is unusable after a gloo timeout) which of
+them are still there, and names those that are not.
 """
 
 from __future__ import annotations
@@ -31,15 +36,22 @@ import contextlib
 import datetime
 import gc
 import os
-from dataclasses import dataclass
+import re
+import threading
+import time
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
+from ..config import TrainConfig
+
 PARALLEL_MODES = ("none", "ddp", "fsdp", "auto")
 BUCKET_ELEMENTS = 25 * 2**20 // 4  # ~25 MB of float32 per all-reduce, DDP's default bucket size
-# collectives wait this long for a slow rank (rank 0 may collect teacher pairs while the others wait at a barrier)
-TIMEOUT = datetime.timedelta(minutes=60)
+# after a failed collective, how long a rank waits for the others to say (through the store) that they are still
+# there: a quarter of the collective timeout, at most 10 s (ranks that timed out in one collective do so within
+# moments of each other; the neighbours of a rank that died learn it at once, the others when those give up)
+REPORT_WAIT_MAX = 10.0
 
 
 @dataclass
@@ -50,6 +62,8 @@ class World:
     size: int = 1
     local_rank: int = 0
     parallel: str = "none"  # none | ddp | fsdp (resolved)
+    timeout: float = TrainConfig.dist_timeout  # seconds a collective waits (the group's timeout)
+    store: object | None = field(default=None, repr=False, compare=False)  # the group's store (failure reports)
 
     @property
     def comm_device(self) -> torch.device:
@@ -85,15 +99,20 @@ class World:
         torch.distributed.broadcast_object_list(box, src=0)
         return box[0]
 
-    def ranks_where(self, flag: bool) -> list[int]:
-        """The ranks on which ``flag`` is true (the same list on every rank)."""
+    def per_rank(self, value: float) -> list[float]:
+        """Every rank's ``value``, indexed by rank (the same list on every rank): one all-reduce of ``size``
+        floats."""
         if self.size == 1:
-            return [0] if flag else []
+            return [float(value)]
         t = torch.zeros(self.size, dtype=torch.float64)
-        t[self.rank] = float(flag)
+        t[self.rank] = float(value)
         t = t.to(self.comm_device)
         torch.distributed.all_reduce(t)
-        return [i for i, v in enumerate(t.tolist()) if v > 0]
+        return t.tolist()
+
+    def ranks_where(self, flag: bool) -> list[int]:
+        """The ranks on which ``flag`` is true (the same list on every rank)."""
+        return [i for i, v in enumerate(self.per_rank(float(flag))) if v > 0]
 
     def mean_floats(self, values: dict[str, float]) -> dict[str, float]:
         """Average a dict of floats over ranks (a key missing on some ranks is averaged over those that have it)."""
@@ -113,10 +132,21 @@ class World:
                 torch.distributed.broadcast(t.data, src=0)
 
     def average_gradients(self, params: list[nn.Parameter]) -> None:
-        """DDP's gradient sync: every gradient replaced by its mean over ranks (bucketed, flat all-reduces)."""
+        """DDP's gradient sync: every gradient replaced by its mean over ranks (bucketed, flat all-reduces).
+
+        ``params`` is the same list on every rank (a network's ``parameters()``); each rank may have gradients for
+        any subset of them (a branch taken by some samples only).  The ranks first agree which parameters got a
+        gradient anywhere (one all-reduce of one byte per parameter, as DDP's "locally used" map); a rank without
+        one contributes zeros, so the mean is the gradient on the ranks' concatenated batch.  A parameter no rank
+        gave a gradient keeps ``grad=None`` (the optimiser skips it, as in one process)."""
         if self.size == 1:
             return
-        grads = [p.grad for p in params if p.grad is not None]
+        used = torch.tensor([p.grad is not None for p in params], dtype=torch.uint8, device=self.comm_device)
+        torch.distributed.all_reduce(used, op=torch.distributed.ReduceOp.MAX)
+        for p, u in zip(params, used.tolist()):
+            if u and p.grad is None:
+                p.grad = torch.zeros_like(p)
+        grads = [p.grad for p, u in zip(params, used.tolist()) if u]
         bucket: list[torch.Tensor] = []
         n = 0
         for g in grads + [None]:
@@ -159,9 +189,11 @@ def elastic_restart() -> bool:
     return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
 
 
-def setup(parallel: str = "auto", device: torch.device | None = None) -> World:
+def setup(parallel: str = "auto", device: torch.device | None = None, timeout: float | None = None) -> World:
     """Join (or create) the process group for ``parallel``; idempotent.  torchrun's environment (RANK, WORLD_SIZE,
-    LOCAL_RANK, MASTER_ADDR/PORT) defines the group; ``fsdp``/``ddp`` without it make a group of one process."""
+    LOCAL_RANK, MASTER_ADDR/PORT) defines the group; ``fsdp``/``ddp`` without it make a group of one process.
+    ``timeout``: seconds a collective waits (``train.dist_timeout``; fixed when the group is created).  The device
+    is ``cuda:LOCAL_RANK`` (the process's index on its own node), never the global rank."""
     global _WORLD
     dist = torch.distributed
     if _WORLD is not None:
@@ -169,7 +201,8 @@ def setup(parallel: str = "auto", device: torch.device | None = None) -> World:
         if mode == _WORLD.parallel:
             return _WORLD
         if dist.is_initialized():  # the group exists: another mode on it (or the plain path in a group of one)
-            _WORLD = World(_WORLD.rank, _WORLD.size, _WORLD.local_rank, mode) if mode != "none" else World()
+            w = _WORLD
+            _WORLD = (World(w.rank, w.size, w.local_rank, mode, w.timeout, w.store) if mode != "none" else World())
             return _WORLD
     size = dist.get_world_size() if dist.is_initialized() else env_world_size()
     mode = resolve_parallel(parallel, size)
@@ -180,23 +213,102 @@ def setup(parallel: str = "auto", device: torch.device | None = None) -> World:
     cuda = (device is None or device.type == "cuda") and torch.cuda.is_available()
     if cuda:
         torch.cuda.set_device(local)
+    seconds = float(TrainConfig.dist_timeout if timeout is None else timeout)
+    if seconds <= 0:
+        raise ValueError(f"train.dist_timeout must be > 0 seconds, got {timeout}")
+    store = None
     if not dist.is_initialized():
         backend = "nccl" if cuda else "gloo"
-        timeout = TIMEOUT
+        delta = datetime.timedelta(seconds=seconds)
         attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT")
-        if attempt is not None and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+        if "MASTER_ADDR" in os.environ:
+            rank = int(os.environ["RANK"])
+            agent = attempt is not None and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+            # under torchrun the agent (of global rank 0's node) holds the store, so it outlives a stuck or lost
+            # worker; launched without an agent, rank 0 holds it (as init_process_group's env:// would)
+            base = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), size,
+                                 is_master=not agent and rank == 0, timeout=delta, multi_tenant=True)
             # torchrun's store outlives a restart of the workers: a prefix per attempt keeps a restarted group from
             # reading the addresses the previous attempt's (dead) workers published there
-            base = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), size, is_master=False,
-                                 timeout=timeout)
-            dist.init_process_group(backend, store=dist.PrefixStore(f"dmdx/attempt_{attempt}", base),
-                                    rank=int(os.environ["RANK"]), world_size=size, timeout=timeout)
-        elif "MASTER_ADDR" in os.environ:
-            dist.init_process_group(backend, timeout=timeout)
+            store = dist.PrefixStore(f"dmdx/attempt_{attempt or 0}", base)
+            dist.init_process_group(backend, store=store, rank=rank, world_size=size, timeout=delta)
         else:  # one process, no launcher: a group of one (FSDP2 on a single device)
-            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
-    _WORLD = World(dist.get_rank(), dist.get_world_size(), local, mode)
+            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=delta)
+    _WORLD = World(dist.get_rank(), dist.get_world_size(), local, mode, seconds, store)
     return _WORLD
+
+
+# -- failed collectives ---------------------------------------------------------------------------------------
+_COLLECTIVE_ERRORS = re.compile(r"gloo|NCCL|Connection closed by peer|Connection reset by peer|Timed out waiting|"
+                                r"pair closure|Socket Timeout|Broken pipe", re.IGNORECASE)
+
+
+def is_collective_failure(error: BaseException) -> bool:
+    """Whether ``error`` came from a collective that could not complete (a timeout, a lost peer), as opposed to an
+    error of this rank's own computation.  gloo raises plain RuntimeErrors: they are told apart by their text."""
+    if isinstance(error, getattr(torch.distributed, "DistError", ())):
+        return True
+    return isinstance(error, RuntimeError) and bool(_COLLECTIVE_ERRORS.search(str(error)))
+
+
+def _short(error: BaseException) -> str:
+    """gloo's message without its source path and advice: 'Timed out waiting 10000ms for recv operation ...'."""
+    text = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    text = re.sub(r"^\[[^\]]*\]\s*", "", text)
+    return text.split(". This is typically")[0][:200]
+
+
+def describe_failure(world: World, step: int, error: BaseException, waited: float, stop=None) -> str:
+    """One line for a collective that failed on this rank at ``step`` after ``waited`` seconds: which ranks did not
+    answer.  Every rank that sees its collective fail posts ``failed/RANK`` in the group's store and watches for the
+    others' posts for up to ``min(REPORT_WAIT_MAX, timeout / 4)`` seconds, or until ``stop()`` is true (a stop
+    signal: torchrun ends the other workers when one died); ranks that never post are stopped, hung or gone.  (torch's ``monitored_barrier`` cannot help here: after a gloo timeout the group's connections are
+    closed, "Application timeout caused pair closure".)  A store that does not answer either is said so: under
+    torchrun it lives in the torchrun of global rank 0's node."""
+    head = (f"rank {world.rank} of {world.size}: a collective in step {step} failed after {waited:.1f} s "
+            f"({_short(error)})")
+    if world.store is None:
+        return head
+    budget = min(REPORT_WAIT_MAX, world.timeout / 4)
+    result: dict = {}
+
+    def ask() -> None:  # in a thread: a store whose host is frozen may not answer at all
+        try:
+            world.store.set(f"failed/{world.rank}", str(step))
+            others = [r for r in range(world.size) if r != world.rank]
+            deadline = time.monotonic() + budget
+            seen: dict[int, int] = {}
+            while True:
+                for r in others:
+                    if r not in seen and world.store.check([f"failed/{r}"]):
+                        seen[r] = int(world.store.get(f"failed/{r}"))
+                if len(seen) == len(others) or time.monotonic() > deadline:
+                    break
+                if stop is not None and stop():
+                    result["cut"] = True
+                    break
+                time.sleep(0.1)
+            result["seen"] = seen
+        except Exception as e:  # noqa: BLE001 - the store's host is gone too
+            result["error"] = e
+
+    t = threading.Thread(target=ask, daemon=True)
+    t.start()
+    t.join(budget + 5)
+    if "seen" in result:
+        seen = result["seen"]
+        silent = [r for r in range(world.size) if r != world.rank and r not in seen]
+        if silent and result.get("cut"):
+            return f"{head}; rank(s) {silent} had not answered when a stop signal came (stopped, hung or gone?)"
+        if silent:
+            return (f"{head}; rank(s) {silent} did not answer within {budget:.0f} s (stopped, hung or gone: see "
+                    "their logs)")
+        gave_up = ", ".join(f"rank {r} at step {s}" for r, s in sorted(seen.items()))
+        return (f"{head}; every other rank had given up on a collective too ({gave_up}): this rank is the one that "
+                "did not answer in time (stopped or hung)")
+    why = _short(result["error"]) if "error" in result else f"no answer in {budget + 5:.0f} s"
+    return (f"{head}; the store did not answer either ({why}): the node holding it (under torchrun, that of global "
+            "rank 0) is stopped or gone")
 
 
 def current() -> World:
@@ -321,4 +433,5 @@ def local_bytes(tensors) -> int:
 
 
 __all__ = ["World", "PARALLEL_MODES", "setup", "current", "teardown", "rank_zero_first", "per_rank_batch",
-           "resolve_parallel", "elastic_restart", "shard", "is_sharded", "full_tensor", "local_bytes"]
+           "resolve_parallel", "elastic_restart", "shard", "is_sharded", "full_tensor", "local_bytes",
+           "is_collective_failure", "describe_failure"]

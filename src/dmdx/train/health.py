@@ -36,6 +36,9 @@ from pathlib import Path
 import torch
 
 from ..config import TrainConfig
+from ..data import DATASETS, load_dataset
+from ..eval.images import _batched, frechet_distance, get_classifier
+from ..eval.vectors import class_metrics, mixture_metrics, sliced_wasserstein
 from ..methods.base import Context, Method
 from ..sampling import sample_ode, student_sample
 
@@ -230,9 +233,6 @@ class Health:
             else:
                 self._quality = ("sw", ds.x[:2000].cpu())
         elif ds.kind == "image" and ds.num_classes >= 2:
-            from ..data import DATASETS, load_dataset
-            from ..eval.images import _batched, get_classifier
-
             if ds.name not in DATASETS:  # user data sets have no cached evaluation classifier
                 return None
             with torch.enable_grad():  # trained (once, then cached) when missing
@@ -245,18 +245,16 @@ class Health:
         kind, ref = self._quality
         x = x.detach().float().cpu()
         if kind == "mixture":
-            from ..eval.vectors import mixture_metrics
-
-            m = mixture_metrics(x, ref)
+            if ref.conditional and self.ctx.num_classes > 0:  # each class against its own modes
+                labels = torch.arange(len(x)) % self.ctx.num_classes if labels is None else labels.cpu()
+                m = class_metrics(x, labels, ref)
+            else:
+                m = mixture_metrics(x, ref)
             return {"modes_covered": float(m["modes_covered"]), "max_weight_error": m["max_weight_error"],
                     "in_mode": m["quality"], "sw": m["sw"]}
         if kind == "sw":
-            from ..eval.vectors import sliced_wasserstein
-
             finite = torch.isfinite(x).all(1)
             return {"sw": sliced_wasserstein(x[finite], ref) if finite.any() else math.inf}
-        from ..eval.images import _batched, frechet_distance
-
         model, real = ref
         x = x.nan_to_num(0.0).clamp(-1, 1)
         out = {"fd": frechet_distance(real, _batched(model.features, x))}
@@ -293,7 +291,8 @@ class Health:
             if torch.isfinite(x).all():
                 out.update(method.diagnostics(x, cond, g_dev))
             tc = self.tc
-            if tc.health_every > 0 and step % tc.health_every == 0 and self._quality_setup() is not None:
+            due = tc.health_every > 0 and (step % tc.health_every == 0 or step == tc.steps)  # and at the end
+            if due and self._quality_setup() is not None:
                 self.reference_quality()
                 out.update({f"health/{k}": v for k, v in self._student_quality().items()})
         msg = self._alarm(out)
@@ -340,6 +339,15 @@ FD_WORSE = 1.5  # quality degraded: the last small-sample FD above this multiple
 FD_FAR = 3.0
 CLASS_ACC_FRACTION = 0.5
 IN_MODE_FRACTION = 0.5  # mixtures: samples off the modes when the in-mode fraction is below half the real data's
+# near the teacher (a critic at chance is then at equilibrium, not blind): images within FD_NEAR x the teacher's
+# small-sample FD and CLASS_ACC_NEAR of its class accuracy; mixtures every mode and IN_MODE_NEAR of the real in-mode
+# fraction (judgements, like the limits above)
+FD_NEAR = 1.5
+CLASS_ACC_NEAR = 0.9
+IN_MODE_NEAR = 0.8
+# a critic whose real and fake inputs differ by less than this fraction of the samples' spread has nothing to learn
+# (digits, guidance 1.5: 0.003-0.005 at ADM's dt = 1/64 with its critic at chance; benchmarks/adm-study.md)
+GAP_BLIND = 0.02
 
 
 def read_log(run_dir: Path) -> list[dict]:
@@ -431,6 +439,65 @@ def _fmt(v: float) -> str:
     return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.4g}"
 
 
+def _quality(rows: list[dict], ref: dict | None) -> tuple[list[str], bool]:
+    """(problems, near) of the run's small-sample quality figures on built-in data: ``near`` when the last figure
+    is close to what the reference scores (mixtures: every mode of as many real samples, at least ``IN_MODE_NEAR``
+    of their in-mode fraction; images: FD within ``FD_NEAR`` x and class accuracy within ``CLASS_ACC_NEAR`` of the
+    teacher's on the same noise and labels) and nothing is wrong with it."""
+    problems, near = [], False
+    q = (ref or {}).get("quality") or {}
+    s, v = _series(rows, "health/modes_covered")
+    if v:
+        t_modes = q.get("modes_covered")
+        if t_modes is not None and v[-1] < t_modes:
+            problems.append(f"mode coverage: {v[-1]:.0f} modes at step {s[-1]}, real data {t_modes:.0f} "
+                            "(as many samples)")
+        _, hq = _series(rows, "health/in_mode")
+        t_hq = q.get("in_mode")
+        if hq and t_hq and hq[-1] < IN_MODE_FRACTION * t_hq:
+            problems.append(f"samples off the data: {hq[-1]:.0%} of the last small sample lie within 3 std of a mode, "
+                            f"real data {t_hq:.0%}")
+        near = bool(t_modes is not None and v[-1] >= t_modes and hq and t_hq and hq[-1] >= IN_MODE_NEAR * t_hq)
+    tq = (ref or {}).get("teacher_quality") or {}
+    s, v = _series(rows, "health/fd")
+    _, acc = _series(rows, "health/class_acc")
+    if v:
+        t_fd, t_acc = tq.get("fd"), tq.get("class_acc")
+        if len(v) > 1 and v[-1] > FD_WORSE * v[0]:
+            problems.append(f"quality got worse: small-sample FD {v[0]:.3g} at step {s[0]} -> {v[-1]:.3g} at "
+                            f"step {s[-1]}")
+        if t_fd and v[-1] > FD_FAR * t_fd:
+            problems.append(f"far from the teacher: small-sample FD {v[-1]:.3g} at step {s[-1]}, {v[-1] / t_fd:.1f}x "
+                            f"the teacher's {t_fd:.3g} on the same noise and labels")
+        if acc and t_acc and acc[-1] < CLASS_ACC_FRACTION * t_acc:
+            problems.append(f"samples lost their class: class accuracy {acc[-1]:.2f} at step {s[-1]}, the teacher's "
+                            f"{t_acc:.2f}")
+        near = bool(t_fd and v[-1] <= FD_NEAR * t_fd and (not t_acc or (acc and acc[-1] >= CLASS_ACC_NEAR * t_acc)))
+    return problems, near and not problems
+
+
+def _quality_notes(rows: list[dict], ref: dict | None) -> list[str]:
+    """What the small-sample quality figures read, first to last, against their reference."""
+    notes = []
+    q = (ref or {}).get("quality") or {}
+    s, v = _series(rows, "health/modes_covered")
+    if v:
+        _, w = _series(rows, "health/max_weight_error")
+        _, hq = _series(rows, "health/in_mode")
+        notes.append(f"modes covered {v[0]:.0f} -> {v[-1]:.0f} (real data {_fmt(q.get('modes_covered'))}); largest "
+                     f"weight error {w[0]:.3f} -> {w[-1]:.3f} (real data {_fmt(q.get('max_weight_error'))}); within 3 "
+                     f"std of a mode {hq[0]:.0%} -> {hq[-1]:.0%}" + (f" (real data {q['in_mode']:.0%})"
+                                                                      if q.get("in_mode") else ""))
+    tq = (ref or {}).get("teacher_quality") or {}
+    s, v = _series(rows, "health/fd")
+    if v:
+        t_fd = tq.get("fd")
+        notes.append(f"small-sample FD {v[0]:.3g} -> {v[-1]:.3g} at steps {s[0]}-{s[-1]}"
+                     + (f", the teacher's {t_fd:.3g}" if t_fd else "")
+                     + " (small samples inflate FD: compare it along the run, and 'dmdx eval' numbers with each other)")
+    return notes
+
+
 def diagnose(rows: list[dict], ref: dict | None, steps_total: int | None, alarm: float) -> tuple[list[str], list[str]]:
     """(problems, notes) of a run's log: a run is healthy when there are no problems."""
     problems, notes = [], []
@@ -459,17 +526,36 @@ def diagnose(rows: list[dict], ref: dict | None, steps_total: int | None, alarm:
                          f"({end:.2g}x at the end)")
         else:
             notes.append(f"{what}: {min(v):.2g}x to {max(v):.2g}x the teacher's (ends at {end:.2g}x)")
-    # critics
+    quality_problems, near = _quality(rows, ref)
+    # critics: a critic at chance is blind (nothing tells its inputs apart), at equilibrium (the student matches the
+    # teacher, so nothing is left to tell apart) or too weak (the signal is there and it does not learn it)
     for k in [k for k in summary_keys(rows) if k.startswith("critic/") and k.endswith("/acc")]:
         s, v = _series(rows, k)
         best = _smooth_max(v)
         name = k.split("/")[1]
-        if best < CHANCE_ACC:
-            problems.append(f"critic {name!r} never beat chance (best accuracy {best:.2f}, chance 0.5, over "
-                            f"{len(v)} logs from step {s[0]} to {s[-1]}): blind to its input, or far too weak")
-        else:
+        _, g = _series(rows, f"critic/{name}/gap")
+        gap = _window_mean(g, "end") if g else None
+        seen = f"best accuracy {best:.2f}, chance 0.5, over {len(v)} logs from step {s[0]} to {s[-1]}"
+        signal = "" if gap is None else f"; its real and fake inputs differ by {gap:.2g} of the samples' spread"
+        if best >= CHANCE_ACC:
             notes.append(f"critic {name!r}: accuracy {_window_mean(v, 'start'):.2f} -> {_window_mean(v, 'end'):.2f} "
-                         f"(best {best:.2f}; 0.5 is chance, and also the equilibrium once the student matches)")
+                         f"(best {best:.2f}; 0.5 is chance, and also the equilibrium once the student matches)"
+                         + signal)
+        elif near:
+            notes.append(f"critic {name!r} at equilibrium: at chance ({seen}){signal}, and the student's quality is "
+                         "near the teacher's: nothing is left to tell apart")
+        else:
+            if gap is not None and gap < GAP_BLIND:
+                msg = (f"critic {name!r} is blind: there is no signal to learn ({seen}{signal}, below "
+                       f"{GAP_BLIND:g}); what it passes to the student is noise (ADM: the gap grows like "
+                       "(guidance - 1) dt / t, docs/methods.md)")
+            elif gap is not None:
+                msg = (f"critic {name!r} is too weak: it never beat chance ({seen}{signal}, a signal it could "
+                       "learn): its heads' rate or capacity")
+            else:
+                msg = f"critic {name!r} never beat chance ({seen}): blind to its input, or far too weak"
+            # with a quality figure that says what is wrong, the critic is its explanation, not a second problem
+            (notes if quality_problems else problems).append(msg)
     # fake score lag
     s, v = _series(rows, "health/fake_lag")
     if v:
@@ -484,40 +570,8 @@ def diagnose(rows: list[dict], ref: dict | None, steps_total: int | None, alarm:
     if len(v) > 1:
         notes.append(f"DM gradient norm {_trend(_window_mean(v, 'start'), _window_mean(v, 'end'))} "
                      f"({_window_mean(v, 'start'):.3g} -> {_window_mean(v, 'end'):.3g})")
-    # quality on built-in data
-    q = (ref or {}).get("quality") or {}
-    s, v = _series(rows, "health/modes_covered")
-    if v:
-        t_modes = q.get("modes_covered")
-        if t_modes is not None and v[-1] < t_modes:
-            problems.append(f"mode coverage: {v[-1]:.0f} modes at step {s[-1]}, real data {t_modes:.0f} "
-                            "(as many samples)")
-        _, hq = _series(rows, "health/in_mode")
-        t_hq = q.get("in_mode")
-        if hq and t_hq and hq[-1] < IN_MODE_FRACTION * t_hq:
-            problems.append(f"samples off the data: {hq[-1]:.0%} of the last small sample lie within 3 std of a mode, "
-                            f"real data {t_hq:.0%}")
-        _, w = _series(rows, "health/max_weight_error")
-        notes.append(f"modes covered {v[0]:.0f} -> {v[-1]:.0f} (real data {_fmt(t_modes)}); largest weight "
-                     f"error {w[0]:.3f} -> {w[-1]:.3f} (real data {_fmt(q.get('max_weight_error'))})")
-    tq = (ref or {}).get("teacher_quality") or {}
-    s, v = _series(rows, "health/fd")
-    if v:
-        t_fd = tq.get("fd")
-        if len(v) > 1 and v[-1] > FD_WORSE * v[0]:
-            problems.append(f"quality got worse: small-sample FD {v[0]:.3g} at step {s[0]} -> {v[-1]:.3g} at "
-                            f"step {s[-1]}")
-        if t_fd and v[-1] > FD_FAR * t_fd:
-            problems.append(f"far from the teacher: small-sample FD {v[-1]:.3g} at step {s[-1]}, {v[-1] / t_fd:.1f}x "
-                            f"the teacher's {t_fd:.3g} on the same noise and labels")
-        notes.append(f"small-sample FD {v[0]:.3g} -> {v[-1]:.3g} at steps {s[0]}-{s[-1]}"
-                     + (f", the teacher's {t_fd:.3g}" if t_fd else "")
-                     + " (small samples inflate FD: compare it along the run, and 'dmdx eval' numbers with each other)")
-    s, v = _series(rows, "health/class_acc")
-    t_acc = tq.get("class_acc")
-    if v and t_acc and v[-1] < CLASS_ACC_FRACTION * t_acc:
-        problems.append(f"samples lost their class: class accuracy {v[-1]:.2f} at step {s[-1]}, the teacher's "
-                        f"{t_acc:.2f}")
+    problems += quality_problems
+    notes += _quality_notes(rows, ref)
     alarms = [(r["step"], r["health/alarm"]) for r in rows if isinstance(r.get("health/alarm"), str)]
     for st, msg in alarms:
         notes.append(f"alarm at step {st}: {msg}")

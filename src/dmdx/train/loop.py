@@ -4,13 +4,21 @@ bf16 autocast, checkpoints, logging and sample grids.  It never looks at which m
 Distributed runs (``train.parallel``, see ``dist.py`` and docs/scaling.md) keep this one loop: the trainable
 networks are replicated or sharded here, gradients averaged (ddp) or reduce-scattered by FSDP2, every rank checks
 that its loss is finite and all stop together, and logs, progress bar, sample grids, snapshots and the exported
-model come from rank 0."""
+model come from rank 0.
+
+Life on a cluster (docs/scaling.md, "On a cluster"): a signal in ``train.preempt_signals`` (SIGTERM, SIGUSR1) makes
+every rank finish its step; the ranks agree on it after each step, write a checkpoint at that step and raise
+:class:`Preempted` (``dmdx`` exits with status 75).  A collective that fails (a rank stopped, hung or gone past
+``train.dist_timeout``) raises :class:`RankLostError` on every rank that sees it, naming the ranks that did not
+answer (status 4)."""
 
 from __future__ import annotations
 
 import contextlib
 import copy
 import json
+import signal
+import threading
 import time
 import weakref
 from dataclasses import dataclass
@@ -32,6 +40,63 @@ from .health import Health
 
 class NonFiniteLossError(RuntimeError):
     """A loss became NaN or infinite; the run stopped without writing a checkpoint."""
+
+
+class RankLostError(RuntimeError):
+    """A collective failed (a rank stopped answering within ``train.dist_timeout``, or its connection closed); the
+    message names the ranks that did not answer and the step.  Raised on every rank that sees the failure."""
+
+
+class Preempted(Exception):
+    """A preemption signal stopped the run after a step; a checkpoint at that step was written (``path``)."""
+
+    def __init__(self, message: str, step: int, path: Path, signame: str):
+        super().__init__(message)
+        self.step, self.path, self.signame = step, path, signame
+
+
+UNCATCHABLE = ("SIGKILL", "SIGSTOP")
+
+
+def parse_signals(names: list[str]) -> list[signal.Signals]:
+    """``train.preempt_signals`` as signals ("SIGTERM" or "TERM", any case); a ValueError names the allowed ones."""
+    out = []
+    for name in names:
+        key = str(name).strip().upper()
+        key = key if key.startswith("SIG") else "SIG" + key
+        sig = signal.Signals.__members__.get(key)
+        if sig is None or key in UNCATCHABLE:
+            allowed = ", ".join(s.name for s in signal.Signals if s.name not in UNCATCHABLE and "_" not in s.name)
+            raise ValueError(f"train.preempt_signals: {name!r} is not a signal a process can catch; allowed: {allowed}")
+        out.append(sig)
+    return out
+
+
+class StopSignals:
+    """While a run trains, a signal of ``train.preempt_signals`` only records itself (the step in progress
+    finishes); the previous handlers come back afterwards.  Python lets only the main thread set handlers: a run
+    in another thread keeps the signals' defaults."""
+
+    def __init__(self, names: list[str]):
+        self.signals = parse_signals(names)
+        self.received: int = 0  # the first signal's number, 0: none
+        self.at: float | None = None  # when (time.monotonic())
+        self._old: dict = {}
+
+    def _on_signal(self, signum, frame) -> None:
+        if not self.received:
+            self.received, self.at = signum, time.monotonic()
+
+    def __enter__(self) -> "StopSignals":
+        if threading.current_thread() is threading.main_thread():
+            for sig in self.signals:
+                self._old[sig] = signal.signal(sig, self._on_signal)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+        self._old.clear()
 
 
 @dataclass
@@ -65,6 +130,16 @@ def update_ema(ema: nn.Module, model: nn.Module, decay: float) -> None:
         pe.lerp_(pm.detach(), 1 - decay)
     for be, bm in zip(ema.buffers(), model.buffers()):
         be.copy_(bm)
+
+
+@torch.no_grad()
+def copy_weights(dst: nn.Module, src: nn.Module) -> None:
+    """``dst``'s parameters and buffers set to ``src``'s, in place (same structure and sharding; optimisers keep
+    their parameters)."""
+    for pd, ps in zip(dst.parameters(), src.parameters()):
+        pd.copy_(ps)
+    for bd, bs in zip(dst.buffers(), src.buffers()):
+        bd.copy_(bs)
 
 
 def ema_decay(decay: float, n: int, warmup: bool = True) -> float:
@@ -127,7 +202,8 @@ class Trainer:
         self.tc = train
         self.ctx = ctx
         self.export_info = export_info
-        self.world = world if world is not None else dist.setup(train.parallel, ctx.device)
+        parse_signals(train.preempt_signals)  # a typo fails now, not at the first preemption
+        self.world = world if world is not None else dist.setup(train.parallel, ctx.device, train.dist_timeout)
         # train.batch_size is the global batch; methods draw the per-rank micro-batch
         ctx.batch_size = dist.per_rank_batch(train.batch_size, self.world.size, train.grad_accum)
         if self.world.size > 1:
@@ -218,9 +294,10 @@ class Trainer:
                 logs[k] = logs.get(k, 0.0) + v / tc.grad_accum
         for name in phase.trains:
             net = stage.trainables[name]
+            if world.parallel == "ddp":  # once per phase, after all micro-steps (DDP's no_sync + sync); every
+                # parameter, so that a rank whose batch left one without a gradient contributes zeros
+                world.average_gradients(list(net.parameters()))
             params = [p for p in net.parameters() if p.grad is not None]
-            if world.parallel == "ddp":
-                world.average_gradients(params)  # once per phase, after all micro-steps (DDP's no_sync + sync)
             if tc.grad_clip > 0 and params:
                 norm = torch.nn.utils.clip_grad_norm_(params, tc.grad_clip)
                 logs[f"grad/{name}"] = float(dist.full_tensor(norm))
@@ -279,17 +356,20 @@ class Trainer:
         if den is self._plain:
             self._plain.cpu()
 
-    def checkpoint(self, stage: Stage, step: int) -> None:
+    def checkpoint(self, stage: Stage, step: int, preempted: str | None = None) -> None:
+        """Write the checkpoint of ``step`` and export the EMA student; a preemption checkpoint (``preempted``: the
+        signal's name, recorded in its ``state.json``) skips the export to stop sooner."""
+        info = {"preempted": preempted} if preempted else {}
         if self.world.distributed:
-            self.last_ckpt = self.save_dcp(stage, step)
+            self.last_ckpt = self.save_dcp(stage, step, info)
+        else:
+            extra = {"rng": torch.get_rng_state(), "updates": dict(self.updates)}
+            if torch.cuda.is_available():
+                extra["cuda_rng"] = torch.cuda.get_rng_state_all()
+            self.last_ckpt = save_checkpoint(self.run_dir, step, stage.index, self.ckpt_nets(stage), stage.optims,
+                                             extra, keep=self.tc.keep_ckpts, info=info)
+        if not preempted:
             self.export()
-            return
-        extra = {"rng": torch.get_rng_state(), "updates": dict(self.updates)}
-        if torch.cuda.is_available():
-            extra["cuda_rng"] = torch.cuda.get_rng_state_all()
-        self.last_ckpt = save_checkpoint(self.run_dir, step, stage.index, self.ckpt_nets(stage), stage.optims, extra,
-                                         keep=self.tc.keep_ckpts)
-        self.export()
 
     # -- distributed checkpoints (DCP) ----------------------------------------------------------------------
     def _dcp_state(self, stage: Stage, optim_names) -> dict:
@@ -299,11 +379,12 @@ class Trainer:
                 "optim": {name: get_optimizer_state_dict(stage.trainables[name], stage.optims[name])
                           for name in optim_names}}
 
-    def save_dcp(self, stage: Stage, step: int) -> Path:
+    def save_dcp(self, stage: Stage, step: int, info: dict | None = None) -> Path:
         # an optimiser that never stepped has no state to save (DCP would make one by a zero-learning-rate step)
         optim_names = sorted(name for name, opt in stage.optims.items() if opt.state)
         meta = {"stage": stage.index, "nets": sorted(self.ckpt_nets(stage)), "optim": optim_names,
-                "updates": dict(self.updates), "world": self.world.size, "parallel": self.world.parallel}
+                "updates": dict(self.updates), "world": self.world.size, "parallel": self.world.parallel,
+                **(info or {})}
         return save_dcp_checkpoint(self.run_dir, step, self._dcp_state(stage, optim_names), meta, self.world,
                                    keep=self.tc.keep_ckpts)
 
@@ -377,9 +458,22 @@ class Trainer:
         return stage
 
     # -- the loop --------------------------------------------------------------------------------------------
+    def stop_request(self, signals: StopSignals) -> tuple[str, list[int]] | None:
+        """The preemption signal a rank received (its name and the ranks that got one; the same answer on every
+        rank), or None.  With several ranks this is one all-reduce of ``world size`` floats per step, tiny next to
+        the step's gradient all-reduces; it is what makes every rank stop after the same step."""
+        got = self.world.per_rank(signals.received)
+        ranks = [r for r, v in enumerate(got) if v]
+        return (signal.Signals(int(got[ranks[0]])).name, ranks) if ranks else None
+
     def run(self, resume: bool = False, stop_after: int | None = None) -> Path:
         """Train to ``train.steps``; ``stop_after`` ends this call early after that many iterations (as a killed
-        run would, but after a checkpoint when the step is a checkpoint step)."""
+        run would, but after a checkpoint when the step is a checkpoint step).  Raises :class:`Preempted` after a
+        preemption signal's checkpoint, :class:`RankLostError` when a collective fails."""
+        with StopSignals(self.tc.preempt_signals) as signals:
+            return self._run(signals, resume, stop_after)
+
+    def _run(self, signals: StopSignals, resume: bool, stop_after: int | None) -> Path:
         tc, world = self.tc, self.world
         self.run_dir.mkdir(parents=True, exist_ok=True)
         ckpt = latest_checkpoint(self.run_dir)
@@ -394,23 +488,27 @@ class Trainer:
         grid_cond = ({"labels": (torch.arange(grid_n) % self.ctx.num_classes).to(self.ctx.device)}
                      if self.ctx.num_classes > 0 else None)
         log_path = self.run_dir / "log.jsonl"
-        if ckpt is not None:
-            stage = self.restore(ckpt)
-            step = ckpt["step"]
-            if world.main:
-                _trim_log(log_path, step)
-        else:
-            torch.manual_seed(tc.seed + world.rank)  # each rank its own noise, labels, prompts
-            stage = self.build_stage(0)
-            step = 0
-        writer = _tensorboard(self.run_dir / "tb") if world.main else None
-        pbar = _progress(tc, step) if world.main else None
-        acc: dict[str, list[float]] = {}
-        t0 = time.perf_counter()
-        end = tc.steps if stop_after is None else min(tc.steps, step + stop_after)
+        writer = pbar = None
+        step = ckpt["step"] if ckpt is not None else 0
+        doing, began = step, time.monotonic()  # the step in progress and its start (for a failed collective's report)
         try:
+            if ckpt is not None:
+                stage = self.restore(ckpt)
+                if world.main:
+                    _trim_log(log_path, step)
+            else:
+                torch.manual_seed(tc.seed + world.rank)  # each rank its own noise, labels, prompts
+                stage = self.build_stage(0)
+            writer = _tensorboard(self.run_dir / "tb") if world.main else None
+            pbar = _progress(tc, step) if world.main else None
+            acc: dict[str, list[float]] = {}
+            t0 = time.perf_counter()
+            end = tc.steps if stop_after is None else min(tc.steps, step + stop_after)
             while step < end:
+                doing, began = step + 1, time.monotonic()
                 while stage.index + 1 < len(self.stages) and step >= self.starts[stage.index + 1]:
+                    # the next stage starts from what this one would export, its EMA (docs/methods.md, DMDX)
+                    copy_weights(self.student, self.ema)
                     stage = self.build_stage(stage.index + 1)
                 local = step - stage.start
                 for phase in stage.method.phases():
@@ -439,18 +537,38 @@ class Trainer:
                                              refresh=False)
                 if pbar is not None:
                     pbar.update(1)
+                stop = self.stop_request(signals) if step < tc.steps else None  # a finished run just finishes
+                if stop is not None:
+                    self.checkpoint(stage, step, preempted=stop[0])
+                    raise self._preempted(stop, step, signals)
                 if step % tc.ckpt_every == 0 or step == tc.steps:
                     self.checkpoint(stage, step)
                 if tc.snapshot_every > 0 and step % tc.snapshot_every == 0:
                     self.export(self.run_dir / "snapshots" / f"step_{step:07d}")
                 if tc.sample_every > 0 and (step % tc.sample_every == 0 or step == tc.steps):
                     self.save_sample_grid(step, grid_noise, grid_cond)
+        except RuntimeError as e:
+            if world.size > 1 and dist.is_collective_failure(e) and not isinstance(e, NonFiniteLossError):
+                where = (f"the last checkpoint is {self.last_ckpt}" if self.last_ckpt
+                         else "no checkpoint was written yet")
+                report = dist.describe_failure(world, doing, e, time.monotonic() - began,
+                                               stop=lambda: bool(signals.received))
+                raise RankLostError(f"{report}. Every rank stops ({where}; continue with --resume, "
+                                    f"train.dist_timeout={tc.dist_timeout:g} s)") from e
+            raise
         finally:
             if pbar is not None:
                 pbar.close()
             if writer is not None:
                 writer.close()
         return self.run_dir
+
+    def _preempted(self, stop: tuple[str, list[int]], step: int, signals: StopSignals) -> Preempted:
+        name, ranks = stop
+        who = f" (received by rank(s) {ranks} of {self.world.size})" if self.world.size > 1 else ""
+        since = f" {time.monotonic() - signals.at:.1f} s after the signal" if signals.at is not None else ""
+        msg = f"preempted by {name}{who} at step {step} of {self.tc.steps}: checkpoint {self.last_ckpt} written{since}"
+        return Preempted(msg, step, self.last_ckpt, name)
 
 
 def _trim_log(log_path: Path, step: int) -> None:
@@ -488,4 +606,4 @@ def _tensorboard(path: Path):
     return SummaryWriter(str(path))
 
 
-__all__ = ["Trainer", "NonFiniteLossError", "update_ema", "ema_decay"]
+__all__ = ["Trainer", "NonFiniteLossError", "RankLostError", "Preempted", "update_ema", "ema_decay", "copy_weights"]

@@ -1,7 +1,8 @@
-"""Run configs and the set-up of a run: teacher, data, student, pairs; then the shared loop.
+"""Run configs, and a run from its config to its model folder through the shared loop.
 
-``distill(cfg, out)`` backs ``dmdx distill``; ``train_teacher(cfg, out)`` backs ``dmdx teacher train`` (the same
-loop running the ``dsm`` method on a fresh network).
+``distill(cfg, out, setup)`` backs ``dmdx distill`` (``setup`` is the teacher kind's set-up:
+:func:`dmdx.teachers.distill` passes it); ``train_teacher(cfg, out)`` backs ``dmdx teacher train`` (the same loop
+running the ``dsm`` method on a fresh network).
 """
 
 from __future__ import annotations
@@ -9,18 +10,21 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Callable, Literal
 
 import torch
 
-from ..config import StudentConfig, TrainConfig, from_dict, save_json, to_dict
+from ..config import StudentConfig, TrainConfig, VideoConfig, from_dict, save_json, to_dict
+from ..data import load_dataset
 from ..denoiser import Denoiser
 from ..methods import get_method
 from ..methods.base import Context
+from ..methods.dsm import DSMConfig
 from ..models import ModelInfo, device_of
+from ..nets import backbone_spec, default_backbone
 from ..schedules import make_schedule
 from . import dist
-from ..teachers.video import VideoConfig
+from .loop import Trainer, check_lr_scale
 
 CONFIG_JSON = "config.json"
 
@@ -68,6 +72,9 @@ class RealModelConfig:
     student_lora: LoraSpec = field(default_factory=LoraSpec)
     fake_lora: LoraSpec = field(default_factory=LoraSpec)
     grad_checkpointing: bool = False
+    # one frozen base for teacher, student, fake score and EMA: the LoRA copies hold the teacher's own weight tensors
+    # (in real.teacher_dtype) instead of float32 copies (docs/real-models.md, "Will it fit?"); needs a LoRA student
+    shared_base: bool = False
     vision_encoder: str | None = None  # local transformers folder (DINOv2) for ADP's pixel discriminator
 
 
@@ -127,11 +134,6 @@ def load_run_config(run_dir: Path) -> RunConfig:
 
 # -- teachers --------------------------------------------------------------------------------------------------
 def train_teacher(cfg: TeacherConfig, out: Path, resume: bool = False) -> Path:
-    from ..data import load_dataset
-    from ..methods.dsm import DSMConfig
-    from ..nets import backbone_spec, default_backbone
-    from .loop import Trainer
-
     out = Path(out)
     ds = load_dataset(cfg.data, "train")
     dev = device_of(cfg.train.device)
@@ -149,7 +151,7 @@ def train_teacher(cfg: TeacherConfig, out: Path, resume: bool = False) -> Path:
                      guidance=cfg.guidance if k else 1.0, solver=cfg.solver, steps=cfg.sample_steps)
     ctx = Context(teacher=None, teacher_net=None, student=den, data=ds, num_classes=k, shape=tuple(ds.shape),
                   batch_size=cfg.train.batch_size, device=dev)
-    world = dist.setup(cfg.train.parallel, dev)
+    world = dist.setup(cfg.train.parallel, dev, cfg.train.dist_timeout)
     out.mkdir(parents=True, exist_ok=True)
     if world.main:
         save_json(to_dict(cfg), out / CONFIG_JSON)
@@ -157,29 +159,23 @@ def train_teacher(cfg: TeacherConfig, out: Path, resume: bool = False) -> Path:
 
 
 # -- distillation ----------------------------------------------------------------------------------------------
-def build_run(cfg: RunConfig, run_dir: Path) -> tuple[Context, ModelInfo]:
-    """Load the teacher and data, make the student, collect or load pairs; validate before training.
-
-    One path for every teacher kind: the adapter that claims ``cfg.teacher`` (:mod:`dmdx.teachers.adapter`) does the
-    set-up its kind needs (an exact mixture's surrogate, a pipeline's prompt and image encodings, ...)."""
-    from ..teachers.adapter import adapter_for
-    from .loop import check_lr_scale
-
-    check_lr_scale(cfg.method, cfg.train)  # before the slow set-up
+def check_run_config(cfg: RunConfig) -> None:
+    """What can be checked of a distillation config before any set-up (the teacher kind checks the rest)."""
+    check_lr_scale(cfg.method, cfg.train)
     if not cfg.teacher:
         raise ValueError("--teacher is required (a dmdx model folder, a diffusers pipeline folder or gmm:NAME)")
-    return adapter_for(cfg.teacher).build_run(cfg, Path(run_dir))
 
 
-def distill(cfg: RunConfig, out: Path, resume: bool = False) -> Path:
-    from .loop import Trainer, check_lr_scale
-
+def distill(cfg: RunConfig, out: Path, setup: Callable[[RunConfig, Path], tuple[Context, ModelInfo]],
+            resume: bool = False) -> Path:
+    """Write the config, set the run up with ``setup(cfg, out)`` (the teacher kind's ``build_run``:
+    :func:`dmdx.teachers.build_run`), then train it with the shared loop."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    check_lr_scale(cfg.method, cfg.train)  # before a bad config is written (build_run checks it for other callers)
-    world = dist.setup(cfg.train.parallel, device_of(cfg.train.device))
+    check_run_config(cfg)  # before a bad config is written
+    world = dist.setup(cfg.train.parallel, device_of(cfg.train.device), cfg.train.dist_timeout)
     if world.main:
         save_json(to_dict(cfg), out / CONFIG_JSON)
     with dist.rank_zero_first(world):  # rank 0 fills the caches (surrogate, pairs, prompts), the others read them
-        ctx, info = build_run(cfg, out)
+        ctx, info = setup(cfg, out)
     return Trainer(out, cfg.method, cfg.train, ctx, info, world=world).run(resume=resume)

@@ -1,11 +1,22 @@
-"""Set-up steps every teacher adapter shares: the student's times, the run's teacher pairs, the student's info."""
+"""Set-up steps that several teacher kinds share (:mod:`dmdx.teachers`): the student's times, the run's teacher
+pairs, the student of a built-in network and of a pipeline, the student's ``model.json``.  Each kind's own
+``build_run`` composes them."""
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import torch
 
+from ..data import load_dataset
+from ..eval import get_pixel_backbone
+from ..methods import get_method
+from ..methods.base import Context, frozen_copy
+from ..models import Model, ModelInfo, device_of
+from ..nets import backbone_spec
+from ..pairs import check_pairs, collect_pairs, load_pairs, pairs_meta, prompts_fingerprint
+from ..pipelines.folder import read_prompts
 from ..schedules import Schedule, VPDiscrete
 
 
@@ -33,8 +44,6 @@ def run_pairs(cfg, teacher, run_dir: Path, dev, cond_bank=None, meta_extra=None,
               shard_size: int = 1000):
     """The run's teacher pairs: ``pairs.path``, or collected (resumably) into RUN/pairs at the run's guidance;
     checked against the run's guidance and the teacher's shape."""
-    from ..pairs import check_pairs, collect_pairs, load_pairs, pairs_meta
-
     pc = cfg.pairs
     guidance = pc.guidance if pc.guidance is not None else real_guidance(cfg, teacher.info.guidance)
     if pc.path:
@@ -61,9 +70,6 @@ def pipeline_pairs(cfg, teacher, bank: dict[str, torch.Tensor], run_dir: Path, d
     """Teacher pairs of a text-to-image or text-to-video pipeline: one random prompt row each, collected in shards of
     at least 64 and batches of ``pairs.batch_size`` (default ``train.batch_size``: what fits for training fits
     for no-grad sampling); ``pairs.json`` records the teacher, its dtype and the prompts."""
-    from ..pairs import prompts_fingerprint
-    from .diffusers import read_prompts
-
     meta = {"teacher": teacher.info.extra["pipeline"], "teacher_dtype": cfg.real.teacher_dtype,
             "prompts": prompts_fingerprint(read_prompts(cfg.real.prompts))}
     batch = cfg.pairs.batch_size or cfg.train.batch_size
@@ -74,11 +80,66 @@ def pipeline_pairs(cfg, teacher, bank: dict[str, torch.Tensor], run_dir: Path, d
 def pipeline_student_info(cfg, teacher, student, times: list[float]):
     """The ``model.json`` of a pipeline student (image or video): the teacher's backbone with the student's config
     (LoRA, ...), its schedule and extra (pipeline folder, family), the student's times."""
-    from ..models import ModelInfo
-
     tinfo = teacher.info
     return ModelInfo(kind="student", backbone={"name": tinfo.backbone["name"],
-                                               "config": dict(student.backbone.config)},
+                                               "config": student.backbone.saved_config()},
                      schedule=teacher.denoiser.schedule.to_dict(), prediction=teacher.denoiser.prediction,
                      shape=list(tinfo.shape), data=cfg.data, guidance=1.0, steps=len(times), times=times,
                      extra={"method": cfg.method.name, "teacher": tinfo.extra["pipeline"], **tinfo.extra})
+
+
+def trainable_student(teacher_net, rc, seed: int):
+    """The student: a trainable copy of a pipeline teacher (LoRA and checkpointing from ``rc``, a
+    ``RealModelConfig``); the teacher remembers the fake score's options for the copy a method makes of it.
+
+    A float32 copy, or with ``real.shared_base`` a LoRA on the teacher's own frozen tensors (so are then the fake
+    score, when it is a LoRA too, and the loop's EMA of the student: the base is held once).
+    """
+    torch.manual_seed(seed)
+    bb = teacher_net.backbone
+    if rc.shared_base:
+        if rc.student_lora.rank <= 0:
+            raise ValueError("real.shared_base needs a LoRA student (real.student_lora.rank > 0): a fully fine-tuned "
+                             "student owns its weights")
+        bb.share_base()
+    bb.copy_options = {"lora": rc.student_lora.spec(), "grad_checkpointing": rc.grad_checkpointing}
+    student = copy.deepcopy(teacher_net)
+    student.backbone.make_trainable()
+    student.requires_grad_(True).train()
+    bb.copy_options = {"lora": rc.fake_lora.spec(), "grad_checkpointing": rc.grad_checkpointing}
+    return student
+
+
+def builtin_run(cfg, run_dir: Path, teacher: Model, make_teacher_net=None):
+    """``(Context, ModelInfo)`` of a run on a built-in network (a dmdx model folder, or an exact mixture's
+    surrogate): dataset (the teacher's unless ``--data``), the student as a copy of the teacher's network, pairs
+    and, for images, the pixel backbone; everything cheap is checked first.
+
+    ``make_teacher_net()`` gives the network that student, fake score and discriminator features copy when it is
+    not the teacher's own (an exact mixture has none: its kind fits a surrogate); it runs after the checks.
+    """
+    method = get_method(cfg.method.name)
+    dev = device_of(cfg.train.device)
+    tinfo = teacher.info
+    method.check(cfg.method, tuple(tinfo.shape))
+    data_name = cfg.data or tinfo.data
+    ds = load_dataset(data_name, "train") if data_name else None
+    if ds is not None and list(ds.shape) != list(tinfo.shape):
+        raise ValueError(f"data {data_name!r} has samples of shape {list(ds.shape)} but the teacher expects "
+                         f"{tinfo.shape}")
+    times = student_times(cfg.student.times, teacher.denoiser.schedule)  # before a surrogate is fitted
+    teacher_net = make_teacher_net() if make_teacher_net is not None else teacher.denoiser
+    torch.manual_seed(cfg.train.seed)
+    student = frozen_copy(teacher_net, trainable=True).train()
+    pairs = run_pairs(cfg, teacher, Path(run_dir), dev) if method.pairs_needed(cfg.method) else None
+    pixel = None
+    if ds is not None and ds.kind == "image" and method.uses_pixel_backbone:
+        pixel = get_pixel_backbone(data_name, progress=cfg.train.progress).to(dev)
+    ctx = Context(teacher=teacher.denoiser, teacher_net=teacher_net, student=student, data=ds,
+                  num_classes=tinfo.num_classes, shape=tuple(tinfo.shape), batch_size=cfg.train.batch_size,
+                  device=dev, times=times, pairs=pairs, pixel_backbone=pixel, guidance=tinfo.guidance)
+    info = ModelInfo(kind="student", backbone=backbone_spec(teacher_net.backbone),
+                     schedule=teacher_net.schedule.to_dict(), prediction=teacher_net.prediction,
+                     shape=list(tinfo.shape), num_classes=tinfo.num_classes, data=data_name, guidance=1.0,
+                     steps=len(times), times=times, extra={"method": cfg.method.name, "teacher": cfg.teacher})
+    return ctx, info
