@@ -6,25 +6,26 @@
 Protocol (benchmarks/shootout.md): each method (dmd, dmd2, adm, dmdx, sid, vsd, gdd) is run through
 ``dmdx distill`` exactly as a user runs it (the method's defaults and the teacher kind's recipe; one-step student),
 with the same iterations and batch per dataset, for each training seed (``train.seed``).  Only the budget and the
-bookkeeping are set: ``train.steps``, ``train.batch_size``, ``train.seed``, EMA snapshots every ``iters / 10``,
+bookkeeping are set: ``train.steps``, ``train.batch_size``, ``train.seed``, EMA snapshots every ``iters / 5``,
 no sample grids, no health signals (they cost network passes that are not the method's).
 
-- exact mixtures (``gmm:ring8``, ``gmm:unequal``, ``gmm:scatter7``): modes covered, largest weight error, quality
-  and sliced Wasserstein of ``--n`` one-step samples (``dmdx.evaluate``, as ``dmdx eval``), against the exact
-  teacher at 50 Heun steps;
+- exact mixtures (``gmm:ring8``, ``gmm:unequal``, ``gmm:scatter7``, ``gmm:classes3``): modes covered, largest
+  weight error, quality and sliced Wasserstein of ``--n`` one-step samples (``dmdx.evaluate``, as ``dmdx eval``;
+  class by class for the class-conditional classes3), against the exact teacher at 50 Heun steps;
 - ``digits`` (the shipped teacher) and ``mnist16`` (a teacher trained here first if ``--mnist16-teacher`` has none,
   with the command of benchmarks/RESULTS.md): FD, recall and class accuracy of the evaluation classifier (test
   split), beside the teacher's at 50 steps;
-- cost: training seconds per iteration (wall-clock; CPU seconds too for a run done in one call), set-up seconds (teacher pairs, for the methods that need them; a mixture's
-  surrogate MLP is fitted once per seed and shared), and network forward passes per iteration in batch units
-  (every call of a network or exact denoiser during training, counted by wrapping ``Denoiser.predict`` and the exact
-  mixture's denoiser; a CFG call counts twice; backward passes are not counted).
+- cost: training seconds per iteration (wall-clock; CPU seconds too for a run done in one call), set-up seconds
+  (teacher pairs, for the methods that need them; a mixture's surrogate MLP is fitted once, seed 0, and shared by
+  every method and seed), and network forward passes per iteration in batch units (every call of a network or exact
+  denoiser during training, counted by wrapping ``Denoiser.predict`` and the exact mixture's denoiser; a CFG call
+  counts twice; backward passes are not counted).
 
-Each training run happens in its own process (``--child``); a run whose ``result.json`` exists is skipped, a killed
-one resumes from its last checkpoint.  Writes ``OUT/results.json``, ``OUT/table.md`` and ``OUT/shootout.png``
-(coverage and largest weight error, FD for images, against training wall-clock); ``--write-md`` also puts the
-table into benchmarks/shootout.md between its ``<!-- table -->`` markers and the figure into
-benchmarks/shootout.png.
+Every run happens in this one process (one import of torch, not one per run); a run whose ``result.json`` exists is
+skipped (a run that failed, e.g. on a non-finite loss, is recorded as failed), a killed one resumes from its last
+checkpoint.  Writes ``OUT/results.json``, ``OUT/table.md`` and ``OUT/shootout.png`` (coverage and largest weight
+error, FD for images, against training CPU seconds); ``--write-md`` also puts the table into benchmarks/shootout.md
+between its ``<!-- table -->`` markers and the figure into benchmarks/shootout.png.
 """
 
 from __future__ import annotations
@@ -40,12 +41,12 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 METHODS = ("dmd", "dmd2", "adm", "dmdx", "sid", "vsd", "gdd")
-MIXTURES = ("ring8", "unequal", "scatter7")
+MIXTURES = ("ring8", "unequal", "scatter7", "classes3")
 IMAGES = ("digits", "mnist16")
 DIGITS_TEACHER = ROOT / "src" / "dmdx" / "assets" / "teacher_digits"
-DEFAULT_ITERS = {"mixture": 1000, "image": 600}  # as the five-seed studies of benchmarks/adm-study.md
+DEFAULT_ITERS = {"mixture": 300, "image": 300}  # what fits ~50 min on a shared 2-core machine (shootout.md)
 DEFAULT_BATCH = {"mixture": 256, "image": 64}
-SNAPSHOTS = 10  # EMA snapshots per run (the curves)
+SNAPSHOTS = 5  # EMA snapshots per run (the curves)
 MNIST16_TEACHER_CMD = ["teacher", "train", "--data", "mnist16", "--steps", "2000", "--set", "train.batch_size=64",
                        "--quiet"]
 
@@ -54,44 +55,58 @@ def kind_of(data: str) -> str:
     return "mixture" if data in MIXTURES else "image"
 
 
-# -- one training run, in its own process -------------------------------------------------------------------------
-def child(argv: list[str], out_json: Path) -> None:
-    """Run ``dmdx ARGV`` (a distill command) in this process, counting network passes; write seconds and passes."""
-    from dmdx.cli import main
+# -- one training run, in this process ----------------------------------------------------------------------------
+COUNTS = {"samples": 0, "calls": 0}
+MARKS: dict = {}
+
+
+def install_counters() -> None:
+    """Count network passes (every network denoiser's pass goes through ``Denoiser.predict``; the exact mixture's
+    closed form through ``AnalyticDenoiser._x0``) and mark the loop's start and end.  Once per process."""
     from dmdx.denoiser import Denoiser
-    from dmdx.teachers.analytic import AnalyticDenoiser
+    from dmdx.mixtures import AnalyticDenoiser
     from dmdx.train import loop
 
-    counts = {"samples": 0, "calls": 0}
+    if getattr(loop.Trainer.run, "_shootout", False):
+        return
 
     def counting(fn):
         def wrapped(self, x_t, *a, **k):
-            counts["samples"] += int(x_t.shape[0])
-            counts["calls"] += 1
+            COUNTS["samples"] += int(x_t.shape[0])
+            COUNTS["calls"] += 1
             return fn(self, x_t, *a, **k)
 
         return wrapped
 
-    Denoiser.predict = counting(Denoiser.predict)  # every network denoiser's pass goes through predict
-    AnalyticDenoiser._x0 = counting(AnalyticDenoiser._x0)  # the exact mixture's closed form does not
-    marks = {}
+    Denoiser.predict = counting(Denoiser.predict)
+    AnalyticDenoiser._x0 = counting(AnalyticDenoiser._x0)
     run = loop.Trainer.run
 
     def timed_run(self, *a, **k):
-        marks["start"] = dict(counts, time=time.perf_counter(), cpu=time.process_time(),
+        MARKS["start"] = dict(COUNTS, time=time.perf_counter(), cpu=time.process_time(),
                               step=_resume_step(self.run_dir))
         try:
             return run(self, *a, **k)
         finally:
-            marks["end"] = dict(counts, time=time.perf_counter(), cpu=time.process_time())
+            MARKS["end"] = dict(COUNTS, time=time.perf_counter(), cpu=time.process_time())
 
+    timed_run._shootout = True
     loop.Trainer.run = timed_run
-    t0 = time.perf_counter()
+
+
+def child(argv: list[str], out_json: Path) -> None:
+    """Run ``dmdx ARGV`` (a distill command) in this process, counting network passes; write seconds and passes.
+    (Run in-process rather than in a fresh interpreter: importing torch once per run costs more than a short run.)"""
+    from dmdx.cli import main
+
+    install_counters()
+    MARKS.clear()
+    c0, t0 = dict(COUNTS), time.perf_counter()
     rc = main(argv)
     if rc != 0:
-        raise SystemExit(rc)
+        raise RuntimeError(f"dmdx {' '.join(argv)} returned {rc}")
     total = time.perf_counter() - t0
-    s, e = marks["start"], marks["end"]
+    s, e = MARKS["start"], MARKS["end"]
     run_dir = Path(argv[argv.index("--out") + 1])
     cfg = json.loads((run_dir / "config.json").read_text())
     iters = cfg["train"]["steps"] - s["step"]
@@ -99,7 +114,7 @@ def child(argv: list[str], out_json: Path) -> None:
     out = {"train_s": e["time"] - s["time"], "setup_s": total - (e["time"] - s["time"]), "iters": iters,
            "train_cpu_s": e["cpu"] - s["cpu"],
            "passes_per_iter": (e["samples"] - s["samples"]) / max(iters, 1) / batch,
-           "setup_passes": s["samples"] / batch, "resumed_from": s["step"]}
+           "setup_passes": (s["samples"] - c0["samples"]) / batch, "resumed_from": s["step"]}
     out["s_per_iter"] = out["train_s"] / max(iters, 1)
     out_json.write_text(json.dumps(out, indent=2))
 
@@ -126,7 +141,7 @@ def train(data: str, teacher: str, method: str, seed: int, iters: int, batch: in
         argv.append("--resume")
     part = run_dir.parent / f"{run_dir.name}.cost{len(list(run_dir.parent.glob(run_dir.name + '.cost*')))}.json"
     print(f"+ [{data} {method} seed {seed}] dmdx " + " ".join(argv), flush=True)
-    subprocess.run([sys.executable, __file__, "--child", str(part), "--", *argv], check=True, cwd=ROOT)
+    child(argv, part)
     parts = [json.loads(p.read_text()) for p in sorted(run_dir.parent.glob(run_dir.name + ".cost*.json"))]
     seconds = log_seconds(run_dir)
     done = sum(p["iters"] for p in parts)  # iterations the finished calls trained (a killed call left no record)
@@ -155,7 +170,7 @@ def log_seconds(run_dir: Path) -> dict[int, float]:
 # -- evaluation (in this process) ----------------------------------------------------------------------------------
 def metrics(model_path, steps: int | None, n: int) -> dict:
     from dmdx.evaluate import evaluate
-    from dmdx.models import load_model
+    from dmdx.teachers import load_model
 
     return evaluate(load_model(model_path), steps, n, seed=0)
 
@@ -191,22 +206,22 @@ def ensure_mnist16_teacher(path: Path) -> None:
                    cwd=ROOT)
 
 
-def shared_surrogate(data: str, seed: int, out: Path, run_dir: Path) -> None:
-    """Fit a mixture's surrogate MLP once per seed (``dmdx distill`` caches it in RUN/surrogate) and share it: it is
-    the teacher's set-up, the same for every method, not part of a method's cost."""
+def shared_surrogate(data: str, out: Path, run_dir: Path) -> None:
+    """Fit a mixture's surrogate MLP once (seed 0; ``dmdx distill`` caches it in RUN/surrogate) and share it between
+    methods and training seeds: it is the teacher's set-up, not part of a method's cost.  (The training seed still
+    sets the student's noise, the fake score's and critics' training and the teacher pairs.)"""
     from dmdx.config import TrainConfig
-    from dmdx.teachers.builtin import AnalyticAdapter
+    from dmdx.teachers.analytic import KIND
     from dmdx.train.run import default_run_config
 
-    cache = out / data / f"surrogate_seed{seed}"
+    cache = out / data / "surrogate"
     if not (cache / "model.json").is_file():
         cfg = default_run_config("dmd2")
-        cfg.teacher, cfg.train = f"gmm:{data}", TrainConfig(seed=seed, progress=False)
-        tmp = out / data / f".surrogate_seed{seed}"
+        cfg.teacher, cfg.train = f"gmm:{data}", TrainConfig(seed=0, progress=False)
+        tmp = out / data / ".surrogate"
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-        adapter = AnalyticAdapter()
-        adapter.teacher_net(adapter.load_teacher(cfg.teacher), cfg, tmp, "cpu")
+        KIND.surrogate(KIND.load_teacher(cfg.teacher), cfg, tmp, "cpu")
         shutil.rmtree(cache, ignore_errors=True)
         (tmp / "surrogate").rename(cache)
         shutil.rmtree(tmp)
@@ -235,6 +250,8 @@ def table(results: dict) -> str:
     lines = []
     for data, rows in results.items():
         cols = MIX_COLS if kind_of(data) == "mixture" else IMG_COLS
+        if "off_class" in rows["teacher"]:  # class-conditional mixture: samples near another class's modes
+            cols = [*cols, ("off_class", "off-class")]
         head = ["method", "seeds", *(c[1] for c in cols), *(c[1] for c in COST_COLS)]
         lines += [f"\n**{data}** (one-step students, {rows['iters']} iterations, batch {rows['batch']}; mean +- sd "
                   "over training seeds)\n", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -244,7 +261,46 @@ def table(results: dict) -> str:
         for method, runs in rows["methods"].items():
             cells = [_stat([r["final"].get(c) for r in runs]) for c, _ in cols]
             cells += [_stat([r["cost"].get(c) for r in runs]) for c, _ in COST_COLS]
-            lines.append(f"| {method} | {len(runs)} | " + " | ".join(cells) + " |")
+            failed = sum("failed" in r for r in runs)
+            seeds = f"{len(runs) - failed} (+{failed} failed)" if failed else str(len(runs))
+            lines.append(f"| {method} | {seeds} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def summary(results: dict) -> str:
+    """The one table: per method, each mixture's modes covered and largest weight error (means over seeds), the
+    image sets' FD, and the cost (CPU seconds and network passes per iteration, means over every run)."""
+    datas = list(results)
+    methods = list(dict.fromkeys(m for rows in results.values() for m in rows["methods"]))
+    head = ["method", *(f"{d}: {'modes, max w err' if kind_of(d) == 'mixture' else 'FD'}" for d in datas),
+            "CPU s / iter", "passes / iter"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+
+    def cell(rows, runs):
+        ok = [r for r in runs if "failed" not in r]
+        if not runs:
+            return ""
+        if kind_of(rows) == "mixture":
+            modes = statistics.mean(r["final"]["modes_covered"] for r in ok) if ok else None
+            err = statistics.mean(r["final"]["max_weight_error"] for r in ok) if ok else None
+            text = "" if modes is None else f"{modes:.1f} / {results[rows]['teacher']['modes_covered']}, {err:.3f}"
+        else:
+            text = _stat([r["final"].get("fd") for r in ok])
+        n_failed = len(runs) - len(ok)
+        return f"{text} ({len(ok)} seed{'s' if len(ok) != 1 else ''}{f', {n_failed} failed' if n_failed else ''})"
+
+    t = ["teacher, 50 Heun steps"]
+    for d in datas:
+        tr = results[d]["teacher"]
+        t.append(f"{tr['modes_covered']} / {tr['modes_covered']}, {tr['max_weight_error']:.3f}" if kind_of(d) ==
+                 "mixture" else _stat([tr.get("fd")]))
+    lines.append("| " + " | ".join(t) + " | | |")
+    for m in methods:
+        every = [r for rows in results.values() for r in rows["methods"].get(m, []) if "failed" not in r]
+        cpu = [r["cost"]["train_cpu_s"] / r["cost"]["iters"] for r in every if r["cost"].get("train_cpu_s")]
+        cells = [cell(d, results[d]["methods"].get(m, [])) for d in datas]
+        lines.append(f"| {m} | " + " | ".join(cells) + f" | {_stat(cpu)} | "
+                     f"{_stat([r['cost']['passes_per_iter'] for r in every])} |")
     return "\n".join(lines) + "\n"
 
 
@@ -269,11 +325,15 @@ def figure(results: dict, path: Path) -> None:
     for ax, (data, key, label) in zip(axes.flat, panels):
         rows = results[data]
         for method, runs in rows["methods"].items():
-            curves = [r["curve"] for r in runs if r["curve"]]
-            if not curves:
+            ok = [r for r in runs if r["curve"] and r["cost"].get("train_cpu_s")]
+            if not ok:
                 continue
+            curves = [r["curve"] for r in ok]
             k = min(len(c) for c in curves)
-            xs = [statistics.mean(c[i]["seconds"] or 0.0 for c in curves) for i in range(k)]
+            # CPU seconds (the step times the run's CPU seconds per iteration): wall-clock on a shared machine
+            # depends on its load, CPU time much less
+            xs = [statistics.mean(c[i]["step"] * r["cost"]["train_cpu_s"] / r["cost"]["iters"]
+                                  for c, r in zip(curves, ok)) for i in range(k)]
             ys = [statistics.mean(c[i][key] for c in curves) for i in range(k)]
             ax.plot(xs, ys, marker="o", ms=3, label=method, color=colours.get(method))
         ref = rows["teacher"].get(key)
@@ -282,7 +342,7 @@ def figure(results: dict, path: Path) -> None:
         if key in ("max_weight_error", "fd"):
             ax.set_yscale("log")
         ax.set_title(f"{data}: {label}", fontsize=9)
-        ax.set_xlabel("training wall-clock (s)", fontsize=8)
+        ax.set_xlabel("training CPU seconds", fontsize=8)
         ax.tick_params(labelsize=7)
     for ax in list(axes.flat)[len(panels):]:
         ax.axis("off")
@@ -302,14 +362,11 @@ def write_md(text: str, md: Path) -> None:
 
 # -- the protocol --------------------------------------------------------------------------------------------------
 def main():
-    if "--child" in sys.argv:
-        i = sys.argv.index("--child")
-        return child(sys.argv[sys.argv.index("--") + 1:], Path(sys.argv[i + 1]))
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--only", nargs="*", default=list(METHODS), choices=METHODS, help="methods to run")
     ap.add_argument("--data", nargs="*", default=[*MIXTURES, *IMAGES], choices=[*MIXTURES, *IMAGES])
     ap.add_argument("--seeds", nargs="*", type=int, default=[0, 1, 2], help="training seeds (train.seed)")
-    ap.add_argument("--iters", type=int, help="iterations of every run (default: 1000 mixtures, 600 images)")
+    ap.add_argument("--iters", type=int, help="iterations of every run (default: 300)")
     ap.add_argument("--batch", type=int, help="batch of every run (default: 256 mixtures, 64 images)")
     ap.add_argument("--n", type=int, default=2000, help="samples per evaluation (default 2000)")
     ap.add_argument("--out", default="runs/shootout")
@@ -317,6 +374,8 @@ def main():
     ap.add_argument("--set", nargs="*", default=[], dest="sets", help="extra --set k=v for every run (not the "
                     "protocol: for a quick look only)")
     ap.add_argument("--write-md", action="store_true", help="put the table into benchmarks/shootout.md")
+    ap.add_argument("--report", action="store_true", help="train nothing: tabulate the finished runs only (a "
+                    "cell's seed count says how many there are)")
     args = ap.parse_args()
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -352,17 +411,24 @@ def main():
                         continue
                     raise SystemExit(f"{run_dir} holds a run of {r['iters']} iterations, batch {r['batch']}; "
                                      f"not {iters} / {batch}: choose another --out")
+                if args.report:
+                    continue
                 if kind == "mixture":
-                    shared_surrogate(data, seed, out, run_dir)
-                cost = train(data, teacher, method, seed, iters, batch, run_dir, args.sets)
-                r = {"data": data, "method": method, "seed": seed, "iters": iters, "batch": batch, "cost": cost,
-                     "final": metrics(run_dir, 1, args.n), "curve": curve(run_dir, min(args.n, 1000))}
+                    shared_surrogate(data, out, run_dir)
+                r = {"data": data, "method": method, "seed": seed, "iters": iters, "batch": batch}
+                try:
+                    r["cost"] = train(data, teacher, method, seed, iters, batch, run_dir, args.sets)
+                    r.update(final=metrics(run_dir, 1, args.n), curve=curve(run_dir, min(args.n, 1000)))
+                except Exception as e:  # a run that stops (a non-finite loss, ...) is a result: recorded, not retried
+                    print(f"! [{data} {method} seed {seed}] failed: {e}", flush=True)
+                    r.update(failed=f"{type(e).__name__}: {e}", cost={}, final={}, curve=[])
                 done.write_text(json.dumps(r, indent=2))
                 runs.append(r)
-            rows["methods"][method] = runs
+            if runs:
+                rows["methods"][method] = runs
         results[data] = rows
     (out / "results.json").write_text(json.dumps(results, indent=2))
-    text = table(results)
+    text = summary(results) + table(results)
     (out / "table.md").write_text(text)
     figure(results, out / "shootout.png")
     print(text)
