@@ -35,15 +35,18 @@ def digits_config(method: str, steps: int = 1, **train):
 
 @pytest.fixture(scope="module")
 def tiny_pixel_backbone(dmdx_home):
-    """GDD's pixel critic on digits uses the cached pixel backbone: a one-epoch one (as tests/test_eval.py's)."""
+    """GDD's pixel critic on digits uses the cached pixel backbone, and a run's last-step quality figure the cached
+    evaluation classifier: one-epoch ones (as tests/test_eval.py's), not the minutes of training a user's first run
+    spends on them."""
     import os
 
-    from dmdx.eval import get_pixel_backbone
+    from dmdx.eval import get_classifier, get_pixel_backbone
 
     old = os.environ.get("DMDX_HOME")
     os.environ["DMDX_HOME"] = dmdx_home
     try:
         get_pixel_backbone("digits", epochs=1, max_train=96, batch_size=32, progress=False)
+        get_classifier("digits", epochs=1, max_train=96, batch_size=32, progress=False)
     finally:
         if old is None:
             del os.environ["DMDX_HOME"]
