@@ -241,6 +241,50 @@ RECIPES.update({
 })
 
 
+# -- the wider distribution-matching family on pipelines: the papers' own settings -----------------------------
+# SwiftBrush (VSD) trains SD2.1-base with a LoRA fake score ("LoRA teacher"); its README's command and
+# train_swiftbrush.py's defaults.  The LoRA fake score is what makes VSD SwiftBrush on every UNet / MMDiT pipeline;
+# the rest was set for SD only.
+_SB = "SwiftBrush README (SD2.1-base)"
+_VSD_LORA = [
+    Setting("real.fake_lora.rank", 64, f"{_SB}: --lora_rank 64 (the fake score is a LoRA on the teacher)"),
+    Setting("real.fake_lora.alpha", 108.0, f"{_SB}: --lora_alpha 108"),
+    Setting("real.fake_lora.targets", ["to_q", "to_v"], "SwiftBrush train_swiftbrush.py: LoraConfig target_modules"),
+]
+
+
+def _fake_lora_on(cfg) -> bool:
+    return cfg.real.fake_lora.rank > 0
+
+
+RECIPES.update({
+    ("sd", "vsd"): [
+        *_VSD_LORA,
+        Setting("method.real_guidance", 4.5, f"{_SB}: --guidance_scale 4.5 (teacher and LoRA teacher)"),
+        Setting("train.lr", 1e-6, f"{_SB}: --learning_rate 1e-6 (student)", when=_lora_off),
+        Setting("train.lr_scale", {"fake_score": 1000}, f"{_SB}: --learning_rate_lora 1e-3 = 1000 x the student's",
+                when=_fake_lora_on),
+        Setting("train.warmup", 0, f"{_SB}: --lr_warmup_steps 0"),
+        Setting("train.weight_decay", 0.0, "SwiftBrush train_swiftbrush.py: --adam_weight_decay 0"),
+        Setting("train.grad_clip", 1.0, "SwiftBrush train_swiftbrush.py: --max_grad_norm 1"),
+    ],
+    ("sdxl", "vsd"): list(_VSD_LORA),
+    ("sd3", "vsd"): list(_VSD_LORA),
+    ("flux", "vsd"): list(_VSD_LORA),
+    # SiD-LSG's Stable Diffusion 1.5 run (run_sid.sh 'sd1.5'; SD2.1-base the same)
+    ("sd", "sid"): [
+        Setting("method.alpha", 1.0, "SiD-LSG run_sid.sh (SD1.5): --alpha 1"),
+        Setting("method.real_guidance", 2.0, "SiD-LSG run_sid.sh: --cfg_eval_real 2 (kappa_4)"),
+        Setting("method.fake_guidance", 2.0, "SiD-LSG run_sid.sh: --cfg_eval_fake 2 (kappa_2 = kappa_3)"),
+        Setting("method.fake_train_guidance", 2.0, "SiD-LSG run_sid.sh: --cfg_train_fake 2 (kappa_1)"),
+        Setting("student.times", [0.625], "SiD-LSG run_sid.sh: --init_timestep 625 (the one-step generator's time)"),
+        Setting("train.lr", 1e-6, "SiD-LSG run_sid.sh: --lr 1e-6 --glr 1e-6", when=_lora_off),
+        Setting("train.betas", [0.0, 0.999], "SiD-LSG sid_train.py: Adam betas (0, 0.999) for both networks"),
+        Setting("train.weight_decay", 0.0, "SiD-LSG run_sid.sh: --optimizer adam (no weight decay)"),
+        Setting("train.warmup", 0, "SiD-LSG: constant learning rate"),
+    ],
+})
+
 # -- video teachers (dmdx.teachers.video) ------------------------------------------------------------------------
 _ADM = "ADM paper (arXiv 2507.18569), Tables 2-3: CogVideoX-2b / -5b distilled to 8 steps by multi-step ADM"
 _SFP = "Self-Forcing-Plus configs/self_forcing_14b_dmd.yaml (4-step DMD of Wan2.1-T2V-14B)"

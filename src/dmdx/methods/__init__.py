@@ -7,8 +7,12 @@ from .dmd import DMD
 from .dmd2 import DMD2
 from .dmdx import DMDX
 from .dsm import DSM
+from .gdd import GDD
+from .sid import SiD
+from .vsd import VSD
 
-METHODS: dict[str, type[Method]] = {"dmd": DMD, "dmd2": DMD2, "adm": ADM, "adp": ADP, "dmdx": DMDX}
+METHODS: dict[str, type[Method]] = {"dmd": DMD, "dmd2": DMD2, "adm": ADM, "adp": ADP, "dmdx": DMDX, "sid": SiD,
+                                   "vsd": VSD, "gdd": GDD}
 ALL_METHODS: dict[str, type[Method]] = {**METHODS, "dsm": DSM}
 
 

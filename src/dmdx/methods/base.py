@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..denoiser import Cond, Denoiser
+from ..denoiser import Cond, Denoiser, cond_cat
 from ..param import from_x0_eps
 from ..sampling import student_sample
 from ..schedules import _bcast
@@ -182,14 +182,22 @@ def uniform_t(n: int, lo: float, hi: float, device, schedule=None) -> Tensor:
     return t if schedule is None else schedule.training_time(t)
 
 
-def dsm_loss(den: Denoiser, x0: Tensor, cond: Cond, t_min: float = 1e-3, t_max: float = 1.0) -> Tensor:
-    """Denoising score matching in the backbone's own prediction kind: ``|pred(x_t, t) - target|^2``, t ~ U."""
+def dsm_loss(den: Denoiser, x0: Tensor, cond: Cond, t_min: float = 1e-3, t_max: float = 1.0,
+             guidance: float = 1.0) -> Tensor:
+    """Denoising score matching in the backbone's own prediction kind: ``|pred(x_t, t) - target|^2``, t ~ U.
+
+    With ``guidance != 1`` (and a condition) ``pred`` is the classifier-free guided output
+    ``pred(x_t, t, null) + guidance * (pred(x_t, t, cond) - pred(x_t, t, null))`` (SiD-LSG's fake-score loss)."""
     t = uniform_t(x0.shape[0], t_min, t_max, x0.device, den.schedule)
     eps = torch.randn_like(x0)
     x_t = den.schedule.add_noise(x0, eps, t)
     a, s = den.schedule.alpha_sigma(t)
     target = from_x0_eps(x0.float(), eps.float(), den.prediction, a, s).float()
-    return F.mse_loss(den.predict(x_t, t, cond), target)
+    if guidance == 1.0 or cond is None:
+        return F.mse_loss(den.predict(x_t, t, cond), target)
+    both = den.predict(torch.cat([x_t, x_t]), torch.cat([t, t]), cond_cat(cond, den.backbone.null_cond(cond)))
+    pred_c, pred_u = both.chunk(2)
+    return F.mse_loss(pred_u + guidance * (pred_c - pred_u), target)
 
 
 def critic_gap(difference: Tensor, x_fake: Tensor, prefix: str) -> dict[str, float]:
@@ -244,12 +252,14 @@ def fake_score_lag(fake_score: Denoiser, teacher: Denoiser, x0: Tensor, cond: Co
 
 
 def drop_labels(den: Denoiser, cond: Cond, p: float) -> Cond:
-    """Replace each label by the null class with probability p (classifier-free guidance training)."""
+    """Replace each sample's condition (class label, prompt embedding) by the null one with probability p
+    (classifier-free guidance training)."""
     if cond is None or p <= 0:
         return cond
     null = den.backbone.null_cond(cond)
-    keep = torch.rand(cond["labels"].shape[0], device=cond["labels"].device) >= p
-    return {k: torch.where(_bcast(keep, v), v, null[k]) for k, v in cond.items()}
+    first = next(iter(cond.values()))
+    keep = torch.rand(first.shape[0], device=first.device) >= p
+    return {k: torch.where(_bcast(keep, v), v, null[k].to(v)) for k, v in cond.items()}
 
 
 def frozen_copy(den: Denoiser, trainable: bool = True) -> Denoiser:
@@ -292,6 +302,14 @@ class Method:
     def networks(self) -> dict[str, nn.Module]:
         """Trainable networks other than the student, by name (checkpointed and optimised by the loop)."""
         return {}
+
+    def trainable(self, name: str) -> Callable[[str, nn.Parameter], bool] | None:
+        """Which parameters of the network ``name`` (``"student"`` or a name of ``networks()``) this method trains,
+        as a test on ``(parameter name, parameter)``; None (the default): all of them.
+
+        The loop builds that network's optimiser over the parameters that pass and, in a phase that trains the
+        network, gives only those gradients; the others never change (GDD-I freezes the student's convolutions)."""
+        return None
 
     def phases(self) -> list[Phase]:
         raise NotImplementedError

@@ -106,6 +106,21 @@ class Stage:
     trainables: dict[str, nn.Module]
     optims: dict[str, torch.optim.Optimizer]
     start: int
+    frozen: dict[str, frozenset[str]]  # names of the parameters each network does not train (Method.trainable)
+
+    def set_trainable(self, name: str, on: bool) -> None:
+        """``requires_grad`` of network ``name``: ``on`` for the parameters it trains, off for its frozen ones.  By
+        name, on the parameters registered now (FSDP2 swaps gathered and sharded ones in and out)."""
+        net, frozen = self.trainables[name], self.frozen[name]
+        if not frozen:
+            net.requires_grad_(on)
+            return
+        for n, p in net.named_parameters():
+            p.requires_grad_(on and n not in frozen)
+
+    def trained(self, name: str) -> list[tuple[str, nn.Parameter]]:
+        """(name, parameter) of every parameter network ``name`` trains, in ``named_parameters`` order."""
+        return [(n, p) for n, p in self.trainables[name].named_parameters() if n not in self.frozen[name]]
 
 
 @torch.no_grad()
@@ -142,6 +157,17 @@ def trained_network_names(method_cfg, steps: int) -> set[str]:
     """Every network name a run of ``method_cfg`` trains, over all its stages."""
     stages = get_method(method_cfg.name).stages(method_cfg, steps)
     return {"student"}.union(*(cls.network_names for cls, _, _ in stages))
+
+
+def frozen_parameters(net: nn.Module, keep) -> frozenset[str]:
+    """Names of the parameters of ``net`` that fail ``keep(name, parameter)`` (a method's ``trainable``; None: every
+    parameter trains).  A filter that keeps none is a method's bug, not a user's: asserted."""
+    if keep is None:
+        return frozenset()
+    named = list(net.named_parameters())
+    out = frozenset(n for n, p in named if not keep(n, p))
+    assert len(out) < len(named), f"the method's parameter filter keeps none of {type(net).__name__}'s parameters"
+    return out
 
 
 def stage_lr_scale(train: TrainConfig, stage_cfg) -> dict:
@@ -224,12 +250,14 @@ class Trainer:
         for net in trainables.values():
             self.prepare(net)
         tc = self.tc
-        optims = {name: torch.optim.AdamW(net.parameters(), lr=self.base_lr(name, mcfg), betas=tuple(tc.betas),
-                                          weight_decay=tc.weight_decay)
-                  for name, net in trainables.items()}
+        frozen = {name: frozen_parameters(net, method.trainable(name)) for name, net in trainables.items()}
+        stage = Stage(index, method, trainables, {}, self.starts[index], frozen)
+        stage.optims = {name: torch.optim.AdamW([p for _, p in stage.trained(name)], lr=self.base_lr(name, mcfg),
+                                                betas=tuple(tc.betas), weight_decay=tc.weight_decay)
+                        for name in trainables}
         for name in trainables:
             self.updates[name] = 0
-        return Stage(index, method, trainables, optims, self.starts[index])
+        return stage
 
     def base_lr(self, name: str, stage_cfg=None) -> float:
         return self.tc.lr * float(stage_lr_scale(self.tc, stage_cfg).get(name, 1.0))
@@ -240,8 +268,8 @@ class Trainer:
     # -- one phase -------------------------------------------------------------------------------------------
     def run_phase(self, stage: Stage, phase: Phase, step: int) -> dict[str, float]:
         tc, dev = self.tc, self.ctx.device
-        for name, net in stage.trainables.items():
-            net.requires_grad_(name in phase.trains)
+        for name in stage.trainables:
+            stage.set_trainable(name, name in phase.trains)
         for name in phase.trains:
             stage.optims[name].zero_grad(set_to_none=True)
         logs: dict[str, float] = {}
@@ -385,8 +413,8 @@ class Trainer:
 
         stage = self.build_stage(ckpt["stage"])
         self._check_nets(ckpt, stage)
-        for net in stage.trainables.values():  # DCP sizes an empty optimiser's state from the parameters' grads
-            net.requires_grad_(True)
+        for name in stage.trainables:  # DCP sizes an empty optimiser's state from the parameters' grads
+            stage.set_trainable(name, True)
         state = self._dcp_state(stage, ckpt["optim"])
         load_dcp_state(ckpt["path"], state)
         for name, net in self.ckpt_nets(stage).items():
@@ -419,8 +447,9 @@ class Trainer:
             for name, opt in stage.optims.items():
                 net = stage.trainables[name]
                 if ckpt["optim"][name]["state"]:
-                    net.requires_grad_(True)
-                    set_optimizer_state_dict(net, opt, _fqn_optim_state(net, ckpt["optim"][name]), options=full)
+                    stage.set_trainable(name, True)
+                    set_optimizer_state_dict(net, opt, _fqn_optim_state(stage.trained(name), ckpt["optim"][name]),
+                                             options=full)
         else:
             for name, net in nets.items():
                 net.load_state_dict(ckpt["nets"][name])
@@ -560,10 +589,11 @@ def _trim_log(log_path: Path, step: int) -> None:
         log_path.write_text("".join(r + "\n" for r in keep))
 
 
-def _fqn_optim_state(net: nn.Module, osd: dict) -> dict:
-    """A ``torch.optim`` state dict keyed by parameter index (one optimiser over ``net.parameters()``) re-keyed by
-    parameter name, as ``torch.distributed.checkpoint.state_dict`` expects."""
-    names = [n for n, _ in net.named_parameters()]
+def _fqn_optim_state(trained: list[tuple[str, nn.Parameter]], osd: dict) -> dict:
+    """A ``torch.optim`` state dict keyed by parameter index (one optimiser over the parameters ``trained``, a
+    network's ``(name, parameter)`` list) re-keyed by parameter name, as ``torch.distributed.checkpoint.state_dict``
+    expects."""
+    names = [n for n, _ in trained]
     return {"state": {names[i]: v for i, v in osd["state"].items()},
             "param_groups": [{**g, "params": [names[i] for i in g["params"]]} for g in osd["param_groups"]]}
 
