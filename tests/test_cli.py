@@ -91,7 +91,7 @@ def test_distill_dry_run_eval_and_errors(tmp_path, capsys):
                        "--set", "student.times=1,0.5,0.7")
     assert code == 2 and "decreasing" in err
     with pytest.raises(SystemExit):
-        main(["distill", "--method", "sid", "--teacher", "gmm:ring8", "--out", str(out)])
+        main(["distill", "--method", "dmd3", "--teacher", "gmm:ring8", "--out", str(out)])
     code, _, _ = run(capsys, "distill", "--method", "dmd2", "--teacher", "gmm:ring8", "--out", out, "--steps", 3,
                      "--quiet", "--set", "surrogate_steps=10", "--set", "train.batch_size=8")
     assert code == 0
