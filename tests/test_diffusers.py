@@ -198,7 +198,7 @@ def test_lora_export_loads_into_base(pipes, inputs, tmp_path):
 def test_errors(pipes, inputs, tmp_path):
     from dmdx.teachers import load_model
 
-    with pytest.raises(FileNotFoundError, match="local diffusers pipeline folder"):
+    with pytest.raises(FileNotFoundError, match="looks like a Hugging Face hub id: nothing is downloaded"):
         load_model("stabilityai/sdxl-turbo")
     with pytest.raises(FileNotFoundError, match="local diffusers pipeline folder"):
         check_folder(tmp_path / "missing")

@@ -387,9 +387,9 @@ def test_backward_simulation_feeds_the_chosen_time(tmp_path):
 def test_registry_lists_methods_in_errors():
     from dmdx.methods import get_method
 
-    with pytest.raises(ValueError, match="dmd, dmd2, adm, adp, dmdx"):
-        get_method("sid")
-    assert set(METHODS) == {"dmd", "dmd2", "adm", "adp", "dmdx"}
+    with pytest.raises(ValueError, match="dmd, dmd2, adm, adp, dmdx, sid, vsd, gdd"):
+        get_method("dmd3")
+    assert set(METHODS) == {"dmd", "dmd2", "adm", "adp", "dmdx", "sid", "vsd", "gdd"}
 
 
 def test_adp_regression_anchor_reaches_only_the_student(tmp_path):

@@ -142,8 +142,9 @@ def test_errors(pipes, tmp_path):
     bad = tmp_path / "bad"
     shutil.copytree(pipes["wan"], bad)
     index = json.loads((bad / "model_index.json").read_text())
-    index["transformer_2"] = ["diffusers", "WanTransformer3DModel"]
+    index["transformer_2"] = ["diffusers", "WanTransformer3DModel"]  # Wan2.2's second expert, weights and all
     (bad / "model_index.json").write_text(json.dumps(index))
+    shutil.copytree(bad / "transformer", bad / "transformer_2")
     with pytest.raises(ValueError, match="transformer_2"):
         load_model(bad)
     index["transformer_2"] = [None, None]

@@ -517,7 +517,7 @@ def plan_run(cfg, gpus: int = 1, memory: int | str = "80GB", tflops: float = H10
     if not (path / "model_index.json").is_file():
         raise ValueError(f"dmdx plan reads a diffusers pipeline folder (model_index.json and each component's "
                          f"config.json; weights are not needed), got {cfg.teacher!r}")
-    path = check_folder(path).resolve()
+    path = check_folder(path, weights=False).resolve()  # configs are enough to plan
     memory = parse_memory(memory)
     method_cls = get_method(cfg.method.name)
     tracker = _Tracker(round_to=CUDA_BLOCK if device == "cuda" else 1)
