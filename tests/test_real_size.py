@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import gc as garbage
 import json
 from pathlib import Path
 
@@ -357,6 +358,9 @@ def test_end_of_run_holds_at_most_one_extra_copy(sd, tmp_path, shared):
 def measured_peaks(cfg, run_dir):
     """Per phase, the peak bytes of every tensor alive during the phase's second execution (the first makes the
     optimiser states and gradients of the steady state), on the real tensors of a real run."""
+    garbage.collect()
+    alive = [o for o in garbage.get_objects() if isinstance(o, torch.Tensor)]  # held, so no run tensor reuses their storage
+    earlier = {o.untyped_storage()._cdata for o in alive}
     trainer = make_trainer(cfg, run_dir)
     stage = trainer.build_stage(0)
     for phase in stage.method.phases():
@@ -364,8 +368,9 @@ def measured_peaks(cfg, run_dir):
     tracker = _Tracker()
     tracker.add_live()
     ctx = trainer.ctx
-    for t in [*ctx.cond_bank.values(), ctx.data.x]:
-        tracker._relabel(tracker.records[tracker.index[t.untyped_storage()._cdata]], "host")
+    theirs = {t.untyped_storage()._cdata for t in [*ctx.cond_bank.values(), ctx.data.x]}
+    for key in (earlier | theirs) & set(tracker.index):  # earlier tests' tensors (caches, fixtures) are not the run's
+        tracker._relabel(tracker.records[tracker.index[key]], "host")
     with tracker:
         for phase in stage.method.phases():
             tracker.phase = ("", phase.name)
