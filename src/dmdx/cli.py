@@ -287,7 +287,8 @@ def _resuming(args, out: Path) -> bool:
 def cmd_teacher_train(args) -> int:
     out = _out(args)
     resume = _resuming(args, out)
-    check_start(out, resume)  # before anything is read or written
+    if _main_rank():  # the folder is global rank 0's (see cmd_distill)
+        check_start(out, resume)  # before anything is read or written
     cfg = TeacherConfig(data=args.data)
     if resume:
         saved = json.loads((out / "config.json").read_text())
@@ -309,7 +310,11 @@ def cmd_teacher_train(args) -> int:
 def cmd_distill(args) -> int:
     out = _out(args)
     resume = _resuming(args, out)
-    check_start(out, resume)  # a folder in use, a run already there, or none to resume: before anything else
+    # a folder in use, a run already there, or none to resume: before anything else, by global rank 0 only (the
+    # folder is its: the other torchrun ranks would race its lock and its config.json; torchrun stops them when it
+    # refuses)
+    if _main_rank():
+        check_start(out, resume)
     if resume:
         cfg = load_run_config(out)
         if cfg.method.name != args.method:
