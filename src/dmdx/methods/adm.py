@@ -121,7 +121,7 @@ class ADMConfig:
     # gradient divided by its own rms, is gone: it gave a critic that knows nothing a unit push, issue 33.)
     grad_norm: Literal["none", "dmd2"] = "none"
     # The two ODE steps and the discriminator's passes run in float32 whatever the teacher's dtype: a bf16 teacher
-    # computes on float32 copies of its weights there (the memory of a float32 teacher while ADM's phases run).  At
+    # computes in float32 layer by layer there (one layer's float32 copy at a time, ``PipelineBackbone.float32``).  At
     # dt = 1/64 bf16 moves the real step by 6% of the real-minus-fake gap on digits (benchmarks/adm_study/bf16_step.py).
     # False: the teacher's dtype
     float32_steps: bool = True
