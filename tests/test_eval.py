@@ -124,6 +124,18 @@ def test_classifier_cache_roundtrip(tmp_path, monkeypatch):
     assert info3["num_train"] == 96
 
 
+def test_evaluation_networks_train_under_no_grad(tmp_path, monkeypatch):
+    """A classifier or contrastive encoder missing from the cache trains on first use even when it is asked for under
+    ``torch.no_grad()`` (an evaluation script's usual mode; it raised "element 0 of tensors does not require grad")."""
+    monkeypatch.setenv("DMDX_HOME", str(tmp_path))
+    from dmdx.eval import get_contrastive
+
+    with torch.no_grad():
+        _, info = get_classifier("digits", **TINY)
+        _, cinfo = get_contrastive("digits", **TINY)
+    assert 0 <= info["test_acc"] <= 1 and cinfo["epochs"] == 1 and cinfo["num_train"] == 96
+
+
 def test_pixel_backbone_is_separate(tmp_path, monkeypatch):
     monkeypatch.setenv("DMDX_HOME", str(tmp_path))
     bb = get_pixel_backbone("digits", **TINY)

@@ -130,7 +130,8 @@ def _subset(ds: Dataset, max_train: int | None, seed: int) -> Dataset:
 
 def _fit(model: nn.Module, loss_fn, ds: Dataset, epochs: int, batch_size: int, lr: float, seed: int, desc: str,
          progress: bool) -> float:
-    """AdamW with a cosine learning rate; returns the mean loss of the last epoch."""
+    """AdamW with a cosine learning rate; returns the mean loss of the last epoch.  Gradients are on inside, whatever
+    the caller's mode: an evaluation network trained on first use may be asked for under ``torch.no_grad()``."""
     from tqdm.auto import tqdm
 
     g = torch.Generator().manual_seed(seed)
@@ -140,7 +141,7 @@ def _fit(model: nn.Module, loss_fn, ds: Dataset, epochs: int, batch_size: int, l
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s / total, 1.0))))
     model.train()
     last = math.nan
-    with tqdm(total=total, desc=desc, disable=not progress, leave=False) as bar:
+    with torch.enable_grad(), tqdm(total=total, desc=desc, disable=not progress, leave=False) as bar:
         for _ in range(epochs):
             perm = torch.randperm(len(ds), generator=g)
             losses = []
