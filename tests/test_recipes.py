@@ -32,7 +32,7 @@ def test_recipe_fills_only_what_the_user_did_not_set(monkeypatch):
     table = {("gmm", "*"): [Setting("train.lr", 3e-3, "test")],
              ("gmm", "dmd2"): [Setting("method.critic_every", 7, "test"), Setting("train.lr", 2e-3, "test")]}
     monkeypatch.setattr(recipes, "RECIPES", table)
-    assert [s.value for s in recipe("gmm", "dmd2")] == [3e-3, 7, 2e-3]  # the method's entry comes last and wins
+    assert [s.value for s in recipe("gmm", "dmd2")] == [7, 2e-3]  # the method's entry replaces the kind's "*" one
     cfg = default_run_config("dmd2")
     cfg.teacher = "gmm:ring8"
     applied = apply_recipe(cfg, {"method.critic_every"})
