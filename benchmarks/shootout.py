@@ -14,7 +14,7 @@ no sample grids, no health signals (they cost network passes that are not the me
   class by class for the class-conditional classes3), against the exact teacher at 50 Heun steps;
 - ``digits`` (the shipped teacher) and ``mnist16`` (a teacher trained here first if ``--mnist16-teacher`` has none,
   with the command of benchmarks/RESULTS.md): FD, recall and class accuracy of the evaluation classifier (test
-  split), beside the teacher's at 50 steps;
+  split), and FD and recall in the independent contrastive encoder's space, beside the teacher's at 50 steps;
 - cost: training seconds per iteration (wall-clock; CPU seconds too for a run done in one call), set-up seconds
   (teacher pairs, for the methods that need them; a mixture's surrogate MLP is fitted once, seed 0, and shared by
   every method and seed), and network forward passes per iteration in batch units (every call of a network or exact
@@ -232,7 +232,8 @@ def shared_surrogate(data: str, out: Path, run_dir: Path) -> None:
 
 # -- tables and figure ---------------------------------------------------------------------------------------------
 MIX_COLS = [("modes_covered", "modes"), ("max_weight_error", "max w err"), ("quality", "quality"), ("sw", "SW")]
-IMG_COLS = [("fd", "FD"), ("recall", "recall"), ("class_acc", "class acc")]
+IMG_COLS = [("fd", "FD"), ("recall", "recall"), ("class_acc", "class acc"), ("fd_contrastive", "FD contrastive"),
+            ("recall_contrastive", "recall contrastive")]
 COST_COLS = [("s_per_iter", "s / iter"), ("passes_per_iter", "passes / iter"), ("train_s", "train s"),
              ("train_cpu_s", "train CPU s"), ("setup_s", "set-up s")]
 
