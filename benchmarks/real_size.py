@@ -220,6 +220,11 @@ def full(teacher: Path, method: str, overrides: list[str], out_json: Path | None
         warm = time.perf_counter() - t_warm
         if cuda:
             torch.cuda.reset_peak_memory_stats()
+        # the student's no-grad passes: one per critic phase for a one-step student; a k-step student's backward
+        # simulation adds a random number (DMD2's student_x0) that the floor counts as made
+        nograd = [0]
+        hook = ctx.student.register_forward_pre_hook(
+            lambda *_: nograd.__setitem__(0, nograd[0] + (not torch.is_grad_enabled())))
         with RSSPeak() as peak:
             secs = {}
             for phase in stage.method.phases():
@@ -227,12 +232,14 @@ def full(teacher: Path, method: str, overrides: list[str], out_json: Path | None
                 trainer.run_phase(stage, phase, stage.start)
                 sync(cuda)
                 secs[phase.name] = time.perf_counter() - t0
+        hook.remove()
         row = {"stage": cls.name, "seconds": secs, "iteration_s": sum(secs.values()), "warmup_s": warm,
                "peak_gib": (peak.peak - base) / 2**30}
         if cuda:
             row["cuda_max_allocated_gib"] = torch.cuda.max_memory_allocated() / 2**30
         row["floor"] = pass_floor(ctx, stage, reps, cuda, cfg.train.bf16)
-        row["floor_s"] = floor_seconds(stage, row["floor"])
+        row["student_nograd_passes"] = nograd[0]
+        row["floor_s"] = floor_seconds(stage, row["floor"], nograd[0])
         row["ratio"] = row["iteration_s"] / row["floor_s"]
         rows.append(row)
         del stage
@@ -257,7 +264,8 @@ def sync(cuda: bool) -> None:
 #   T teacher forward, Ti teacher forward + backward to its input (a discriminator's features), F fake-score
 #   forward, F+ fake score forward + backward (its weights), Fi fake score forward + backward to its input;
 #   a trailing * runs inside ADM's float32 block (method.adm.float32_steps: float32 copies of a bf16 teacher).
-# A student with k > 1 steps adds no-grad student passes (backward simulation): not counted; heads are small.
+# A student with k > 1 steps adds no-grad student passes (backward simulation): ``full`` counts the student's no-grad
+# calls in the measured iteration and puts that many S in the floor.  Heads are small and not counted.
 PASSES = {
     "dmd2": {"student": ["S+", "T2", "F", "Fi"], "critic": ["S", "F+", "F+", "F+"]},
     "adm": {"student": ["S+", "Fi*", "Ti*"], "critic": ["S", "T2*", "F*", "T*", "T*", "F+"]},
@@ -265,10 +273,13 @@ PASSES = {
 }
 
 
-def floor_seconds(stage, floor: dict) -> float:
-    """The sum of the passes of the stage's phases (``PASSES``), each at its measured time."""
-    need = PASSES[stage.method.name]
-    return sum(floor[k] for phase in stage.method.phases() for k in need[phase.name])
+def floor_seconds(stage, floor: dict, student_nograd: int | None = None) -> float:
+    """The sum of the passes of the stage's phases (``PASSES``), each at its measured time; with ``student_nograd``
+    the student's no-grad passes ``S`` as counted in the iteration (a multi-step student's backward simulation)."""
+    keys = [k for phase in stage.method.phases() for k in PASSES[stage.method.name][phase.name]]
+    if student_nograd is not None:
+        keys = [k for k in keys if k != "S"] + ["S"] * student_nograd
+    return sum(floor[k] for k in keys)
 
 
 def pass_floor(ctx, stage, reps: int, cuda: bool = False, bf16: bool = False) -> dict:
