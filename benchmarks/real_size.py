@@ -226,21 +226,26 @@ def full(teacher: Path, method: str, overrides: list[str], out_json: Path | None
         hook = ctx.student.register_forward_pre_hook(
             lambda *_: nograd.__setitem__(0, nograd[0] + (not torch.is_grad_enabled())))
         with RSSPeak() as peak:
-            secs = {}
+            secs, cpu = {}, {}
             for phase in stage.method.phases():
-                t0 = time.perf_counter()
+                t0, c0 = time.perf_counter(), time.process_time()
                 trainer.run_phase(stage, phase, stage.start)
                 sync(cuda)
                 secs[phase.name] = time.perf_counter() - t0
+                cpu[phase.name] = time.process_time() - c0
         hook.remove()
         row = {"stage": cls.name, "seconds": secs, "iteration_s": sum(secs.values()), "warmup_s": warm,
-               "peak_gib": (peak.peak - base) / 2**30}
+               "cpu_seconds": cpu, "iteration_cpu_s": sum(cpu.values()), "peak_gib": (peak.peak - base) / 2**30}
         if cuda:
             row["cuda_max_allocated_gib"] = torch.cuda.max_memory_allocated() / 2**30
-        row["floor"] = pass_floor(ctx, stage, reps, cuda, cfg.train.bf16)
+        row["floor"], row["floor_cpu"] = pass_floor(ctx, stage, reps, cuda, cfg.train.bf16)
         row["student_nograd_passes"] = nograd[0]
         row["floor_s"] = floor_seconds(stage, row["floor"], nograd[0])
         row["ratio"] = row["iteration_s"] / row["floor_s"]
+        # the same in CPU time of the process (all its threads): on a shared machine the load of other processes
+        # stretches wall-clock times unevenly; CPU time counts only this process's work
+        row["floor_cpu_s"] = floor_seconds(stage, row["floor_cpu"], nograd[0])
+        row["ratio_cpu"] = row["iteration_cpu_s"] / row["floor_cpu_s"]
         rows.append(row)
         del stage
     result = {"teacher": str(teacher), "method": method, "overrides": overrides, "threads": torch.get_num_threads(),
@@ -285,7 +290,7 @@ def floor_seconds(stage, floor: dict, student_nograd: int | None = None) -> floa
 def pass_floor(ctx, stage, reps: int, cuda: bool = False, bf16: bool = False) -> dict:
     """Seconds of every network pass the stage's phases make (``PASSES``), each timed on its own with the phase's
     shapes, under the run's autocast: the floor an iteration cannot beat (a phase's loss adds element-wise work
-    around these passes)."""
+    around these passes).  Returns (wall-clock seconds, CPU seconds of the process) per pass."""
     import contextlib
 
     B = ctx.batch_size
@@ -315,17 +320,17 @@ def pass_floor(ctx, stage, reps: int, cuda: bool = False, bf16: bool = False) ->
         if cuda:
             run(key)  # a first call (allocations, kernel choices) is not timed
             sync(cuda)
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         for _ in range(reps):
             run(key)
         sync(cuda)
-        return (time.perf_counter() - t0) / reps
+        return (time.perf_counter() - t0) / reps, (time.process_time() - c0) / reps
 
     keys = sorted({k for phase in method.phases() for k in PASSES[method.name][phase.name]})
     out = {k: timed(k) for k in keys}
     for net in (n for n in nets.values() if n is not None):
         net.zero_grad(set_to_none=True)
-    return out
+    return {k: v[0] for k, v in out.items()}, {k: v[1] for k, v in out.items()}
 
 
 def summary(out: Path) -> None:
