@@ -278,6 +278,28 @@ def test_adm_normalised_generator_gradient_does_not_amplify_an_uninformed_critic
     torch.testing.assert_close(grads["dmd2", 1.0], grads["none", 1.0] / scale[:, None], rtol=1e-4, atol=0)
 
 
+def test_adm_terms_at_weight_zero_cost_no_pass(tmp_path):
+    """With the GAN terms at weight 0 (the DM-loss control of benchmarks/adm-study.md) ADM runs no ODE step and no
+    discriminator pass, so its iteration costs what the DM loss and the fake score's denoising loss cost; a student
+    with no loss at all is refused."""
+    cfg = tiny_config("adm")
+    cfg.method.dm_weight, cfg.method.gan_g_weight, cfg.method.gan_d_weight = 1.0, 0.0, 0.0
+    stage = make_trainer(cfg, tmp_path).build_stage(0)
+    adm = stage.method
+
+    def refuse(*_):
+        raise AssertionError("a pass at weight 0")
+
+    adm.disc, adm.real_step, adm.fake_step = refuse, refuse, refuse
+    loss, logs = adm.student_loss()
+    assert loss.requires_grad and "loss/gan_g" not in logs and "dm/grad_norm" in logs
+    loss, logs = adm.critic_loss()
+    assert loss.requires_grad and set(logs) == {"loss/fake_dsm"}
+    cfg.method.dm_weight = 0.0
+    with pytest.raises(ValueError, match="no loss"):
+        METHODS["adm"].check(cfg.method, (2,))
+
+
 def test_adm_dm_term_is_zero_while_fake_equals_real_and_reaches_only_the_student(tmp_path):
     """``dm_weight`` (off by default: the paper's ADM) adds DMD2's DM loss to ADM's student loss: zero while the fake
     score equals the real one (no CFG), the student's alone once they differ; a negative weight is refused."""

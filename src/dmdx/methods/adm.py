@@ -121,7 +121,7 @@ class ADMConfig:
     # gradient divided by its own rms, is gone: it gave a critic that knows nothing a unit push, issue 33.)
     grad_norm: Literal["none", "dmd2"] = "none"
     # The two ODE steps and the discriminator's passes run in float32 whatever the teacher's dtype: a bf16 teacher
-    # computes on float32 copies of its weights there (the memory of a float32 teacher while ADM's phases run).  At
+    # computes in float32 layer by layer there (one layer's float32 copy at a time, ``PipelineBackbone.float32``).  At
     # dt = 1/64 bf16 moves the real step by 6% of the real-minus-fake gap on digits (benchmarks/adm_study/bf16_step.py).
     # False: the teacher's dtype
     float32_steps: bool = True
@@ -167,6 +167,8 @@ class ADM(Method):
             raise ValueError(f"reg_weight must be >= 0, got {cfg.reg_weight}")
         if cfg.dm_weight < 0:
             raise ValueError(f"dm_weight must be >= 0, got {cfg.dm_weight}")
+        if cfg.gan_g_weight == 0 and cfg.dm_weight == 0 and cfg.reg_weight == 0:
+            raise ValueError("the student has no loss: gan_g_weight, dm_weight and reg_weight are all 0; set one > 0")
         if cfg.grad_norm not in ("none", "dmd2"):
             gone = " ('sample' was removed: it divided by the gradient's own rms)" if cfg.grad_norm == "sample" else ""
             raise ValueError(f"unknown grad_norm {cfg.grad_norm!r}; allowed: none, dmd2{gone}")
@@ -217,18 +219,20 @@ class ADM(Method):
         cfg, ctx = self.cfg, self.ctx
         x, cond, _ = ctx.student_x0(ctx.batch_size)
         logs = {}
-        with self.steps_precision():
-            x_t, t, s = self.noised(x)
-            d_fake = self.disc(self.fake_step(x_t, t, s, cond), s, cond)
-            weight = None
-            if cfg.grad_norm == "dmd2":
-                with torch.no_grad():
-                    scale = dmd2_scale(x, self.real_x0(x_t, t, cond))
-                weight = 1 / scale.clamp_min(1e-12)
-                logs["adm/dmd2_scale"] = scale.mean().item()
-        g = hinge_g(d_fake, weight)
-        loss = cfg.gan_g_weight * g
-        logs["loss/gan_g"] = g.item() if weight is None else hinge_g(d_fake).item()
+        loss = x.new_zeros(())
+        if cfg.gan_g_weight != 0:  # a term at weight 0 costs no pass (the DM-loss control of benchmarks/adm-study.md)
+            with self.steps_precision():
+                x_t, t, s = self.noised(x)
+                d_fake = self.disc(self.fake_step(x_t, t, s, cond), s, cond)
+                weight = None
+                if cfg.grad_norm == "dmd2":
+                    with torch.no_grad():
+                        scale = dmd2_scale(x, self.real_x0(x_t, t, cond))
+                    weight = 1 / scale.clamp_min(1e-12)
+                    logs["adm/dmd2_scale"] = scale.mean().item()
+            g = hinge_g(d_fake, weight)
+            loss = cfg.gan_g_weight * g
+            logs["loss/gan_g"] = g.item() if weight is None else hinge_g(d_fake).item()
         if self.cfg.dm_weight > 0:
             dm, dm_logs = dm_term(ctx, self.fake_score, x, cond, self.cfg.real_guidance, self.cfg.t_min,
                                   self.cfg.t_max)
@@ -244,6 +248,9 @@ class ADM(Method):
         cfg, ctx = self.cfg, self.ctx
         with torch.no_grad():
             x, cond, _ = ctx.student_x0(ctx.batch_size, grad=False)
+        fake = dsm_loss(self.fake_score, x, cond, cfg.fake_t_min)
+        if cfg.gan_d_weight == 0:  # the heads do not train: no ODE step, no discriminator pass
+            return fake, {"loss/fake_dsm": fake.item()}
         with self.steps_precision():
             with torch.no_grad():
                 x_t, t, s = self.noised(x)
@@ -252,7 +259,6 @@ class ADM(Method):
             d_real, d_fake = self.disc(x_real, s, cond), self.disc(x_fake, s, cond)
             pen, pen_logs = critic_penalties(lambda z: self.disc(z, s, cond), x_real, d_real, x_fake, d_fake, cfg)
         d = hinge_d(d_real, d_fake)
-        fake = dsm_loss(self.fake_score, x, cond, cfg.fake_t_min)
         logs = {"loss/gan_d": d.item(), "loss/fake_dsm": fake.item(), "gan/d_real": d_real.mean().item(),
                 "gan/d_fake": d_fake.mean().item(), **pen_logs}
         logs.update(critic_logs(d_real, d_fake, "adm"))

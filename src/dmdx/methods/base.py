@@ -95,7 +95,7 @@ class Context:
 
         With ``teacher`` the frozen teacher network computes in float32 inside it too, whatever its weights' dtype
         (``real.teacher_dtype``): a backbone that stores lower-precision weights offers ``float32()``, a block in which
-        it runs on float32 copies of them (``nets.pipeline.PipelineBackbone.float32``).
+        it runs in float32 layer by layer (``nets.pipeline.PipelineBackbone.float32``).
         """
         with contextlib.ExitStack() as stack:
             stack.enter_context(self.full_precision() if self.full_precision is not None

@@ -147,17 +147,96 @@ def _set_slot(mod: nn.Module, name: str, value: Tensor) -> None:
         mod.__dict__[name] = value
 
 
-@contextlib.contextmanager
-def _installed(slots: list[tuple[nn.Module, str, Tensor]]):
-    """``slots``' tensors in their modules inside the block, what was there before after it."""
-    before = [(mod, name, _slot(mod, name)) for mod, name, _ in slots]
-    for mod, name, t in slots:
-        _set_slot(mod, name, t)
-    try:
-        yield
-    finally:
-        for mod, name, t in before:
-            _set_slot(mod, name, t)
+class _Float32Compute:
+    """How a ``float32`` block runs lower-precision networks in float32 without a float32 copy of the network.
+
+    The tensors of the repeated blocks (every ``nn.ModuleList`` directly under the model, and ``mid_block``: nearly
+    all the weights) are swapped for float32 copies by a forward pre-hook of the module that owns them and put back
+    by its forward hook; the few outside them (embeddings, first and last layers, which a parent may read the dtype
+    of before calling them) are swapped for the whole block.  A copy an operation saves for its backward is packed
+    as the base tensor it came from and cast again when the backward unpacks it (``save``), so a graph built inside
+    the block holds no float32 weights either.  Gradient checkpointing's recomputation in the backward enters
+    ``hooks(save=False)`` (its own saved-tensor hooks are in force there).
+    """
+
+    def __init__(self, members: list):
+        self.layers: dict[nn.Module, list[str]] = {}
+        self.whole: list[tuple[nn.Module, str]] = []
+        for bb in members:
+            inner = set()
+            for name, child in bb.model.named_children():
+                if isinstance(child, nn.ModuleList) or name == "mid_block":
+                    inner.update(id(m) for m in child.modules())
+            for mod, name in bb.base_slots():
+                v = _slot(mod, name)
+                if v.is_floating_point() and v.dtype != torch.float32:
+                    if id(mod) in inner:
+                        self.layers.setdefault(mod, []).append(name)
+                    else:
+                        self.whole.append((mod, name))
+        self.live: dict[int, Tensor] = {}  # a float32 copy's storage -> the tensor it copies
+
+    def _up(self, v: Tensor) -> Tensor:
+        c = torch.empty_like(v, dtype=torch.float32).copy_(v.detach())
+        self.live[c.untyped_storage()._cdata] = v
+        return c
+
+    def _swap(self, slots: list[tuple[nn.Module, str]]) -> list[tuple[nn.Module, str, Tensor]]:
+        before = [(mod, name, _slot(mod, name)) for mod, name in slots]
+        ups: dict[int, Tensor] = {}  # a tensor several members share gets one copy
+        for mod, name, v in before:
+            if id(v) not in ups:
+                ups[id(v)] = self._up(v)
+            _set_slot(mod, name, ups[id(v)])
+        return before
+
+    def _restore(self, before: list[tuple[nn.Module, str, Tensor]]) -> None:
+        for mod, name, v in before:
+            self.live.pop(_slot(mod, name).untyped_storage()._cdata, None)
+            _set_slot(mod, name, v)
+
+    def _pack(self, t: Tensor):
+        v = self.live.get(t.untyped_storage()._cdata) if t.dtype == torch.float32 else None
+        return t if v is None else (_Recast, v, t.size(), t.stride(), t.storage_offset())
+
+    @staticmethod
+    def _unpack(packed):
+        if type(packed) is tuple and packed[0] is _Recast:
+            _, v, size, stride, offset = packed
+            return torch.empty_like(v, dtype=torch.float32).copy_(v).as_strided(size, stride, offset)
+        return packed
+
+    @contextlib.contextmanager
+    def hooks(self, save: bool, within: nn.Module | None = None):
+        """The block's float32 computation; ``within``: only that module's layers (a checkpointed unit's
+        recomputation, which needs none of the tensors outside the repeated blocks)."""
+        swapped: dict[nn.Module, list] = {}
+
+        def pre(mod, _args):
+            if mod not in swapped:  # a module re-entered (a loop inside it) keeps its first copies
+                swapped[mod] = self._swap([(mod, name) for name in self.layers[mod]])
+
+        def post(mod, _args, _out):
+            self._restore(swapped.pop(mod, []))
+
+        layers = self.layers if within is None else [m for m in within.modules() if m in self.layers]
+        whole = self._swap(self.whole) if within is None else []
+        handles = [h for mod in layers
+                   for h in (mod.register_forward_pre_hook(pre), mod.register_forward_hook(post, always_call=True))]
+        try:
+            with (torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack) if save
+                  else contextlib.nullcontext()):
+                yield
+        finally:
+            for h in handles:
+                h.remove()
+            for before in swapped.values():
+                self._restore(before)
+            self._restore(whole)
+
+
+class _Recast:
+    """Marks a saved float32 copy packed as its base tensor (``_Float32Compute._pack``)."""
 
 
 def cast_module(model: nn.Module, dtype: torch.dtype) -> None:
@@ -223,7 +302,7 @@ class PipelineBackbone(nn.Module):
         self.copy_options: dict = {}  # LoRA / checkpointing / sharing applied when a trainable copy is made
         self.shared_base: SharedBase | None = None
         self._base_slots: list[tuple[nn.Module, str]] = []  # a LoRA copy's slots of the shared base tensors
-        self._float32_slots: list[tuple[nn.Module, str, Tensor]] | None = None  # inside ``float32``: its copies
+        self._float32_compute: _Float32Compute | None = None  # inside ``float32``: how the block computes
         if lora:
             add_lora(self.model, **lora, base="folder" if self.config.get("frozen_base") else "state")
         if grad_checkpointing:
@@ -232,10 +311,11 @@ class PipelineBackbone(nn.Module):
     def _checkpoint(self, module: nn.Module, *args):
         """diffusers' gradient checkpointing (non-reentrant), whose recomputation in the backward sees the base tensors
         the forward saw: a ``float32`` block (ADM's steps on a shared base) may have ended before the backward."""
-        seen = self._float32_slots
+        compute = self._float32_compute
 
         def contexts():
-            return contextlib.nullcontext(), (_installed(seen) if seen else contextlib.nullcontext())
+            return contextlib.nullcontext(), (compute.hooks(save=False, within=module) if compute
+                                              else contextlib.nullcontext())
 
         return torch.utils.checkpoint.checkpoint(module.__call__, *args, use_reentrant=False, context_fn=contexts)
 
@@ -330,36 +410,24 @@ class PipelineBackbone(nn.Module):
     def float32(self):
         """Inside the block the model computes in float32 whatever its weights' dtype (ADM's ODE steps and critic).
 
-        Each lower-precision parameter and buffer is replaced by a float32 copy (exact: every bf16 / fp16 value is a
-        float32 value) and the original put back on exit, so the block holds the memory of a float32 model.  On a
-        shared base every network of the group computes in float32 inside the block, on one set of copies.  The
-        copies are new tensors: a graph built inside keeps its own until its backward.
+        A float32 copy of a lower-precision tensor (exact: every bf16 / fp16 value is a float32 value) exists only
+        while the module that owns it runs (``_Float32Compute``): the block holds the memory of one layer in float32,
+        not of a float32 model, and a graph built inside saves its layers' copies as the base tensors they came from.
+        On a shared base every network of the group computes in float32 inside the block.
         """
         members = list(self.shared_base.members) if self.shared_base is not None else [self]
-        ups: dict[int, Tensor] = {}
-        originals = []
-        for bb in members:
-            swapped = []
-            for mod, name in bb.base_slots():
-                v = _slot(mod, name)
-                if v.is_floating_point() and v.dtype != torch.float32:
-                    if id(v) not in ups:
-                        ups[id(v)] = v.detach().float()
-                    originals.append((mod, name, v))
-                    swapped.append((mod, name, ups[id(v)]))
-                    _set_slot(mod, name, ups[id(v)])
-            bb._float32_slots = swapped  # gradient checkpointing recomputes on these (``_checkpoint``)
+        compute = _Float32Compute(members)
         dtypes = [(bb, bb.config["dtype"]) for bb in members]
         for bb in members:
             bb.config["dtype"] = "float32"
+            bb._float32_compute = compute  # gradient checkpointing recomputes in float32 too (``_checkpoint``)
         try:
-            yield
+            with compute.hooks(save=True):
+                yield
         finally:
-            for mod, name, v in originals:
-                _set_slot(mod, name, v)
             for bb, dtype in dtypes:
                 bb.config["dtype"] = dtype
-                bb._float32_slots = None
+                bb._float32_compute = None
 
     def null_cond(self, cond: Cond) -> Cond:
         b = 1 if cond is None else next(iter(cond.values())).shape[0]

@@ -588,13 +588,6 @@ def plan_run(cfg, gpus: int = 1, memory: int | str = "80GB", tflops: float = H10
         if cfg.train.cpu_offload and world.parallel == "fsdp":
             notes.append("train.cpu_offload is not modelled: the peaks count the trained networks' sharded weights, "
                          "gradients and optimiser states as if on the GPU (an upper bound; they live in host memory)")
-        if method_cls.name in ("adm", "dmdx") and cfg.real.teacher_dtype != "float32":
-            adm = getattr(cfg.method, "adm", cfg.method)
-            if getattr(adm, "float32_steps", False):
-                nbytes = sum(t.numel() * 4 for t in teacher.backbone.model.parameters())
-                notes.append(f"ADM's ODE steps run on float32 copies of the {cfg.real.teacher_dtype} teacher "
-                             f"(method.adm.float32_steps): {_gb(nbytes)} GiB more during ADM's phases, counted in "
-                             "their activations")
     flops = {}
     for (name, kind), v in sorted(tracker.flops.items()):
         f = flops.setdefault(name, {"forward": 0.0, "backward": 0.0, "calls": 0})
