@@ -269,10 +269,14 @@ def sync(cuda: bool) -> None:
 #   T teacher forward, Ti teacher forward + backward to its input (a discriminator's features), F fake-score
 #   forward, F+ fake score forward + backward (its weights), Fi fake score forward + backward to its input;
 #   a trailing * runs inside ADM's float32 block (method.adm.float32_steps: float32 copies of a bf16 teacher).
+# A g after the network's letter (Fg+, Fgi: DMD2's GAN terms) is a pass whose backward starts at the GAN head's
+# features (the fake score's bottleneck, ``method.bottleneck``), not at the output: the forward runs the whole network,
+# the backward only the layers up to the features.  ADM's and ADP's heads (Ti, Fi) are still counted as whole
+# backward passes, an upper bound of their floor.
 # A student with k > 1 steps adds no-grad student passes (backward simulation): ``full`` counts the student's no-grad
 # calls in the measured iteration and puts that many S in the floor.  Heads are small and not counted.
 PASSES = {
-    "dmd2": {"student": ["S+", "T2", "F", "Fi"], "critic": ["S", "F+", "F+", "F+"]},
+    "dmd2": {"student": ["S+", "T2", "F", "Fgi"], "critic": ["S", "F+", "Fg+", "Fg+"]},
     "adm": {"student": ["S+", "Fi*", "Ti*"], "critic": ["S", "T2*", "F*", "T*", "T*", "F+"]},
     "adp": {"student": ["S+", "Ti"], "critic": ["S", "T", "T"]},
 }
@@ -293,6 +297,8 @@ def pass_floor(ctx, stage, reps: int, cuda: bool = False, bf16: bool = False) ->
     around these passes).  Returns (wall-clock seconds, CPU seconds of the process) per pass."""
     import contextlib
 
+    from dmdx.denoiser import FeatureTap
+
     B = ctx.batch_size
     method = stage.method
     nets = {"S": ctx.student, "T": ctx.teacher, "F": getattr(method, "fake_score", None)}
@@ -300,6 +306,8 @@ def pass_floor(ctx, stage, reps: int, cuda: bool = False, bf16: bool = False) ->
 
     def run(key):
         net, mode = nets[key[0]], key[1:].rstrip("*")
+        tap = FeatureTap(net.backbone, [method.bottleneck]) if mode.startswith("g") else None
+        mode = mode.removeprefix("g")
         n = 2 * B if mode == "2" else B
         x = ctx.noise(n).requires_grad_(mode == "i")
         t = torch.full((n,), 0.5, dtype=torch.float64)
@@ -308,10 +316,11 @@ def pass_floor(ctx, stage, reps: int, cuda: bool = False, bf16: bool = False) ->
         grad = mode in ("+", "i")
         try:
             with torch.autocast(ctx.device.type, dtype=torch.bfloat16, enabled=bf16), \
-                    f32() if key.endswith("*") else contextlib.nullcontext(), torch.set_grad_enabled(grad):
+                    f32() if key.endswith("*") else contextlib.nullcontext(), torch.set_grad_enabled(grad), \
+                    tap or contextlib.nullcontext():
                 out = net(x, t, ctx.cond(n), guidance=3.0) if mode == "2" else net(x, t, ctx.cond(n))
                 if grad:
-                    out.float().square().mean().backward()
+                    (tap.features[0] if tap else out).float().square().mean().backward()
         finally:
             for p, flag in flags:
                 p.requires_grad_(flag)
