@@ -220,20 +220,32 @@ def full(teacher: Path, method: str, overrides: list[str], out_json: Path | None
         warm = time.perf_counter() - t_warm
         if cuda:
             torch.cuda.reset_peak_memory_stats()
+        # the student's no-grad passes: one per critic phase for a one-step student; a k-step student's backward
+        # simulation adds a random number (DMD2's student_x0) that the floor counts as made
+        nograd = [0]
+        hook = ctx.student.register_forward_pre_hook(
+            lambda *_: nograd.__setitem__(0, nograd[0] + (not torch.is_grad_enabled())))
         with RSSPeak() as peak:
-            secs = {}
+            secs, cpu = {}, {}
             for phase in stage.method.phases():
-                t0 = time.perf_counter()
+                t0, c0 = time.perf_counter(), time.process_time()
                 trainer.run_phase(stage, phase, stage.start)
                 sync(cuda)
                 secs[phase.name] = time.perf_counter() - t0
+                cpu[phase.name] = time.process_time() - c0
+        hook.remove()
         row = {"stage": cls.name, "seconds": secs, "iteration_s": sum(secs.values()), "warmup_s": warm,
-               "peak_gib": (peak.peak - base) / 2**30}
+               "cpu_seconds": cpu, "iteration_cpu_s": sum(cpu.values()), "peak_gib": (peak.peak - base) / 2**30}
         if cuda:
             row["cuda_max_allocated_gib"] = torch.cuda.max_memory_allocated() / 2**30
-        row["floor"] = pass_floor(ctx, stage, reps, cuda, cfg.train.bf16)
-        row["floor_s"] = floor_seconds(stage, row["floor"])
+        row["floor"], row["floor_cpu"] = pass_floor(ctx, stage, reps, cuda, cfg.train.bf16)
+        row["student_nograd_passes"] = nograd[0]
+        row["floor_s"] = floor_seconds(stage, row["floor"], nograd[0])
         row["ratio"] = row["iteration_s"] / row["floor_s"]
+        # the same in CPU time of the process (all its threads): on a shared machine the load of other processes
+        # stretches wall-clock times unevenly; CPU time counts only this process's work
+        row["floor_cpu_s"] = floor_seconds(stage, row["floor_cpu"], nograd[0])
+        row["ratio_cpu"] = row["iteration_cpu_s"] / row["floor_cpu_s"]
         rows.append(row)
         del stage
     result = {"teacher": str(teacher), "method": method, "overrides": overrides, "threads": torch.get_num_threads(),
@@ -257,25 +269,35 @@ def sync(cuda: bool) -> None:
 #   T teacher forward, Ti teacher forward + backward to its input (a discriminator's features), F fake-score
 #   forward, F+ fake score forward + backward (its weights), Fi fake score forward + backward to its input;
 #   a trailing * runs inside ADM's float32 block (method.adm.float32_steps: float32 copies of a bf16 teacher).
-# A student with k > 1 steps adds no-grad student passes (backward simulation): not counted; heads are small.
+# A g after the network's letter (Fg+, Fgi: DMD2's GAN terms) is a pass whose backward starts at the GAN head's
+# features (the fake score's bottleneck, ``method.bottleneck``), not at the output: the forward runs the whole network,
+# the backward only the layers up to the features.  ADM's and ADP's heads (Ti, Fi) are still counted as whole
+# backward passes, an upper bound of their floor.
+# A student with k > 1 steps adds no-grad student passes (backward simulation): ``full`` counts the student's no-grad
+# calls in the measured iteration and puts that many S in the floor.  Heads are small and not counted.
 PASSES = {
-    "dmd2": {"student": ["S+", "T2", "F", "Fi"], "critic": ["S", "F+", "F+", "F+"]},
+    "dmd2": {"student": ["S+", "T2", "F", "Fgi"], "critic": ["S", "F+", "Fg+", "Fg+"]},
     "adm": {"student": ["S+", "Fi*", "Ti*"], "critic": ["S", "T2*", "F*", "T*", "T*", "F+"]},
     "adp": {"student": ["S+", "Ti"], "critic": ["S", "T", "T"]},
 }
 
 
-def floor_seconds(stage, floor: dict) -> float:
-    """The sum of the passes of the stage's phases (``PASSES``), each at its measured time."""
-    need = PASSES[stage.method.name]
-    return sum(floor[k] for phase in stage.method.phases() for k in need[phase.name])
+def floor_seconds(stage, floor: dict, student_nograd: int | None = None) -> float:
+    """The sum of the passes of the stage's phases (``PASSES``), each at its measured time; with ``student_nograd``
+    the student's no-grad passes ``S`` as counted in the iteration (a multi-step student's backward simulation)."""
+    keys = [k for phase in stage.method.phases() for k in PASSES[stage.method.name][phase.name]]
+    if student_nograd is not None:
+        keys = [k for k in keys if k != "S"] + ["S"] * student_nograd
+    return sum(floor[k] for k in keys)
 
 
 def pass_floor(ctx, stage, reps: int, cuda: bool = False, bf16: bool = False) -> dict:
     """Seconds of every network pass the stage's phases make (``PASSES``), each timed on its own with the phase's
     shapes, under the run's autocast: the floor an iteration cannot beat (a phase's loss adds element-wise work
-    around these passes)."""
+    around these passes).  Returns (wall-clock seconds, CPU seconds of the process) per pass."""
     import contextlib
+
+    from dmdx.denoiser import FeatureTap
 
     B = ctx.batch_size
     method = stage.method
@@ -284,6 +306,8 @@ def pass_floor(ctx, stage, reps: int, cuda: bool = False, bf16: bool = False) ->
 
     def run(key):
         net, mode = nets[key[0]], key[1:].rstrip("*")
+        tap = FeatureTap(net.backbone, [method.bottleneck]) if mode.startswith("g") else None
+        mode = mode.removeprefix("g")
         n = 2 * B if mode == "2" else B
         x = ctx.noise(n).requires_grad_(mode == "i")
         t = torch.full((n,), 0.5, dtype=torch.float64)
@@ -292,10 +316,11 @@ def pass_floor(ctx, stage, reps: int, cuda: bool = False, bf16: bool = False) ->
         grad = mode in ("+", "i")
         try:
             with torch.autocast(ctx.device.type, dtype=torch.bfloat16, enabled=bf16), \
-                    f32() if key.endswith("*") else contextlib.nullcontext(), torch.set_grad_enabled(grad):
+                    f32() if key.endswith("*") else contextlib.nullcontext(), torch.set_grad_enabled(grad), \
+                    tap or contextlib.nullcontext():
                 out = net(x, t, ctx.cond(n), guidance=3.0) if mode == "2" else net(x, t, ctx.cond(n))
                 if grad:
-                    out.float().square().mean().backward()
+                    (tap.features[0] if tap else out).float().square().mean().backward()
         finally:
             for p, flag in flags:
                 p.requires_grad_(flag)
@@ -304,17 +329,17 @@ def pass_floor(ctx, stage, reps: int, cuda: bool = False, bf16: bool = False) ->
         if cuda:
             run(key)  # a first call (allocations, kernel choices) is not timed
             sync(cuda)
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         for _ in range(reps):
             run(key)
         sync(cuda)
-        return (time.perf_counter() - t0) / reps
+        return (time.perf_counter() - t0) / reps, (time.process_time() - c0) / reps
 
     keys = sorted({k for phase in method.phases() for k in PASSES[method.name][phase.name]})
     out = {k: timed(k) for k in keys}
     for net in (n for n in nets.values() if n is not None):
         net.zero_grad(set_to_none=True)
-    return out
+    return {k: v[0] for k, v in out.items()}, {k: v[1] for k, v in out.items()}
 
 
 def summary(out: Path) -> None:
