@@ -124,17 +124,13 @@ class _PlanMode(TorchDispatchMode):
 _PRIM_DEVICE = torch.ops.prim.device.default
 
 
-class _FakeScalars(_PlanMode):
-    """The number a fake tensor stands for, where C++ asks for one (a 0-dim index, ``schedules``' table look-ups):
-    zero of its dtype."""
+_LOCAL_SCALAR = torch.ops.aten._local_scalar_dense.default
 
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func is _PRIM_DEVICE and isinstance(args[0], FakeTensor):
-            return _device_handler(args)
-        if func is torch.ops.aten._local_scalar_dense.default:
-            t = args[0]
-            return False if t.dtype == torch.bool else (0 if not t.is_floating_point() else 0.0)
-        return func(*args, **(kwargs or {}))
+
+def _zero(t: Tensor):
+    """The number a fake tensor stands for where C++ asks for one (a 0-dim index, ``schedules``' table look-ups):
+    zero of its dtype."""
+    return False if t.dtype == torch.bool else (0 if not t.is_floating_point() else 0.0)
 
 
 # -- the tracker ----------------------------------------------------------------------------------------------
@@ -148,11 +144,17 @@ class _Storage:
 
 class _Tracker(_PlanMode):
     """Every storage created under it (and every one registered with :meth:`add`), with its lifetime in operation
-    counts; the running total and its peak per phase; FLOPs per (network, forward / backward)."""
+    counts; the running total and its peak per phase; FLOPs per (network, forward / backward).
 
-    def __init__(self, round_to: int = 1):
+    ``fake_scalars``: C++'s requests for the number of a fake tensor get zero (:func:`_zero`), here rather than in
+    a mode of their own (one Python call fewer on every dispatch).  ``tracking`` off: nothing is tracked (the plan
+    enters the tracker before it builds the run; :meth:`tracked` turns tracking on)."""
+
+    def __init__(self, round_to: int = 1, fake_scalars: bool = False):
         super().__init__()
         self.round_to = round_to
+        self.fake_scalars = fake_scalars
+        self.tracking = True
         self.records: list[_Storage] = []
         self.index: dict[int, int] = {}  # storage _cdata -> record
         self.refs: dict[int, weakref.ref] = {}
@@ -236,7 +238,7 @@ class _Tracker(_PlanMode):
         self._count(rec, -1)
 
     def _resized(self, st, size) -> None:
-        i = self.index.get(st._cdata)
+        i = self.index.get(st._cdata) if self.tracking else None
         if i is None:
             return
         rec = self.records[i]
@@ -269,9 +271,21 @@ class _Tracker(_PlanMode):
         torch.UntypedStorage.resize_ = self._resize
         return super().__exit__(*exc)
 
+    @contextlib.contextmanager
+    def tracked(self):
+        self.tracking = True
+        try:
+            yield self
+        finally:
+            self.tracking = False
+
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         if func is _PRIM_DEVICE and isinstance(args[0], FakeTensor):  # no storage, no FLOPs
             return _device_handler(args)
+        if func is _LOCAL_SCALAR and self.fake_scalars and isinstance(args[0], FakeTensor):
+            return _zero(args[0])
+        if not self.tracking:
+            return func(*args, **(kwargs or {}))
         if any(hasattr(t, "to_local") and t is not torch.Tensor for t in types):  # DTensor: see its local ops
             return NotImplemented
         out = func(*args, **(kwargs or {}))
@@ -480,10 +494,15 @@ def _teacher(cfg, path: Path):
     return pimage.pipeline_kind(path), Denoiser(bb, sched, pred), tuple(shape), guidance
 
 
-def _init_adamw(opt: torch.optim.Optimizer) -> None:
+def _init_adamw(opt: torch.optim.Optimizer, foreach: bool) -> None:
     """AdamW's per-parameter state as its first step makes it (the steady state holds it; the values do not
-    matter: ``empty``, one operation each, not ``zeros``)."""
+    matter: ``empty``, one operation each, not ``zeros``).  ``foreach``: the step as on CUDA, where torch's AdamW
+    defaults to its multi-tensor implementation for parameters and DTensors (``_default_to_fused_or_foreach``;
+    on fake CPU tensors it would take the per-parameter loop): a few operations for all parameters, and a
+    temporary the size of the optimiser's parameters (``sqrt`` of the second moments) during the step."""
     for group in opt.param_groups:
+        if foreach and group.get("foreach") is None:
+            group["foreach"] = True
         for p in group["params"]:
             if p not in opt.state or not opt.state[p]:
                 opt.state[p] = {"step": torch.empty(()), "exp_avg": torch.empty_like(p),
@@ -535,9 +554,10 @@ def _fake_world(gpus: int, parallel: str):
 
 
 def plan_run(cfg, gpus: int = 1, memory: int | str = "80GB", tflops: float = H100_BF16_TFLOPS,
-             device: str = "cuda") -> Plan:
+             device: str = "cuda", foreach: bool | None = None) -> Plan:
     """Plan one iteration of the distillation run ``cfg`` (a :class:`dmdx.train.run.RunConfig` with its recipe
-    applied) on ``gpus`` GPUs of ``memory`` each; ``device="cpu"`` plans a CPU run (no allocator rounding)."""
+    applied) on ``gpus`` GPUs of ``memory`` each; ``device="cpu"`` plans a CPU run (no allocator rounding).
+    ``foreach``: AdamW's multi-tensor step (None: as torch chooses on ``device``: on CUDA, not on the CPU)."""
     t0 = time.perf_counter()
     if gpus < 1:
         raise ValueError(f"--gpus must be >= 1, got {gpus}")
@@ -550,10 +570,11 @@ def plan_run(cfg, gpus: int = 1, memory: int | str = "80GB", tflops: float = H10
     path = check_folder(path, weights=False).resolve()  # configs are enough to plan
     memory = parse_memory(memory)
     method_cls = get_method(cfg.method.name)
-    tracker = _Tracker(round_to=CUDA_BLOCK if device == "cuda" else 1)
+    tracker = _Tracker(round_to=CUDA_BLOCK if device == "cuda" else 1, fake_scalars=True)
+    tracker.tracking = False  # on from the first stage; the set-up before it is not the run's steady state
     notes: list[str] = []
     with tempfile.TemporaryDirectory() as tmp, _fake_world(gpus, cfg.train.parallel) as world, _fake_mode(), \
-            _FakeScalars(), _fake_methods():
+            tracker, _fake_methods():
         torch.manual_seed(cfg.train.seed)
         family, teacher, shape, guidance = _teacher(cfg, path)
         teacher.eval().requires_grad_(False)
@@ -585,14 +606,14 @@ def plan_run(cfg, gpus: int = 1, memory: int | str = "80GB", tflops: float = H10
         stage_iters = [n for _, _, n in trainer.stages]
         total_iters = max(1, sum(stage_iters))
         tracker.add_live(fake=True)
-        with tracker:
+        with tracker.tracked():
             for index, (cls, _, iters) in enumerate(trainer.stages):
                 stage = trainer.build_stage(index)
                 nets = {"teacher": teacher, **stage.trainables, "ema": trainer.ema}
                 # after the stage's copies are made: a deep copy would carry the hooks along
                 hooks = [h for name, net in nets.items() for h in tracker.watch(name, net)]
                 for name, opt in stage.optims.items():
-                    _init_adamw(opt)
+                    _init_adamw(opt, foreach=device == "cuda" if foreach is None else foreach)
                     for p in stage.trainables[name].parameters():
                         p.grad = torch.empty_like(p)  # a network's gradients outlive its phase
                 networks[cls.name] = _footprint(nets, stage, tracker)
