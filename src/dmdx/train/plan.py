@@ -32,7 +32,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from torch._subclasses.fake_tensor import FakeTensor, FakeTensorConverter, FakeTensorMode, _device_handler
+from torch._subclasses.fake_tensor import FakeTensor, FakeTensorConverter, FakeTensorMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
@@ -122,6 +122,11 @@ class _PlanMode(TorchDispatchMode):
 
 
 _PRIM_DEVICE = torch.ops.prim.device.default
+
+
+def _fake_device(t: FakeTensor) -> torch.device:
+    """What ``FakeTensorMode`` answers to ``prim.device`` (``fake_tensor._device_handler``)."""
+    return torch.device("meta") if t.fake_mode.in_kernel_invocation else t.fake_device
 
 
 _LOCAL_SCALAR = torch.ops.aten._local_scalar_dense.default
@@ -281,7 +286,7 @@ class _Tracker(_PlanMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         if func is _PRIM_DEVICE and isinstance(args[0], FakeTensor):  # no storage, no FLOPs
-            return _device_handler(args)
+            return _fake_device(args[0])
         if func is _LOCAL_SCALAR and self.fake_scalars and isinstance(args[0], FakeTensor):
             return _zero(args[0])
         if not self.tracking:
