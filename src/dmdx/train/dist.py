@@ -168,10 +168,8 @@ class World:
                 flat = torch.cat([b.reshape(-1) for b in bucket])
                 torch.distributed.all_reduce(flat)
                 flat /= self.size
-                off = 0
-                for b in bucket:
-                    b.copy_(flat[off:off + b.numel()].view_as(b))
-                    off += b.numel()
+                parts = flat.split([b.numel() for b in bucket])
+                torch._foreach_copy_(bucket, [v.view_as(b) for v, b in zip(parts, bucket)])  # one kernel a bucket
             bucket, n = ([g], g.numel()) if g is not None else ([], 0)
 
 

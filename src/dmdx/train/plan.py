@@ -32,7 +32,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from torch.overrides import TorchFunctionMode
+from torch._subclasses.fake_tensor import FakeTensor, FakeTensorConverter, FakeTensorMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
@@ -66,9 +66,6 @@ def _fake_mode():
     weak reference, and the fake-tensor converter memoises every output it wraps in a weak-value dict.  Here every
     tensor is born fake (nothing real is converted), so that memo is not needed.
     """
-    from torch._subclasses import FakeTensorMode
-    from torch._subclasses.fake_tensor import FakeTensorConverter
-
     class _Converter(FakeTensorConverter):
         def set_tensor_memo(self, t, v):
             pass
@@ -78,39 +75,67 @@ def _fake_mode():
     return mode
 
 
-class _FakeFunctions(TorchFunctionMode):
+def _fake_copy(t: Tensor, memo: dict) -> Tensor:
+    if id(t) not in memo:
+        with torch.no_grad():
+            out = t.clone()
+        memo[id(t)] = nn.Parameter(out, t.requires_grad) if isinstance(t, nn.Parameter) \
+            else out.requires_grad_(t.requires_grad)
+    return memo[id(t)]
+
+
+_FAKE_METHODS = {"item": lambda t: 1.0, "__float__": lambda t: 1.0, "__int__": lambda t: 1, "__index__": lambda t: 1,
+                 "__bool__": lambda t: True, "__deepcopy__": _fake_copy}
+
+
+@contextlib.contextmanager
+def _fake_methods():
     """What fake tensors cannot do by themselves, done for the plan: Python numbers out of them (``loss.item()``
     for the logs, Adam's step count: 1; ``bool(isfinite(loss))``: True), which nothing the plan measures depends on;
-    and
-    ``copy.deepcopy`` (the trainable copies, the EMA) into this fake mode, not a new one."""
+    and ``copy.deepcopy`` (the trainable copies, the EMA) into this fake mode, not a new one.
 
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        if func in (Tensor.item, Tensor.__float__):
-            return 1.0
-        if func in (Tensor.__int__, Tensor.__index__):
-            return 1
-        if func is Tensor.__bool__:
-            return True
-        if func is Tensor.__deepcopy__:
-            t, memo = args
-            if id(t) not in memo:
-                with torch.no_grad():
-                    out = t.detach().clone()
-                memo[id(t)] = nn.Parameter(out, t.requires_grad) if isinstance(t, nn.Parameter) \
-                    else out.requires_grad_(t.requires_grad)
-            return memo[id(t)]
-        return func(*args, **(kwargs or {}))
+    Set on ``FakeTensor`` for the plan's duration (a fake parameter is a ``FakeTensor`` too), not as a
+    ``TorchFunctionMode``: a function mode puts a Python call around every torch function the run makes (about a
+    tenth of the plan's time)."""
+    saved = {k: FakeTensor.__dict__[k] for k in _FAKE_METHODS if k in FakeTensor.__dict__}
+    for k, f in _FAKE_METHODS.items():
+        setattr(FakeTensor, k, f)
+    try:
+        yield
+    finally:
+        for k in _FAKE_METHODS:
+            if k in saved:
+                setattr(FakeTensor, k, saved[k])
+            else:
+                delattr(FakeTensor, k)
 
 
-class _FakeScalars(TorchDispatchMode):
-    """The number a fake tensor stands for, where C++ asks for one (a 0-dim index, ``schedules``' table look-ups):
+class _PlanMode(TorchDispatchMode):
+    """A dispatch mode of the plan.  Most dispatches of a fake run are ``prim.device`` (C++ asking a fake tensor
+    its device: two of three in an SDXL forward + backward); each mode answers them at once instead of passing them
+    down the stack.  Not wrapped in ``torch._dynamo.disable`` (the plan never compiles; the wrapper costs a few
+    microseconds per dispatch and mode)."""
+
+    @classmethod
+    def _should_skip_dynamo(cls) -> bool:
+        return False
+
+
+_PRIM_DEVICE = torch.ops.prim.device.default
+
+
+def _fake_device(t: FakeTensor) -> torch.device:
+    """What ``FakeTensorMode`` answers to ``prim.device`` (``fake_tensor._device_handler``)."""
+    return torch.device("meta") if t.fake_mode.in_kernel_invocation else t.fake_device
+
+
+_LOCAL_SCALAR = torch.ops.aten._local_scalar_dense.default
+
+
+def _zero(t: Tensor):
+    """The number a fake tensor stands for where C++ asks for one (a 0-dim index, ``schedules``' table look-ups):
     zero of its dtype."""
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func is torch.ops.aten._local_scalar_dense.default:
-            t = args[0]
-            return False if t.dtype == torch.bool else (0 if not t.is_floating_point() else 0.0)
-        return func(*args, **(kwargs or {}))
+    return False if t.dtype == torch.bool else (0 if not t.is_floating_point() else 0.0)
 
 
 # -- the tracker ----------------------------------------------------------------------------------------------
@@ -122,13 +147,19 @@ class _Storage:
     died: int | None = None
 
 
-class _Tracker(TorchDispatchMode):
+class _Tracker(_PlanMode):
     """Every storage created under it (and every one registered with :meth:`add`), with its lifetime in operation
-    counts; the running total and its peak per phase; FLOPs per (network, forward / backward)."""
+    counts; the running total and its peak per phase; FLOPs per (network, forward / backward).
 
-    def __init__(self, round_to: int = 1):
+    ``fake_scalars``: C++'s requests for the number of a fake tensor get zero (:func:`_zero`), here rather than in
+    a mode of their own (one Python call fewer on every dispatch).  ``tracking`` off: nothing is tracked (the plan
+    enters the tracker before it builds the run; :meth:`tracked` turns tracking on)."""
+
+    def __init__(self, round_to: int = 1, fake_scalars: bool = False):
         super().__init__()
         self.round_to = round_to
+        self.fake_scalars = fake_scalars
+        self.tracking = True
         self.records: list[_Storage] = []
         self.index: dict[int, int] = {}  # storage _cdata -> record
         self.refs: dict[int, weakref.ref] = {}
@@ -158,10 +189,11 @@ class _Tracker(TorchDispatchMode):
 
     def add(self, t: Tensor, label: str = "") -> None:
         """Track the storage of ``t`` (created before the tracker or outside it) under ``label``."""
-        if isinstance(t, torch.Tensor) and hasattr(t, "to_local"):  # DTensor: this rank's shard
-            t = t.to_local()
-        if not isinstance(t, torch.Tensor):
-            return
+        if not isinstance(t, FakeTensor):
+            if isinstance(t, torch.Tensor) and hasattr(t, "to_local"):  # DTensor: this rank's shard
+                t = t.to_local()
+            if not isinstance(t, torch.Tensor):
+                return
         st = t.untyped_storage()
         key = st._cdata
         if key in self.index:
@@ -180,8 +212,6 @@ class _Tracker(TorchDispatchMode):
         """Track every tensor alive in the process (what ``add`` was not given: schedules' tables, caches); with
         ``fake``, every fake one."""
         import gc
-
-        from torch._subclasses.fake_tensor import FakeTensor
 
         gc.collect()  # not the garbage of earlier runs in this process
         for obj in gc.get_objects():
@@ -213,7 +243,7 @@ class _Tracker(TorchDispatchMode):
         self._count(rec, -1)
 
     def _resized(self, st, size) -> None:
-        i = self.index.get(st._cdata)
+        i = self.index.get(st._cdata) if self.tracking else None
         if i is None:
             return
         rec = self.records[i]
@@ -246,14 +276,31 @@ class _Tracker(TorchDispatchMode):
         torch.UntypedStorage.resize_ = self._resize
         return super().__exit__(*exc)
 
+    @contextlib.contextmanager
+    def tracked(self):
+        self.tracking = True
+        try:
+            yield self
+        finally:
+            self.tracking = False
+
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is _PRIM_DEVICE and isinstance(args[0], FakeTensor):  # no storage, no FLOPs
+            return _fake_device(args[0])
+        if func is _LOCAL_SCALAR and self.fake_scalars and isinstance(args[0], FakeTensor):
+            return _zero(args[0])
+        if not self.tracking:
+            return func(*args, **(kwargs or {}))
         if any(hasattr(t, "to_local") and t is not torch.Tensor for t in types):  # DTensor: see its local ops
             return NotImplemented
         out = func(*args, **(kwargs or {}))
         self.seq += 1
-        for t in tree_flatten(out)[0]:
-            if isinstance(t, torch.Tensor):
-                self.add(t)
+        if isinstance(out, FakeTensor):
+            self.add(out)
+        else:
+            for t in tree_flatten(out)[0]:
+                if isinstance(t, torch.Tensor):
+                    self.add(t)
         self._peak()
         formula = self.formulas.get(func._overloadpacket) if self.phase is not None else None
         if formula is not None:
@@ -452,13 +499,19 @@ def _teacher(cfg, path: Path):
     return pimage.pipeline_kind(path), Denoiser(bb, sched, pred), tuple(shape), guidance
 
 
-def _init_adamw(opt: torch.optim.Optimizer) -> None:
-    """AdamW's per-parameter state as its first step makes it (the steady state holds it)."""
+def _init_adamw(opt: torch.optim.Optimizer, foreach: bool) -> None:
+    """AdamW's per-parameter state as its first step makes it (the steady state holds it; the values do not
+    matter: ``empty``, one operation each, not ``zeros``).  ``foreach``: the step as on CUDA, where torch's AdamW
+    defaults to its multi-tensor implementation for parameters and DTensors (``_default_to_fused_or_foreach``;
+    on fake CPU tensors it would take the per-parameter loop): a few operations for all parameters, and a
+    temporary the size of the optimiser's parameters (``sqrt`` of the second moments) during the step."""
     for group in opt.param_groups:
+        if foreach and group.get("foreach") is None:
+            group["foreach"] = True
         for p in group["params"]:
             if p not in opt.state or not opt.state[p]:
-                opt.state[p] = {"step": torch.tensor(0.0), "exp_avg": torch.zeros_like(p),
-                                "exp_avg_sq": torch.zeros_like(p)}
+                opt.state[p] = {"step": torch.empty(()), "exp_avg": torch.empty_like(p),
+                                "exp_avg_sq": torch.empty_like(p)}
 
 
 def _tensors(module: nn.Module):
@@ -499,15 +552,17 @@ def _fake_world(gpus: int, parallel: str):
         world = dist.World(0, gpus, 0, mode)
         world.device_mesh("cpu")  # real tensors: a mesh is not made of fake ones
         world.ranks_where = lambda flag: []  # every rank's loss is finite (fake losses have no value)
+        world.broadcast_module = lambda module: None  # in-place copies of values fake tensors do not have
         yield world
     finally:
         torch.distributed.destroy_process_group()
 
 
 def plan_run(cfg, gpus: int = 1, memory: int | str = "80GB", tflops: float = H100_BF16_TFLOPS,
-             device: str = "cuda") -> Plan:
+             device: str = "cuda", foreach: bool | None = None) -> Plan:
     """Plan one iteration of the distillation run ``cfg`` (a :class:`dmdx.train.run.RunConfig` with its recipe
-    applied) on ``gpus`` GPUs of ``memory`` each; ``device="cpu"`` plans a CPU run (no allocator rounding)."""
+    applied) on ``gpus`` GPUs of ``memory`` each; ``device="cpu"`` plans a CPU run (no allocator rounding).
+    ``foreach``: AdamW's multi-tensor step (None: as torch chooses on ``device``: on CUDA, not on the CPU)."""
     t0 = time.perf_counter()
     if gpus < 1:
         raise ValueError(f"--gpus must be >= 1, got {gpus}")
@@ -520,10 +575,11 @@ def plan_run(cfg, gpus: int = 1, memory: int | str = "80GB", tflops: float = H10
     path = check_folder(path, weights=False).resolve()  # configs are enough to plan
     memory = parse_memory(memory)
     method_cls = get_method(cfg.method.name)
-    tracker = _Tracker(round_to=CUDA_BLOCK if device == "cuda" else 1)
+    tracker = _Tracker(round_to=CUDA_BLOCK if device == "cuda" else 1, fake_scalars=True)
+    tracker.tracking = False  # on from the first stage; the set-up before it is not the run's steady state
     notes: list[str] = []
     with tempfile.TemporaryDirectory() as tmp, _fake_world(gpus, cfg.train.parallel) as world, _fake_mode(), \
-            _FakeScalars(), _FakeFunctions():
+            tracker, _fake_methods():
         torch.manual_seed(cfg.train.seed)
         family, teacher, shape, guidance = _teacher(cfg, path)
         teacher.eval().requires_grad_(False)
@@ -555,16 +611,16 @@ def plan_run(cfg, gpus: int = 1, memory: int | str = "80GB", tflops: float = H10
         stage_iters = [n for _, _, n in trainer.stages]
         total_iters = max(1, sum(stage_iters))
         tracker.add_live(fake=True)
-        with tracker:
+        with tracker.tracked():
             for index, (cls, _, iters) in enumerate(trainer.stages):
                 stage = trainer.build_stage(index)
                 nets = {"teacher": teacher, **stage.trainables, "ema": trainer.ema}
                 # after the stage's copies are made: a deep copy would carry the hooks along
                 hooks = [h for name, net in nets.items() for h in tracker.watch(name, net)]
                 for name, opt in stage.optims.items():
-                    _init_adamw(opt)
+                    _init_adamw(opt, foreach=device == "cuda" if foreach is None else foreach)
                     for p in stage.trainables[name].parameters():
-                        p.grad = torch.zeros_like(p)  # a network's gradients outlive its phase
+                        p.grad = torch.empty_like(p)  # a network's gradients outlive its phase
                 networks[cls.name] = _footprint(nets, stage, tracker)
                 for phase in stage.method.phases():
                     before = sum(tracker.flops.values())
