@@ -6,15 +6,16 @@
         a full-size pipeline folder from the published configs (configs only, or random float16 weights)
     python benchmarks/real_size.py full --teacher DIR --method dmd2 [--set KEY=VALUE ...] [--json FILE]
         one iteration of a full-size run (every phase once, after a warm-up iteration): seconds, peak memory (RSS
-        over the baseline before the run is built; on a GPU torch.cuda.max_memory_allocated), the sum of the
-        network passes involved
+        over the baseline before the run is built, and the CPU allocator's peak from one more iteration under the
+        profiler; on a GPU torch.cuda.max_memory_allocated), the sum of the network passes involved
     python benchmarks/real_size.py summary OUT
         the table of benchmarks/gpu/check.sh's folder OUT (measured against `dmdx plan`)
 
 "Measured" on the tiny pipelines: the same storage tracker the plan uses, on the real tensors of a real run (the
 second execution of every phase, so that gradients and optimiser states exist as in the steady state); the run
 and the plan are set up alike (``dmdx distill``'s config with the family's recipe).  On full-size runs: the
-process's resident memory, sampled every 20 ms, over its value before the run is built.
+process's resident memory, sampled every 20 ms, over its value before the run is built; and the allocator's peak
+(``allocator_peaks``: PyTorch's profiler, independent of the plan's tracker), which is what the plan models.
 """
 
 from __future__ import annotations
@@ -105,6 +106,14 @@ def real_data(root: Path, px: tuple[int, int], video_frames: int | None = None) 
             Image.fromarray((rng.random((*px, 3)) * 255).astype("uint8")).save(root / "images" / f"{i}.png")
 
 
+def host_tensors(ctx) -> list:
+    """The tensors the plan counts apart as the host's (prompt bank, teacher pairs, real latents)."""
+    host = [*(ctx.cond_bank or {}).values(), getattr(ctx.data, "x", None)]
+    if ctx.pairs is not None:
+        host += [ctx.pairs.noise, ctx.pairs.x0, ctx.pairs.labels]
+    return [t for t in host if t is not None]
+
+
 def measured_phase_peaks(cfg, run_dir: Path) -> list[dict]:
     """Per phase, the peak bytes of every tensor alive (the plan's tracker, on real tensors) during its second
     execution; the host tensors (prompt bank, pairs, real latents) apart, as in the plan."""
@@ -121,10 +130,7 @@ def measured_phase_peaks(cfg, run_dir: Path) -> list[dict]:
             trainer.run_phase(stage, phase, stage.start)
         tracker = _Tracker()
         tracker.add_live()
-        host = [*(ctx.cond_bank or {}).values(), getattr(ctx.data, "x", None)]
-        if ctx.pairs is not None:
-            host += [ctx.pairs.noise, ctx.pairs.x0, ctx.pairs.labels]
-        for t in host:
+        for t in host_tensors(ctx):
             if t is not None:
                 tracker._relabel(tracker.records[tracker.index[t.untyped_storage()._cdata]], "host")
         with tracker:
@@ -234,10 +240,15 @@ def full(teacher: Path, method: str, overrides: list[str], out_json: Path | None
                 secs[phase.name] = time.perf_counter() - t0
                 cpu[phase.name] = time.process_time() - c0
         hook.remove()
+        alloc = None if cuda else allocator_peaks(trainer, stage, host_tensors(ctx))
         row = {"stage": cls.name, "seconds": secs, "iteration_s": sum(secs.values()), "warmup_s": warm,
                "cpu_seconds": cpu, "iteration_cpu_s": sum(cpu.values()), "peak_gib": (peak.peak - base) / 2**30}
         if cuda:
             row["cuda_max_allocated_gib"] = torch.cuda.max_memory_allocated() / 2**30
+        else:
+            row["allocator_peak_gib"] = alloc["peak"] / 2**30
+            row["allocator_phases_gib"] = {k: v / 2**30 for k, v in alloc["phases"].items()}
+            row["live_before_gib"], row["host_gib"] = alloc["live_before"] / 2**30, alloc["host"] / 2**30
         row["floor"], row["floor_cpu"] = pass_floor(ctx, stage, reps, cuda, cfg.train.bf16)
         row["student_nograd_passes"] = nograd[0]
         row["floor_s"] = floor_seconds(stage, row["floor"], nograd[0])
@@ -257,6 +268,40 @@ def full(teacher: Path, method: str, overrides: list[str], out_json: Path | None
     if out_json:
         out_json.write_text(json.dumps(result, indent=2) + "\n")
     return result
+
+
+def allocator_peaks(trainer, stage, host: list) -> dict:
+    """One more iteration under PyTorch's profiler (``profile_memory``): the CPU allocator's peak, per phase and
+    overall, in bytes.  The profiler reports the running total of the allocator's allocations and frees from its
+    start; the bytes alive before it (every tensor's storage the garbage collector finds: weights, optimiser states,
+    the host tensors ``host``, counted apart as the plan does) are added.  This is the CPU's counterpart of
+    ``torch.cuda.max_memory_allocated``: tensors only, not the allocator's free lists or the libraries' scratch."""
+    import gc
+
+    from torch.profiler import ProfilerActivity, profile, record_function
+
+    gc.collect()
+    storages = {}
+    for obj in gc.get_objects():
+        if isinstance(obj, torch.Tensor) and obj.device.type == "cpu":
+            st = obj.untyped_storage()
+            storages[st.data_ptr()] = st.nbytes()
+    host_ptrs = {t.untyped_storage().data_ptr() for t in host if t is not None and t.device.type == "cpu"}
+    host_bytes = sum(n for p, n in storages.items() if p in host_ptrs)
+    live = sum(storages.values()) - host_bytes
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        for phase in stage.method.phases():
+            with record_function(f"phase:{phase.name}"):
+                trainer.run_phase(stage, phase, stage.start)
+    with tempfile.NamedTemporaryFile(suffix=".json") as f:
+        prof.export_chrome_trace(f.name)
+        events = json.loads(Path(f.name).read_text())["traceEvents"]
+    spans = [(e["name"].removeprefix("phase:"), e["ts"], e["ts"] + e["dur"]) for e in events
+             if e.get("name", "").startswith("phase:") and "dur" in e]
+    mem = sorted((e["ts"], e["args"]["Total Allocated"]) for e in events
+                 if e.get("name") == "[memory]" and e["args"].get("Device Type") == 0)
+    peaks = {name: live + max((a for ts, a in mem if t0 <= ts <= t1), default=0) for name, t0, t1 in spans}
+    return {"live_before": live, "host": host_bytes, "phases": peaks, "peak": max(peaks.values())}
 
 
 def sync(cuda: bool) -> None:
