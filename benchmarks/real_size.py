@@ -6,7 +6,7 @@
         a full-size pipeline folder from the published configs (configs only, or random float16 weights)
     python benchmarks/real_size.py full --teacher DIR --method dmd2 [--set KEY=VALUE ...] [--json FILE]
         one iteration of a full-size run (every phase once, after a warm-up iteration): seconds, peak memory (RSS
-        over the baseline before the run is built, and the CPU allocator's peak from one more iteration under the
+        over the baseline before the run is built, and the CPU allocator's peak from two more iterations under the
         profiler; on a GPU torch.cuda.max_memory_allocated), the sum of the network passes involved
     python benchmarks/real_size.py summary OUT
         the table of benchmarks/gpu/check.sh's folder OUT (measured against `dmdx plan`)
@@ -249,6 +249,7 @@ def full(teacher: Path, method: str, overrides: list[str], out_json: Path | None
             row["allocator_peak_gib"] = alloc["peak"] / 2**30
             row["allocator_phases_gib"] = {k: v / 2**30 for k, v in alloc["phases"].items()}
             row["live_before_gib"], row["host_gib"] = alloc["live_before"] / 2**30, alloc["host"] / 2**30
+            row["missed_frees_gib"] = alloc["missed_frees"] / 2**30
         row["floor"], row["floor_cpu"] = pass_floor(ctx, stage, reps, cuda, cfg.train.bf16)
         row["student_nograd_passes"] = nograd[0]
         row["floor_s"] = floor_seconds(stage, row["floor"], nograd[0])
@@ -270,38 +271,53 @@ def full(teacher: Path, method: str, overrides: list[str], out_json: Path | None
     return result
 
 
-def allocator_peaks(trainer, stage, host: list) -> dict:
-    """One more iteration under PyTorch's profiler (``profile_memory``): the CPU allocator's peak, per phase and
-    overall, in bytes.  The profiler reports the running total of the allocator's allocations and frees from its
-    start; the bytes alive before it (every tensor's storage the garbage collector finds: weights, optimiser states,
-    the host tensors ``host``, counted apart as the plan does) are added.  This is the CPU's counterpart of
-    ``torch.cuda.max_memory_allocated``: tensors only, not the allocator's free lists or the libraries' scratch."""
+def live_storages() -> dict[int, int]:
+    """Bytes of every CPU tensor storage the garbage collector finds, by data pointer."""
     import gc
 
-    from torch.profiler import ProfilerActivity, profile, record_function
-
     gc.collect()
-    storages = {}
+    out = {}
     for obj in gc.get_objects():
         if isinstance(obj, torch.Tensor) and obj.device.type == "cpu":
             st = obj.untyped_storage()
-            storages[st.data_ptr()] = st.nbytes()
-    host_ptrs = {t.untyped_storage().data_ptr() for t in host if t is not None and t.device.type == "cpu"}
-    host_bytes = sum(n for p, n in storages.items() if p in host_ptrs)
-    live = sum(storages.values()) - host_bytes
+            out[st.data_ptr()] = st.nbytes()
+    return out
+
+
+def allocator_peaks(trainer, stage, host: list) -> dict:
+    """Two more iterations under PyTorch's profiler (``profile_memory``): the CPU allocator's peak in the second, per
+    phase and overall, in bytes.  The CPU's counterpart of ``torch.cuda.max_memory_allocated``: tensors only, not the
+    allocator's free lists or the libraries' scratch; independent of the plan's tracker.
+
+    The profiler reports the running total of the allocations and frees it saw from its start, and cannot see the
+    size of a block allocated before it (last iteration's gradients, freed at the next ``zero_grad``).  So the bytes
+    alive at the start (every storage the garbage collector finds; the host tensors ``host`` apart, as in the plan)
+    are added, and the first iteration only lets every such block be freed: the frees the profiler missed (the
+    bytes alive at the start plus its running total at the end, minus those alive at the end) are all made before the
+    second iteration, which is the one measured."""
+    from torch.profiler import ProfilerActivity, profile, record_function
+
+    host_ptrs = {t.untyped_storage().data_ptr() for t in host if t.device.type == "cpu"}
+    before = live_storages()
+    host_bytes = sum(n for p, n in before.items() if p in host_ptrs)
+    live = sum(before.values()) - host_bytes
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        for phase in stage.method.phases():
-            with record_function(f"phase:{phase.name}"):
-                trainer.run_phase(stage, phase, stage.start)
+        for it in range(2):
+            for phase in stage.method.phases():
+                with record_function(f"phase{it}:{phase.name}"):
+                    trainer.run_phase(stage, phase, stage.start)
+    after = sum(live_storages().values()) - host_bytes
     with tempfile.NamedTemporaryFile(suffix=".json") as f:
         prof.export_chrome_trace(f.name)
         events = json.loads(Path(f.name).read_text())["traceEvents"]
-    spans = [(e["name"].removeprefix("phase:"), e["ts"], e["ts"] + e["dur"]) for e in events
-             if e.get("name", "").startswith("phase:") and "dur" in e]
     mem = sorted((e["ts"], e["args"]["Total Allocated"]) for e in events
                  if e.get("name") == "[memory]" and e["args"].get("Device Type") == 0)
-    peaks = {name: live + max((a for ts, a in mem if t0 <= ts <= t1), default=0) for name, t0, t1 in spans}
-    return {"live_before": live, "host": host_bytes, "phases": peaks, "peak": max(peaks.values())}
+    missed = live + mem[-1][1] - after  # frees of blocks older than the profiler
+    spans = [(e["name"].split(":", 1)[1], e["ts"], e["ts"] + e["dur"]) for e in events
+             if e.get("name", "").startswith("phase1:") and "dur" in e]
+    peaks = {name: live - missed + max((a for ts, a in mem if t0 <= ts <= t1), default=0) for name, t0, t1 in spans}
+    return {"live_before": live, "host": host_bytes, "missed_frees": missed, "phases": peaks,
+            "peak": max(peaks.values())}
 
 
 def sync(cuda: bool) -> None:
