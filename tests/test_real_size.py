@@ -488,6 +488,26 @@ def test_plan_shards_with_fsdp(sd):
     assert not dist.current().distributed  # the fake group is gone
 
 
+def test_plan_moves_cpu_offloaded_shards_to_host_memory(sd):
+    """train.cpu_offload (FSDP2's CPUOffloadPolicy): the sharded weights, their gradients and optimiser states leave
+    every phase's GPU peak for host memory; the activations and the unsharded teacher stay on the GPU."""
+    def plan(offload):
+        cfg = config(sd, shared=False, parallel="fsdp", batch_size=4, cpu_offload=offload)
+        cfg.real.student_lora.rank = cfg.real.fake_lora.rank = 0  # full fine-tuning: every weight sharded
+        return plan_run(cfg, gpus=2, device="cpu")
+
+    on, off = plan(True), plan(False)
+    teacher = next(n for n in off.networks["dmd2"] if n.name == "teacher")
+    assert [p.phase for p in on.phases] == [p.phase for p in off.phases] == ["student", "critic"]
+    for a, b in zip(off.phases, on.phases):
+        assert a.optim > 0 and a.grads > 0 and b.optim == b.grads == 0
+        assert teacher.weights <= b.weights < a.weights and b.activations == a.activations
+        # the same operations; at every one of them the offloaded states (there all phase long) are off the GPU
+        assert b.peak <= a.peak - a.optim - (a.weights - b.weights)
+    assert on.host - off.host >= sum(n.optim for n in off.networks["dmd2"] if not n.frozen)
+    assert any("cpu_offload" in n for n in on.notes) and "offloaded shards" in format_plan(on)
+
+
 def test_parse_memory():
     assert parse_memory("24GB") == parse_memory("24GiB") == parse_memory("24") == 24 * 2**30
     assert parse_memory("512MB") == 512 * 2**20

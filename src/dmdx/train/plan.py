@@ -139,11 +139,16 @@ def _zero(t: Tensor):
 
 
 # -- the tracker ----------------------------------------------------------------------------------------------
+def is_host(label: str) -> bool:
+    return label == "host" or label.startswith("host:")
+
+
 @dataclass
 class _Storage:
     nbytes: int
     born: int
-    label: str  # "weights:NET", "grads:NET", "optim:NET", "host", or "" (activations and temporaries)
+    label: str  # "weights:NET", "grads:NET", "optim:NET", "host" or "host:KIND:NET" (host memory: the prompt
+    # bank, pairs, real latents; train.cpu_offload's shards), or "" (activations and temporaries)
     died: int | None = None
 
 
@@ -171,6 +176,7 @@ class _Tracker(_PlanMode):
         self.flops: dict[tuple[str, str], int] = {}
         self.calls: dict[tuple[str, str], int] = {}
         self.labels: list[str] = []  # the networks whose forward runs, innermost last
+        self.new_label = ""  # the label of storages created from now on ("host": an offloaded optimiser step's)
         self._resize = None
         from torch.utils.flop_counter import flop_registry
 
@@ -202,7 +208,7 @@ class _Tracker(_PlanMode):
                 self._relabel(rec, label)
             return
         self.seq += 1  # every event its own number: a peak's breakdown (``alive_at``) sees exactly its storages
-        rec = _Storage(self._size(st), self.seq, label)
+        rec = _Storage(self._size(st), self.seq, label or self.new_label)
         self.index[key] = len(self.records)
         self.records.append(rec)
         self._count(rec, +1)
@@ -226,8 +232,15 @@ class _Tracker(_PlanMode):
     def label(self, t: Tensor, label: str) -> None:
         self.add(t, label)
 
+    def to_host(self, t: Tensor) -> None:
+        """Count ``t``'s storage (this rank's shard of a DTensor) in host memory from now on, under its label."""
+        self.add(t)
+        rec = self.records[self.index[_local(t).untyped_storage()._cdata]]
+        if not is_host(rec.label):
+            self._relabel(rec, f"host:{rec.label}")
+
     def _count(self, rec: _Storage, sign: int) -> None:
-        if rec.label == "host":
+        if is_host(rec.label):
             self.host += sign * rec.nbytes
         else:
             self.total += sign * rec.nbytes
@@ -386,7 +399,7 @@ class Plan:
     iteration_flops: float  # every phase once, this rank
     average_flops: float  # per iteration averaged over the run's phase ratios and stages, this rank
     steps: int
-    host: int  # bytes held in host memory (prompt bank, pairs, real latents)
+    host: int  # bytes held in host memory (prompt bank, pairs, real latents; train.cpu_offload's shards)
     seconds: float  # how long the plan took
     notes: list[str] = field(default_factory=list)
 
@@ -455,7 +468,8 @@ def format_plan(plan: Plan) -> str:
               f"({_gb(abs(plan.memory - plan.peak))} GiB {'left' if plan.fits else 'short'}; the CUDA context and "
               "kernel workspaces take a few hundred MB more)"]
     if plan.host:
-        lines.append(f"host memory{per}: {_gb(plan.host)} GiB (prompt bank, pairs, real latents)")
+        offloaded = " and the offloaded shards" if any("cpu_offload" in n for n in plan.notes) else ""
+        lines.append(f"host memory{per}: {_gb(plan.host)} GiB (prompt bank, pairs, real latents{offloaded})")
     lines += ["", f"compute{per}, one iteration with every phase (TFLOP):",
               f"  {'network':<14}{'forward':>10}{'backward':>10}{'calls':>7}"]
     for name, f in plan.flops.items():
@@ -606,11 +620,13 @@ def plan_run(cfg, gpus: int = 1, memory: int | str = "80GB", tflops: float = H10
         for t in [*bank.values(), data.x, *([] if pairs is None else [pairs.noise, pairs.x0, pairs.labels])]:
             tracker.add(t, "host")
         networks: dict[str, list[NetworkMemory]] = {}
+        host = 0
         phases: list[PhasePeak] = []
         flops_by_phase: list[tuple[float, float]] = []  # (flops, weight per iteration)
         stage_iters = [n for _, _, n in trainer.stages]
         total_iters = max(1, sum(stage_iters))
         tracker.add_live(fake=True)
+        offload = cfg.train.cpu_offload and world.parallel == "fsdp"
         with tracker.tracked():
             for index, (cls, _, iters) in enumerate(trainer.stages):
                 stage = trainer.build_stage(index)
@@ -618,10 +634,15 @@ def plan_run(cfg, gpus: int = 1, memory: int | str = "80GB", tflops: float = H10
                 # after the stage's copies are made: a deep copy would carry the hooks along
                 hooks = [h for name, net in nets.items() for h in tracker.watch(name, net)]
                 for name, opt in stage.optims.items():
-                    _init_adamw(opt, foreach=device == "cuda" if foreach is None else foreach)
+                    # offloaded, the step runs on the CPU, where torch takes the per-parameter loop
+                    _init_adamw(opt, foreach=(device == "cuda" if foreach is None else foreach) and not offload)
                     for p in stage.trainables[name].parameters():
                         p.grad = torch.empty_like(p)  # a network's gradients outlive its phase
+                    if offload:
+                        hooks += _host_step(opt, tracker)
                 networks[cls.name] = _footprint(nets, stage, tracker)
+                if offload:
+                    _offload(nets, stage, tracker)
                 for phase in stage.method.phases():
                     before = sum(tracker.flops.values())
                     tracker.phase = (cls.name, phase.name)
@@ -634,16 +655,19 @@ def plan_run(cfg, gpus: int = 1, memory: int | str = "80GB", tflops: float = H10
                         for state in stage.optims[name].state.values():
                             for v in state.values():
                                 tracker.label(v, f"optim:{name}")
+                    if offload:
+                        _offload({name: stage.trainables[name] for name in phase.trains}, stage, tracker)
                     flops = sum(tracker.flops.values()) - before
                     flops_by_phase.append((flops, iters / total_iters / max(1, phase.every)))
                     phases.append(_phase_peak(tracker, cls.name, phase.name, cfg.train.cpu_offload))
+                    host = max(host, tracker.host)  # at a phase's end, the stage's states are all alive
                 for h in hooks:
                     h.remove()
                 del stage
-        host = tracker.host
-        if cfg.train.cpu_offload and world.parallel == "fsdp":
-            notes.append("train.cpu_offload is not modelled: the peaks count the trained networks' sharded weights, "
-                         "gradients and optimiser states as if on the GPU (an upper bound; they live in host memory)")
+        if offload:
+            notes.append("train.cpu_offload: the sharded weights, gradients and optimiser states and the optimiser "
+                         "step are in host memory; a phase's new gradient shards count on the GPU until the phase "
+                         "ends (an upper bound: on the GPU each unit's shard is copied out after its backward)")
     flops = {}
     for (name, kind), v in sorted(tracker.flops.items()):
         f = flops.setdefault(name, {"forward": 0.0, "backward": 0.0, "calls": 0})
@@ -681,6 +705,33 @@ def _footprint(nets: dict[str, nn.Module], stage, tracker: _Tracker) -> list[Net
                                  optim=_nbytes(states, seen, tracker),
                                  trainable=sum(p.numel() for p in params), frozen=name not in stage.trainables))
     return out
+
+
+def _offload(nets: dict[str, nn.Module], stage, tracker: _Tracker) -> None:
+    """``train.cpu_offload`` (FSDP2's ``CPUOffloadPolicy``): the sharded parameters of ``nets`` (DTensors; the frozen
+    teacher is not sharded), their gradients and optimiser states are in host memory."""
+    for name, net in nets.items():
+        opt = stage.optims.get(name)
+        for t in _tensors(net):
+            if not hasattr(t, "to_local"):
+                continue
+            tracker.to_host(t)
+            if t.grad is not None:
+                tracker.to_host(t.grad)
+            for v in (opt.state.get(t, {}) if opt is not None else {}).values():
+                if isinstance(v, torch.Tensor):
+                    tracker.to_host(v)
+
+
+def _host_step(opt: torch.optim.Optimizer, tracker: _Tracker) -> list:
+    """Label what ``opt.step`` creates as host memory (an offloaded optimiser steps on the CPU); the hook handles."""
+    def pre(*_):
+        tracker.new_label = "host"
+
+    def post(*_):
+        tracker.new_label = ""
+
+    return [opt.register_step_pre_hook(pre), opt.register_step_post_hook(post)]
 
 
 def _phase_peak(tracker: _Tracker, stage: str, phase: str, offload: bool) -> PhasePeak:
