@@ -184,8 +184,10 @@ def write(arch: str, out: Path, weights: bool) -> None:
     print(mod.write_published(arch, out, weights=weights))
 
 
-def full(teacher: Path, method: str, overrides: list[str], out_json: Path | None, reps: int) -> dict:
-    """One iteration (every phase once) of a full-size run after a warm-up iteration; the pass floor."""
+def full(teacher: Path, method: str, overrides: list[str], out_json: Path | None, reps: int,
+         memory_only: bool = False) -> dict:
+    """One iteration (every phase once) of a full-size run after a warm-up iteration; the pass floor.
+    ``memory_only``: after the warm-up, only the allocator's peaks (and the RSS during them); no timing, no floor."""
     import statistics
 
     from dmdx.pipelines.video import is_video_folder
@@ -224,6 +226,16 @@ def full(teacher: Path, method: str, overrides: list[str], out_json: Path | None
             trainer.run_phase(stage, phase, stage.start)
         sync(cuda)
         warm = time.perf_counter() - t_warm
+        if memory_only:
+            with RSSPeak() as peak:
+                alloc = allocator_peaks(trainer, stage, host_tensors(ctx))
+            rows.append({"stage": cls.name, "warmup_s": warm, "peak_gib": (peak.peak - base) / 2**30,
+                         "allocator_peak_gib": alloc["peak"] / 2**30,
+                         "allocator_phases_gib": {k: v / 2**30 for k, v in alloc["phases"].items()},
+                         "live_before_gib": alloc["live_before"] / 2**30, "host_gib": alloc["host"] / 2**30,
+                         "missed_frees_gib": alloc["missed_frees"] / 2**30})
+            del stage
+            continue
         if cuda:
             torch.cuda.reset_peak_memory_stats()
         # the student's no-grad passes: one per critic phase for a one-step student; a k-step student's backward
@@ -415,7 +427,7 @@ def summary(out: Path) -> None:
         plan_file = out / f"{name}.plan.json"
         planned = json.loads(plan_file.read_text())["peak"] / 2**30 if plan_file.is_file() else float("nan")
         for st in r["stages"]:
-            measured = st.get("cuda_max_allocated_gib", st["peak_gib"])
+            measured = st.get("cuda_max_allocated_gib", st.get("allocator_peak_gib", st["peak_gib"]))
             print(f"| {name} ({st['stage']}) | {r.get('device', '?')} | {st['iteration_s']:.3f} | {st['floor_s']:.3f} "
                   f"| {st['ratio']:.2f} | {measured:.2f} | {planned:.2f} | {planned / measured:.3f} |")
     failed = [f.stem for f in sorted(out.glob("*.log")) if not (out / f"{f.stem}.json").is_file()
@@ -440,6 +452,7 @@ def main() -> None:
     p.add_argument("--set", dest="overrides", action="append", default=[])
     p.add_argument("--json")
     p.add_argument("--reps", type=int, default=1)
+    p.add_argument("--memory-only", action="store_true", help="the allocator's peaks only (no timing, no floor)")
     p = sub.add_parser("summary")
     p.add_argument("out")
     args = ap.parse_args()
@@ -450,7 +463,8 @@ def main() -> None:
     elif args.cmd == "write":
         write(args.arch, Path(args.out), args.weights)
     else:
-        full(Path(args.teacher), args.method, args.overrides, Path(args.json) if args.json else None, args.reps)
+        full(Path(args.teacher), args.method, args.overrides, Path(args.json) if args.json else None, args.reps,
+             args.memory_only)
 
 
 if __name__ == "__main__":
