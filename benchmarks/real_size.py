@@ -187,7 +187,8 @@ def write(arch: str, out: Path, weights: bool) -> None:
 def full(teacher: Path, method: str, overrides: list[str], out_json: Path | None, reps: int,
          memory_only: bool = False) -> dict:
     """One iteration (every phase once) of a full-size run after a warm-up iteration; the pass floor.
-    ``memory_only``: after the warm-up, only the allocator's peaks (and the RSS during them); no timing, no floor."""
+    ``memory_only``: only the allocator's peaks (its first profiled iteration is the warm-up) and the RSS during
+    them; no timing, no floor."""
     import statistics
 
     from dmdx.pipelines.video import is_video_folder
@@ -221,21 +222,21 @@ def full(teacher: Path, method: str, overrides: list[str], out_json: Path | None
     rows = []
     for index, (cls, _, _) in enumerate(trainer.stages):
         stage = trainer.build_stage(index)
-        t_warm = time.perf_counter()
-        for phase in stage.method.phases():  # warm-up: first calls, optimiser states
-            trainer.run_phase(stage, phase, stage.start)
-        sync(cuda)
-        warm = time.perf_counter() - t_warm
-        if memory_only:
+        if memory_only:  # the profiler's first iteration is the warm-up
             with RSSPeak() as peak:
                 alloc = allocator_peaks(trainer, stage, host_tensors(ctx))
-            rows.append({"stage": cls.name, "warmup_s": warm, "peak_gib": (peak.peak - base) / 2**30,
+            rows.append({"stage": cls.name, "peak_gib": (peak.peak - base) / 2**30,
                          "allocator_peak_gib": alloc["peak"] / 2**30,
                          "allocator_phases_gib": {k: v / 2**30 for k, v in alloc["phases"].items()},
                          "live_before_gib": alloc["live_before"] / 2**30, "host_gib": alloc["host"] / 2**30,
                          "missed_frees_gib": alloc["missed_frees"] / 2**30})
             del stage
             continue
+        t_warm = time.perf_counter()
+        for phase in stage.method.phases():  # warm-up: first calls, optimiser states
+            trainer.run_phase(stage, phase, stage.start)
+        sync(cuda)
+        warm = time.perf_counter() - t_warm
         if cuda:
             torch.cuda.reset_peak_memory_stats()
         # the student's no-grad passes: one per critic phase for a one-step student; a k-step student's backward
@@ -452,7 +453,8 @@ def main() -> None:
     p.add_argument("--set", dest="overrides", action="append", default=[])
     p.add_argument("--json")
     p.add_argument("--reps", type=int, default=1)
-    p.add_argument("--memory-only", action="store_true", help="the allocator's peaks only (no timing, no floor)")
+    p.add_argument("--memory-only", action="store_true", help="the allocator's peaks only (no warm-up, no timing, "
+                   "no floor)")
     p = sub.add_parser("summary")
     p.add_argument("out")
     args = ap.parse_args()
