@@ -308,6 +308,7 @@ def allocator_peaks(trainer, stage, host: list) -> dict:
     are added, and the first iteration only lets every such block be freed: the frees the profiler missed (the
     bytes alive at the start plus its running total at the end, minus those alive at the end) are all made before the
     second iteration, which is the one measured."""
+    from torch._C._profiler import _EventType
     from torch.profiler import ProfilerActivity, profile, record_function
 
     host_ptrs = {t.untyped_storage().data_ptr() for t in host if t.device.type == "cpu"}
@@ -320,14 +321,17 @@ def allocator_peaks(trainer, stage, host: list) -> dict:
                 with record_function(f"phase{it}:{phase.name}"):
                     trainer.run_phase(stage, phase, stage.start)
     after = sum(live_storages().values()) - host_bytes
-    with tempfile.NamedTemporaryFile(suffix=".json") as f:
-        prof.export_chrome_trace(f.name)
-        events = json.loads(Path(f.name).read_text())["traceEvents"]
-    mem = sorted((e["ts"], e["args"]["Total Allocated"]) for e in events
-                 if e.get("name") == "[memory]" and e["args"].get("Device Type") == 0)
+    # the profiler's event tree, not its chrome trace (a JSON file of every operation: gigabytes at full size)
+    mem, spans, todo = [], [], list(prof.profiler.kineto_results.experimental_event_tree())
+    while todo:
+        node = todo.pop()
+        todo.extend(node.children)
+        if node.tag == _EventType.Allocation and node.extra_fields.device.type == "cpu":
+            mem.append((node.start_time_ns, node.extra_fields.total_allocated))
+        elif node.tag == _EventType.TorchOp and node.name.startswith("phase1:"):
+            spans.append((node.name.split(":", 1)[1], node.start_time_ns, node.end_time_ns))
+    mem.sort()
     missed = live + mem[-1][1] - after  # frees of blocks older than the profiler
-    spans = [(e["name"].split(":", 1)[1], e["ts"], e["ts"] + e["dur"]) for e in events
-             if e.get("name", "").startswith("phase1:") and "dur" in e]
     peaks = {name: live - missed + max((a for ts, a in mem if t0 <= ts <= t1), default=0) for name, t0, t1 in spans}
     return {"live_before": live, "host": host_bytes, "missed_frees": missed, "phases": peaks,
             "peak": max(peaks.values())}
