@@ -348,9 +348,9 @@ def sync(cuda: bool) -> None:
 #   forward, F+ fake score forward + backward (its weights), Fi fake score forward + backward to its input;
 #   a trailing * runs inside ADM's float32 block (method.adm.float32_steps: float32 copies of a bf16 teacher).
 # A g after the network's letter (Fg+, Fgi: DMD2's GAN terms) is a pass whose backward starts at the GAN head's
-# features (the fake score's bottleneck, ``method.bottleneck``), not at the output: the forward runs the whole network,
-# the backward only the layers up to the features.  ADM's and ADP's heads (Ti, Fi) are still counted as whole
-# backward passes, an upper bound of their floor.
+# features (the fake score's bottleneck, ``method.bottleneck``), not at the output: forward and backward run only the
+# layers up to the features (``Denoiser.features`` stops the forward there).  ADM's and ADP's heads (Ti, Fi) are
+# still counted as whole backward passes, an upper bound of their floor.
 # A student with k > 1 steps adds no-grad student passes (backward simulation): ``full`` counts the student's no-grad
 # calls in the measured iteration and puts that many S in the floor.  Heads are small and not counted.
 PASSES = {
@@ -375,8 +375,6 @@ def pass_floor(ctx, stage, reps: int, cuda: bool = False, bf16: bool = False) ->
     around these passes).  Returns (wall-clock seconds, CPU seconds of the process) per pass."""
     import contextlib
 
-    from dmdx.denoiser import FeatureTap
-
     B = ctx.batch_size
     method = stage.method
     nets = {"S": ctx.student, "T": ctx.teacher, "F": getattr(method, "fake_score", None)}
@@ -384,7 +382,7 @@ def pass_floor(ctx, stage, reps: int, cuda: bool = False, bf16: bool = False) ->
 
     def run(key):
         net, mode = nets[key[0]], key[1:].rstrip("*")
-        tap = FeatureTap(net.backbone, [method.bottleneck]) if mode.startswith("g") else None
+        tapped = [method.bottleneck] if mode.startswith("g") else None
         mode = mode.removeprefix("g")
         n = 2 * B if mode == "2" else B
         x = ctx.noise(n).requires_grad_(mode == "i")
@@ -394,11 +392,13 @@ def pass_floor(ctx, stage, reps: int, cuda: bool = False, bf16: bool = False) ->
         grad = mode in ("+", "i")
         try:
             with torch.autocast(ctx.device.type, dtype=torch.bfloat16, enabled=bf16), \
-                    f32() if key.endswith("*") else contextlib.nullcontext(), torch.set_grad_enabled(grad), \
-                    tap or contextlib.nullcontext():
-                out = net(x, t, ctx.cond(n), guidance=3.0) if mode == "2" else net(x, t, ctx.cond(n))
+                    f32() if key.endswith("*") else contextlib.nullcontext(), torch.set_grad_enabled(grad):
+                if tapped:  # as DMD2.logits: the pass stops at the bottleneck
+                    out = net.features(x, t, ctx.cond(n), tapped)[0]
+                else:
+                    out = net(x, t, ctx.cond(n), guidance=3.0) if mode == "2" else net(x, t, ctx.cond(n))
                 if grad:
-                    (tap.features[0] if tap else out).float().square().mean().backward()
+                    out.float().square().mean().backward()
         finally:
             for p, flag in flags:
                 p.requires_grad_(flag)

@@ -405,6 +405,128 @@ def test_end_of_run_holds_at_most_one_extra_copy(sd, tmp_path, shared):
     assert tracker.peaks[("end", "end")][0] < train + largest, (tracker.peaks, largest)
 
 
+# -- feature passes that stop at the last tapped layer -------------------------------------------------------------
+def hooks_of(net):
+    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in net.modules())
+
+
+def tiny_denoiser(family, root):
+    from dmdx.teachers.video.kind import VideoConfig
+    from dmdx.teachers.video.kind import load_teacher as load_video
+    from dmdx.teachers.video.tiny import make_tiny_video_pipeline
+
+    if family == "wan":
+        return load_video(make_tiny_video_pipeline(family, root / family), dtype="bfloat16",
+                          vc=VideoConfig(9, 16, 16)).denoiser
+    return load_teacher(make_tiny_pipeline(family, root / family), dtype="bfloat16").denoiser
+
+
+@pytest.mark.parametrize("family, case", [("sd", "lora"), ("sd", "shared-gc"), ("sd", "teacher-float32"),
+                                          ("sd3", "shared-gc"), ("sd3", "teacher-float32"), ("wan", "lora-gc")])
+def test_a_stopped_feature_pass_is_the_whole_pass_up_to_its_features(family, case, tmp_path):
+    """``Denoiser.features`` (a ``FeatureTap`` with ``stop``) ends the pass at the last feature layer: the layers
+    after it never run, and the features and their gradients with respect to the input and to the trainable (LoRA)
+    parameters are those of a whole pass bit for bit, with gradient checkpointing (its recomputation in the backward),
+    on a shared base, and in ADM's float32 block on a bfloat16 teacher; afterwards no hook is left registered and the
+    float32 block has put every base tensor back."""
+    from dmdx.methods.base import frozen_copy
+    from dmdx.nets.pipeline import _slot
+
+    teacher = tiny_denoiser(family, tmp_path)
+    net, block = teacher, contextlib.nullcontext
+    if case != "teacher-float32":
+        if case.startswith("shared"):
+            teacher.backbone.share_base()
+        teacher.backbone.copy_options = {"lora": {"rank": 4, "alpha": 4.0, "targets": ["to_q", "to_k", "to_v"]},
+                                         "grad_checkpointing": case.endswith("gc")}
+        net = frozen_copy(teacher)
+        randomise_lora(net)
+    else:
+        block = teacher.backbone.float32
+    bb = net.backbone
+    names = list(bb.feature_layers)
+    last = bb.model.conv_out if family == "sd" else bb.model.proj_out  # runs only after every feature layer
+    calls = []
+    last.register_forward_hook(lambda *_: calls.append(1))
+    hooks, slots, dtype = hooks_of(net), [(m, k, _slot(m, k)) for m, k in bb.base_slots()], bb.dtype
+    params = [p for p in net.parameters() if p.requires_grad]
+    assert bool(params) == (case != "teacher-float32")
+    x, t = torch.randn(2, *bb.shape), torch.tensor([0.7, 0.3], dtype=torch.float64)
+
+    def run(stop):
+        calls.clear()
+        xx = x.clone().requires_grad_(True)
+        with block():
+            if stop:
+                feats = net.features(xx, t, None, names)
+            else:
+                with FeatureTap(bb, names) as tap:
+                    net.predict(xx, t, None)
+                feats = tap.features
+        assert len(calls) == (0 if stop else 1)
+        loss = sum((f.float() ** 2).mean() for f in feats)
+        return feats, torch.autograd.grad(loss, [xx, *params], allow_unused=True)  # the up blocks' LoRA: None
+
+    (whole, grads_whole), (stopped, grads_stopped) = run(False), run(True)
+    assert all(torch.equal(a, b) for a, b in zip(whole, stopped))
+    assert len(grads_stopped) == 1 + len(params) and grads_stopped[0] is not None
+    assert (case == "teacher-float32") == all(g is None for g in grads_stopped[1:])
+    assert all(a is b is None or torch.equal(a, b) for a, b in zip(grads_whole, grads_stopped))
+    assert hooks_of(net) == hooks
+    assert all(_slot(m, k) is v for m, k, v in slots) and bb._float32_compute is None
+    assert all(p.dtype == torch.float32 for p in params) and bb.dtype == dtype
+
+
+def test_feature_taps_stop_only_their_own_pass(tmp_path):
+    """A stopping tap catches its own stop only: an outer tap on the same network keeps its features, an error of
+    the network itself goes through, and a pass that never reaches every feature runs whole."""
+    net = tiny_denoiser("sd", tmp_path)
+    bb = net.backbone
+    x, t = torch.randn(1, *bb.shape), torch.full((1,), 0.5)
+    first, mid = bb.feature_layers[0], bb.feature_layers[-1]
+    with torch.no_grad(), FeatureTap(bb, [first]) as outer:
+        (f,) = net.features(x, t, None, [mid])
+    assert outer.features[0] is not None and f is not None
+    hooks = hooks_of(net)
+    with pytest.raises(RuntimeError), FeatureTap(bb, [mid], stop=True):
+        net.predict(torch.randn(1, 3, 8, 8), t, None)  # wrong channel count: fails before the mid block
+    assert hooks_of(net) == hooks
+    done = []
+    with torch.no_grad(), FeatureTap(bb, [mid], stop=True) as tap:
+        net.predict(x, t, None)
+        done.append(True)
+    assert tap.features[0] is not None and not done  # stopped: the rest of the block is skipped
+
+
+@pytest.mark.parametrize("method", ["dmd2", "adm"])
+def test_stopped_feature_passes_leave_the_losses_unchanged(sd, tmp_path, monkeypatch, method):
+    """One seeded iteration of DMD2 (GAN on) and ADM on a tiny SD pipeline (shared base, gradient checkpointing):
+    the losses and every gradient are the same whether the feature passes stop or run whole (as under FSDP2, where
+    they run whole)."""
+    import dmdx.denoiser
+
+    runs = {}
+    for stop in (True, False):
+        if not stop:
+            monkeypatch.setattr(dmdx.denoiser, "_sharded", lambda module: True)  # FeatureTap then never stops
+        cfg = config(sd, method)
+        cfg.real.grad_checkpointing = True
+        trainer = make_trainer(cfg, tmp_path / f"run{stop}")
+        stage, nets = nets_of(trainer)
+        torch.manual_seed(3)
+        randomise_lora(nets["fake_score"])
+        logs, grads = {}, {}
+        for phase in stage.method.phases():
+            logs.update({f"{phase.name}/{k}": v for k, v in trainer.run_phase(stage, phase, 0).items()})
+            grads[phase.name] = {n: p.grad.clone() for net in stage.method.networks().values()
+                                 for n, p in net.named_parameters() if p.grad is not None}
+        runs[stop] = logs, grads
+    (logs, grads), (logs_whole, grads_whole) = runs[True], runs[False]
+    assert {"student/loss/gan_g", "critic/loss/gan_d"} <= set(logs) and logs == logs_whole
+    assert grads.keys() == grads_whole.keys() and all(grads[k].keys() == grads_whole[k].keys() for k in grads)
+    assert all(torch.equal(grads[k][n], grads_whole[k][n]) for k in grads for n in grads[k])
+
+
 # -- dmdx plan ------------------------------------------------------------------------------------------------------
 def measured_peaks(cfg, run_dir, foreach=False):
     """Per phase, the peak bytes of every tensor alive during the phase's second execution (the first makes the
@@ -472,6 +594,22 @@ def test_plan_counts_the_multi_tensor_optimiser_step_of_cuda(sd, tmp_path):
     for phase, v in measured.items():
         assert abs(plan[phase] / v - 1) < 0.02, (phase, plan[phase], v)
         assert plan[phase] > 1.03 * loop[phase], (phase, plan[phase], loop[phase])
+
+
+def test_plan_counts_the_stopped_feature_passes(sd, monkeypatch):
+    """DMD2's GAN passes stop at the fake score's bottleneck: the plan's forward FLOPs of the fake score drop, and
+    every network's backward FLOPs stay where they were (the stopped pass's graph is still the fake score's, not the
+    GAN head's that reads its features)."""
+    import dmdx.denoiser
+
+    stopped = plan_run(config(sd), device="cpu")
+    monkeypatch.setattr(dmdx.denoiser, "_sharded", lambda module: True)  # FeatureTap never stops
+    whole = plan_run(config(sd), device="cpu")
+    assert stopped.flops["fake_score"]["forward"] < 0.8 * whole.flops["fake_score"]["forward"]
+    for name, f in whole.flops.items():
+        assert stopped.flops[name]["backward"] == f["backward"], name
+        assert stopped.flops[name]["calls"] == f["calls"], name
+    assert stopped.flops["student"]["forward"] == whole.flops["student"]["forward"]
 
 
 def test_plan_shards_with_fsdp(sd):

@@ -66,6 +66,13 @@ class Denoiser(nn.Module):
         x_in = (x_t.double() * _bcast(sched.c_in(tb), x_t)).float()
         return self.backbone(x_in, sched.model_time(tb).to(x_t.device), cond).float()
 
+    def features(self, x_t: Tensor, t, cond: Cond, names) -> list[Tensor]:
+        """The outputs of the backbone's sub-modules ``names`` at (x_t, t), from a pass that stops once it has them
+        all (:class:`FeatureTap` with ``stop``): the discriminators' features, whose network output is not used."""
+        with FeatureTap(self.backbone, names, stop=True) as tap:
+            self.predict(x_t, t, cond)
+        return tap.features
+
     def _x0(self, x_t: Tensor, t, cond: Cond) -> Tensor:
         tb = _as_batch(t, x_t)
         alpha, sigma = self.schedule.alpha_sigma(tb)
@@ -78,35 +85,75 @@ class Denoiser(nn.Module):
         return ((x_t.double() - _bcast(a, x_t) * x0.double()) / _bcast(s, x_t)).float()
 
 
+class FeaturePassStop(Exception):
+    """Raised by a stopping :class:`FeatureTap` once it holds every feature (``features``); its ``__exit__`` catches
+    it.  A module forward hook registered with ``always_call`` sees it in ``sys.exc_info()`` (``dmdx plan`` takes the
+    stopped pass's graph from its features)."""
+
+    def __init__(self, tap: FeatureTap):
+        super().__init__("feature pass stopped after its last feature")
+        self.tap = tap
+        self.features = tap.features
+
+
+def _sharded(module: nn.Module) -> bool:
+    """Whether ``module`` or a sub-module is an FSDP2 unit (``fully_shard``)."""
+    if not torch.distributed.is_available():
+        return False
+    from torch.distributed.fsdp import FSDPModule  # torch's own: a no-op import after the first
+
+    return any(isinstance(m, FSDPModule) for m in module.modules())
+
+
 class FeatureTap(contextlib.AbstractContextManager):
     """Collect the outputs of named sub-modules during forward passes inside the ``with`` block.
 
     ``with FeatureTap(backbone, names) as tap: net(...); tap.features`` gives the tensors in ``names`` order.
     Gradients flow through the captured tensors as through the forward pass itself.
+
+    ``stop=True``: a pass whose output is not needed ends as soon as every feature is captured (the forward hook of
+    the last one raises, ``__exit__`` catches it): DMD2's GAN head reads a UNet's mid block, so the up blocks, about
+    half the network, are skipped.  The rest of the ``with`` block is skipped too, so it should hold the network's
+    call alone (``Denoiser.features``).  Layers after the last feature never run; every hook a layer registers with
+    ``always_call`` (the float32 block's casts) and every ``finally`` still run, so nothing is left half-done.  The
+    features and their gradients are those of a whole pass, bit for bit.  After the stop the tap captures and raises
+    nothing more, so a recomputation by gradient checkpointing (which runs the forward hooks again) keeps the
+    forward's tensors.  A network sharded with FSDP2 (``train.parallel=fsdp``) runs whole: an exception inside an
+    FSDP2 unit's forward skips its post-forward hook and leaves FSDP's state mid-forward until the next backward (on a
+    GPU the next pass would skip the root unit's stream synchronisation).
     """
 
-    def __init__(self, module: nn.Module, names):
+    def __init__(self, module: nn.Module, names, stop: bool = False):
         self.module = module
         self.names = list(names)
+        self.stop = stop
         self.features: list[Tensor | None] = [None] * len(self.names)
         self._handles = []
+        self._stopped = False
 
     def __enter__(self):
         mods = dict(self.module.named_modules())
-        for i, name in enumerate(self.names):
-            if name not in mods:
-                raise ValueError(f"no sub-module {name!r} in {type(self.module).__name__}")
-            self._handles.append(mods[name].register_forward_hook(self._hook(i)))
+        missing = [name for name in self.names if name not in mods]
+        if missing:
+            raise ValueError(f"no sub-module {missing[0]!r} in {type(self.module).__name__}")
+        self.stop = self.stop and not _sharded(self.module)
+        self._stopped = False
+        self._handles = [mods[name].register_forward_hook(self._hook(i)) for i, name in enumerate(self.names)]
         return self
 
     def _hook(self, i):
         def hook(_mod, _inp, out):
+            if self._stopped:  # a recomputation in the backward (gradient checkpointing): keep the forward's
+                return
             self.features[i] = out[0] if isinstance(out, tuple) else out
+            if self.stop and all(f is not None for f in self.features):
+                self._stopped = True
+                raise FeaturePassStop(self)
 
         return hook
 
-    def __exit__(self, *exc):
+    def __exit__(self, exc_type, exc, tb):
         for h in self._handles:
             h.remove()
         self._handles.clear()
-        return False
+        return isinstance(exc, FeaturePassStop) and exc.tap is self

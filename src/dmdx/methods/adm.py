@@ -16,7 +16,7 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
-from ..denoiser import Cond, FeatureTap
+from ..denoiser import Cond
 from ..nets.heads import MultiHead
 from ..sampling import SOLVERS, ode_step
 from .base import Method, Phase, critic_gap, critic_logs, dsm_loss, frozen_copy, uniform_t
@@ -38,16 +38,14 @@ class TeacherDiscriminator(torch.nn.Module):
         self.layers = list(teacher_net.backbone.feature_layers)
         self._net = [teacher_net]  # a list keeps the frozen teacher out of this module's parameters/state_dict
         n = 2
-        with torch.no_grad(), FeatureTap(teacher_net.backbone, self.layers) as tap:
-            teacher_net.predict(ctx.noise(n), torch.full((n,), 0.5, dtype=torch.float64, device=ctx.device),
-                                ctx.cond(n))
-        self.heads = MultiHead([tuple(f.shape[1:]) for f in tap.features], arch=head_arch).to(ctx.device)
+        with torch.no_grad():
+            feats = teacher_net.features(ctx.noise(n), torch.full((n,), 0.5, dtype=torch.float64, device=ctx.device),
+                                         ctx.cond(n), self.layers)
+        self.heads = MultiHead([tuple(f.shape[1:]) for f in feats], arch=head_arch).to(ctx.device)
 
     def forward(self, x: Tensor, t, cond: Cond) -> Tensor:
-        net = self._net[0]
-        with FeatureTap(net.backbone, self.layers) as tap:
-            net.predict(x, t, cond)
-        return self.heads(tap.features)  # [B, n_heads]
+        """The heads' logits [B, n_heads]; the teacher's pass stops at its last feature layer."""
+        return self.heads(self._net[0].features(x, t, cond, self.layers))
 
 
 def hinge_d(d_real: Tensor, d_fake: Tensor) -> Tensor:

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ..denoiser import Cond, FeatureTap
+from ..denoiser import Cond
 from ..nets.heads import MultiHead
 from .base import Method, Phase, critic_logs, dsm_loss, frozen_copy, uniform_t
 
@@ -76,9 +76,9 @@ class DMD2(Method):
             n = 2
             x = ctx.noise(n)
             t = torch.full((n,), 0.5, dtype=torch.float64, device=ctx.device)
-            with FeatureTap(bb, [self.bottleneck]) as tap:
-                self.fake_score(x, t, ctx.cond(n))
-            self.head = MultiHead([tuple(tap.features[0].shape[1:])]).to(ctx.device)
+            with torch.no_grad():
+                (f,) = self.fake_score.features(x, t, ctx.cond(n), [self.bottleneck])
+            self.head = MultiHead([tuple(f.shape[1:])]).to(ctx.device)
 
     def networks(self):
         nets = {"fake_score": self.fake_score}
@@ -98,12 +98,11 @@ class DMD2(Method):
         return dm_term(self.ctx, self.fake_score, x, cond, cfg.real_guidance, cfg.dm_t_min, cfg.dm_t_max)
 
     def logits(self, x0: Tensor, cond: Cond) -> Tensor:
-        """GAN classifier on the fake score's bottleneck, after re-noising x0 at t ~ U[0, gan_t_max)."""
+        """GAN classifier on the fake score's bottleneck, after re-noising x0 at t ~ U[0, gan_t_max); the fake score's
+        pass stops at the bottleneck (``Denoiser.features``)."""
         t = uniform_t(x0.shape[0], 0.0, self.cfg.gan_t_max, x0.device, self.ctx.schedule)
         x_t = self.ctx.schedule.add_noise(x0, torch.randn_like(x0), t)
-        with FeatureTap(self.fake_score.backbone, [self.bottleneck]) as tap:
-            self.fake_score.predict(x_t, t, cond)
-        return self.head(tap.features)
+        return self.head(self.fake_score.features(x_t, t, cond, [self.bottleneck]))
 
     # -- phases ----------------------------------------------------------------------------------------------
     def student_loss(self):

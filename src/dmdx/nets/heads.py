@@ -131,7 +131,7 @@ class MultiHead(nn.Module):
 
 @torch.no_grad()
 def feature_shapes(backbone: nn.Module, x: Tensor, time: Tensor, cond=None) -> list[tuple[int, ...]]:
-    """Per-sample shapes of ``backbone.feature_layers`` outputs, from one no-grad forward pass."""
-    with FeatureTap(backbone, backbone.feature_layers) as tap:
+    """Per-sample shapes of ``backbone.feature_layers`` outputs, from one no-grad forward pass (stopped at the last)."""
+    with FeatureTap(backbone, backbone.feature_layers, stop=True) as tap:
         backbone(x, time, cond)
     return [tuple(f.shape[1:]) for f in tap.features]

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import sys
 import tempfile
 import time
 import weakref
@@ -338,6 +339,8 @@ class _Tracker(_PlanMode):
 
         def post(_mod, _args, out):
             self.labels.pop()
+            if out is None:  # an exception left the call (``always_call``): a pass a FeatureTap stopped has its graph
+                out = getattr(sys.exc_info()[1], "features", None)  # in the features
             todo = [t.grad_fn for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor) and t.grad_fn is not None]
             while todo:  # the nodes of this call's graph, up to those of earlier networks
                 node = todo.pop()
@@ -346,7 +349,7 @@ class _Tracker(_PlanMode):
                 node.metadata["dmdx_net"] = name
                 todo.extend(n for n, _ in node.next_functions)
 
-        return [net.register_forward_pre_hook(pre), net.register_forward_hook(post)]
+        return [net.register_forward_pre_hook(pre), net.register_forward_hook(post, always_call=True)]
 
     def alive_at(self, seq: int) -> dict[str, int]:
         """Bytes by label of the storages alive after operation ``seq``."""
