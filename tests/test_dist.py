@@ -300,6 +300,27 @@ def test_global_batch_rule():
         resolve_parallel("none", 2)
 
 
+def test_average_gradients_writes_into_contiguous_and_non_contiguous_gradients():
+    """The bucketed average lands in every gradient, a contiguous one (through its flat view) and a transposed one
+    (whose flat reshape is a copy), in one process over torch's fake process group of two ranks: its all-reduce
+    leaves the values as they are, so the average is half of each gradient."""
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    from dmdx.train.dist import World
+
+    torch.distributed.init_process_group("fake", store=FakeStore(), rank=0, world_size=2)
+    try:
+        a, b, unused = (torch.nn.Parameter(torch.zeros(s)) for s in ((3, 4), (4, 3), (2,)))
+        ga, gb = torch.randn(3, 4), torch.randn(3, 4).t()
+        a.grad, b.grad = ga.clone(), gb.clone()
+        assert not b.grad.is_contiguous()
+        World(0, 2, 0, "ddp").average_gradients([a, b, unused])
+    finally:
+        torch.distributed.destroy_process_group()
+    assert torch.equal(a.grad, ga / 2) and torch.equal(b.grad, gb / 2)
+    assert unused.grad is None
+
+
 @pytest.mark.parametrize("opts", [{"cpu_offload": True}, {"bf16": True}], ids=["cpu_offload", "bf16"])
 def test_fsdp_in_one_process_sample_grids_and_snapshots(opts, tmp_path, surrogate):
     """FSDP2 without a launcher (a group of one), with CPU offload or the bf16 mixed-precision policy; sample grids

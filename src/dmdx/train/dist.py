@@ -152,10 +152,11 @@ class World:
             return
         used = torch.tensor([p.grad is not None for p in params], dtype=torch.uint8, device=self.comm_device)
         torch.distributed.all_reduce(used, op=torch.distributed.ReduceOp.MAX)
-        for p, u in zip(params, used.tolist()):
+        flags = used.tolist()
+        for p, u in zip(params, flags):
             if u and p.grad is None:
                 p.grad = torch.zeros_like(p)
-        grads = [p.grad for p, u in zip(params, used.tolist()) if u]
+        grads = [p.grad for p, u in zip(params, flags) if u]
         bucket: list[torch.Tensor] = []
         n = 0
         for g in grads + [None]:
@@ -165,11 +166,17 @@ class World:
                 n += g.numel()
                 continue
             if bucket:
-                flat = torch.cat([b.reshape(-1) for b in bucket])
+                flats = [b.reshape(-1) for b in bucket]
+                flat = torch.cat(flats)
+                # back into the gradients, one kernel a bucket: a contiguous one through its flat view (reshape
+                # made a view: no view per gradient to make again), another through a view of its part (reshape
+                # made a copy, not kept)
+                same = [b.is_contiguous() for b in bucket]
+                flats = [f if c else b for f, b, c in zip(flats, bucket, same)]
                 torch.distributed.all_reduce(flat)
                 flat /= self.size
                 parts = flat.split([b.numel() for b in bucket])
-                torch._foreach_copy_(bucket, [v.view_as(b) for v, b in zip(parts, bucket)])  # one kernel a bucket
+                torch._foreach_copy_(flats, [v if c else v.view_as(b) for v, b, c in zip(parts, bucket, same)])
             bucket, n = ([g], g.numel()) if g is not None else ([], 0)
 
 

@@ -23,6 +23,8 @@ are reported apart.
 from __future__ import annotations
 
 import contextlib
+import gc
+import inspect
 import math
 import sys
 import tempfile
@@ -36,6 +38,7 @@ from torch import nn
 from torch._subclasses.fake_tensor import FakeTensor, FakeTensorConverter, FakeTensorMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
+from torch.utils.flop_counter import flop_registry, shape_wrapper
 
 from ..data import Dataset
 from ..denoiser import Denoiser
@@ -60,8 +63,70 @@ CUDA_BLOCK = 512  # the CUDA caching allocator rounds every block up to 512 byte
 
 
 # -- fake tensors ---------------------------------------------------------------------------------------------
+_PLAIN = (int, float, bool, str, type(None), torch.dtype, torch.device, torch.layout, torch.memory_format)
+
+
+class _FakeMode(FakeTensorMode):
+    """``FakeTensorMode`` with a cheaper key for its dispatch cache (the cache answers 93% of the plan's fake
+    operations; building torch's key took a third of the profiled plan).
+
+    ``FakeTensorMode`` keys an operation by every argument, a fake tensor by all its metadata
+    (``extract_tensor_metadata``: dtype, shape, strides, device, layout, memory format, storage offset and size,
+    requires_grad, conj / neg / inference / quantized / sparse flags), built field by field in Python.  Here a
+    strided fake tensor of this mode is one tuple of the same metadata but its memory format (a function of its
+    shape and strides) and its sparse fields (constant for a strided tensor); any other argument is keyed as
+    ``FakeTensorMode`` keys it.  Same operations and arguments, same key: the cache answers what it answered.
+    Without symbolic shapes only (the plan has none): otherwise ``FakeTensorMode``'s own key.
+
+    Its ``__torch_dispatch__`` goes straight to ``FakeTensorMode.dispatch``: not through
+    ``torch._dynamo.disable`` (the plan never compiles) and the call counter around ``FakeTensorMode``'s."""
+
+    @classmethod
+    def _should_skip_dynamo(cls) -> bool:
+        return False
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        return self.dispatch(func, types, args, kwargs or {})
+
+    def _prep_args_for_hash(self, result, args, state, id_hashed_objects):
+        if self.shape_env is not None:
+            return super()._prep_args_for_hash(result, args, state, id_hashed_objects)
+        if isinstance(args, (list, tuple, dict)):
+            result.append(type(args))
+            result.append(len(args))
+            if isinstance(args, dict):
+                self._prep_args_for_hash(result, tuple(args.keys()), state, id_hashed_objects)
+                self._prep_args_for_hash(result, tuple(args.values()), state, id_hashed_objects)
+                return
+        for arg in args:
+            if isinstance(arg, FakeTensor) and arg.fake_mode is self and arg.constant is None \
+                    and arg.layout is torch.strided:
+                result.append((arg.dtype, arg.shape, arg.stride(), arg.fake_device, arg.storage_offset(),
+                               arg.untyped_storage().nbytes(), arg.requires_grad, arg.is_conj(), arg.is_neg(),
+                               arg.is_inference(), arg.is_quantized))
+            elif isinstance(arg, (list, tuple, dict)):
+                self._prep_args_for_hash(result, arg, state, id_hashed_objects)
+            elif isinstance(arg, _PLAIN):
+                result.append(type(arg))
+                result.append(arg)
+            else:  # FakeTensorMode's key, or its reason not to cache
+                super()._prep_args_for_hash(result, (arg,), state, id_hashed_objects)
+
+
+def _fast_key_fits() -> bool:
+    """Whether this torch's ``FakeTensorMode`` keys its cache as :class:`_FakeMode` expects."""
+    f = getattr(FakeTensorMode, "_prep_args_for_hash", None)
+    try:
+        names = list(inspect.signature(f).parameters) if f is not None else []
+    except (TypeError, ValueError):
+        return False
+    return names == ["self", "result", "args", "state", "id_hashed_objects"] and callable(
+        getattr(FakeTensorMode, "dispatch", None))
+
+
 def _fake_mode():
-    """A ``FakeTensorMode`` whose parameters ``Module.to`` / ``.float()`` can swap.
+    """A ``FakeTensorMode`` (:class:`_FakeMode` where this torch allows it) whose parameters ``Module.to`` /
+    ``.float()`` can swap.
 
     ``Module._apply`` swaps fake parameters in place (``torch.utils.swap_tensors``), which refuses a tensor with a
     weak reference, and the fake-tensor converter memoises every output it wraps in a weak-value dict.  Here every
@@ -71,7 +136,7 @@ def _fake_mode():
         def set_tensor_memo(self, t, v):
             pass
 
-    mode = FakeTensorMode()
+    mode = _FakeMode() if _fast_key_fits() else FakeTensorMode()
     mode.fake_tensor_converter = _Converter()
     return mode
 
@@ -131,12 +196,45 @@ def _fake_device(t: FakeTensor) -> torch.device:
 
 
 _LOCAL_SCALAR = torch.ops.aten._local_scalar_dense.default
+# ``_unsafe_view`` (a matmul's reshape of its result) is ``view`` for everything but autograd, which has run when a
+# dispatch mode sees it; ``FakeTensorMode`` does not cache it (4,000 full fake dispatches an SDXL DMD2 iteration)
+_UNSAFE_VIEW = torch.ops.aten._unsafe_view.default
+_VIEW = torch.ops.aten.view.default
 
 
 def _zero(t: Tensor):
     """The number a fake tensor stands for where C++ asks for one (a 0-dim index, ``schedules``' table look-ups):
     zero of its dtype."""
     return False if t.dtype == torch.bool else (0 if not t.is_floating_point() else 0.0)
+
+
+# -- FLOPs ----------------------------------------------------------------------------------------------------
+_SHAPE_WRAPPER = shape_wrapper(lambda: 0).__code__
+
+
+def _shapes(x):
+    """``x`` with every tensor replaced by its shape, in lists, tuples and dicts at any depth (what
+    ``flop_counter.shape_wrapper`` passes a formula, without its ``tree_map``)."""
+    if isinstance(x, torch.Tensor):
+        return x.shape
+    if type(x) in (list, tuple):
+        return type(x)(_shapes(v) for v in x)
+    if type(x) is dict:
+        return {k: _shapes(v) for k, v in x.items()}
+    return x
+
+
+def _formula(f):
+    """A ``flop_registry`` formula as ``f(*args, out_val=..., **kwargs)``; one registered through
+    ``shape_wrapper`` gets the shapes from :func:`_shapes`."""
+    raw = getattr(f, "__wrapped__", None)
+    if raw is None or getattr(f, "__code__", None) is not _SHAPE_WRAPPER:
+        return f
+
+    def shaped(*args, out_val=None, **kwargs):
+        return raw(*_shapes(args), out_shape=_shapes(out_val), **_shapes(kwargs))
+
+    return shaped
 
 
 # -- the tracker ----------------------------------------------------------------------------------------------
@@ -179,15 +277,13 @@ class _Tracker(_PlanMode):
         self.labels: list[str] = []  # the networks whose forward runs, innermost last
         self.new_label = ""  # the label of storages created from now on ("host": an offloaded optimiser step's)
         self._resize = None
-        from torch.utils.flop_counter import flop_registry
-
         aten = torch.ops.aten
-        self.formulas = dict(flop_registry)
+        self.formulas = {k: _formula(f) for k, f in flop_registry.items()}
         # the CPU flash-attention kernels a fake CPU run dispatches to cost what the CUDA ones do
         self.formulas[aten._scaled_dot_product_flash_attention_for_cpu] = \
-            flop_registry[aten._scaled_dot_product_flash_attention]
+            self.formulas[aten._scaled_dot_product_flash_attention]
         self.formulas[aten._scaled_dot_product_flash_attention_for_cpu_backward] = \
-            flop_registry[aten._scaled_dot_product_flash_attention_backward]
+            self.formulas[aten._scaled_dot_product_flash_attention_backward]
 
     # storages
     def _size(self, st) -> int:
@@ -218,8 +314,6 @@ class _Tracker(_PlanMode):
     def add_live(self, fake: bool = False) -> None:
         """Track every tensor alive in the process (what ``add`` was not given: schedules' tables, caches); with
         ``fake``, every fake one."""
-        import gc
-
         gc.collect()  # not the garbage of earlier runs in this process
         for obj in gc.get_objects():
             if isinstance(obj, FakeTensor if fake else torch.Tensor) and obj.device.type != "meta":
@@ -303,6 +397,8 @@ class _Tracker(_PlanMode):
             return _fake_device(args[0])
         if func is _LOCAL_SCALAR and self.fake_scalars and isinstance(args[0], FakeTensor):
             return _zero(args[0])
+        if func is _UNSAFE_VIEW:
+            func = _VIEW
         if not self.tracking:
             return func(*args, **(kwargs or {}))
         if any(hasattr(t, "to_local") and t is not torch.Tensor for t in types):  # DTensor: see its local ops
@@ -575,6 +671,21 @@ def _fake_world(gpus: int, parallel: str):
         torch.distributed.destroy_process_group()
 
 
+@contextlib.contextmanager
+def _no_cyclic_gc():
+    """Python's cyclic garbage collector off while the plan builds and runs the networks: its full collections,
+    over the millions of objects a fake run makes (modules, fake tensors, autograd nodes, the tracker's records),
+    were an eighth of the plan's time.  Storages are freed by their reference counts (what the tracker follows);
+    ``add_live`` collects once, before tracking starts."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+
+
 def plan_run(cfg, gpus: int = 1, memory: int | str = "80GB", tflops: float = H100_BF16_TFLOPS,
              device: str = "cuda", foreach: bool | None = None) -> Plan:
     """Plan one iteration of the distillation run ``cfg`` (a :class:`dmdx.train.run.RunConfig` with its recipe
@@ -596,7 +707,7 @@ def plan_run(cfg, gpus: int = 1, memory: int | str = "80GB", tflops: float = H10
     tracker.tracking = False  # on from the first stage; the set-up before it is not the run's steady state
     notes: list[str] = []
     with tempfile.TemporaryDirectory() as tmp, _fake_world(gpus, cfg.train.parallel) as world, _fake_mode(), \
-            tracker, _fake_methods():
+            tracker, _fake_methods(), _no_cyclic_gc():
         torch.manual_seed(cfg.train.seed)
         family, teacher, shape, guidance = _teacher(cfg, path)
         teacher.eval().requires_grad_(False)
