@@ -176,6 +176,45 @@ def tiny(families, methods) -> None:
                           f"{r['measured'] / 1024:.1f} | {pl / r['measured']:.3f} |", flush=True)
 
 
+def drift(family: str, method: str, steps: int) -> None:
+    """How far a shared base moves training from LoRA copies, against how far ``train.bf16`` moves it: one tiny
+    pipeline run per (shared base, bf16) pair, same seed and data; the relative distance of the trained LoRA's
+    zero-initialised factors (``lora_B``) between runs."""
+    from safetensors.torch import load_file
+
+    from dmdx.teachers import build_run
+    from dmdx.teachers.image.tiny import make_tiny_pipeline
+    from dmdx.train.loop import Trainer
+
+    torch.set_num_threads(1)
+    with tempfile.TemporaryDirectory() as d:
+        root = Path(d)
+        pipe = make_tiny_pipeline(family, root / family)
+        real_data(root, (16, 16))
+        trained = {}
+        for shared in (False, True):
+            for bf16 in (False, True):
+                over = [f"train.steps={steps}", "train.batch_size=2", "train.lr=1e-3", "real.student_lora.rank=4",
+                        "real.fake_lora.rank=4", f"real.shared_base={str(shared).lower()}",
+                        f"train.bf16={str(bf16).lower()}"]
+                cfg = run_config(method, pipe, root, over, video=False)
+                run_dir = root / f"run-{shared}-{bf16}"
+                torch.manual_seed(0)
+                ctx, info = build_run(cfg, run_dir)
+                out = Trainer(run_dir, cfg.method, cfg.train, ctx, info).run()
+                trained[shared, bf16] = {k: v.float() for k, v in load_file(str(out / "model.safetensors")).items()
+                                         if "lora_B" in k}
+
+    def dist(a, b):
+        return float(sum(((a[k] - b[k]) ** 2).sum() for k in a).sqrt() / sum((b[k] ** 2).sum() for k in a).sqrt())
+
+    print(f"{family} {method}, {steps} iterations: |LoRA B - LoRA B'| / |LoRA B'|")
+    print(f"  shared base vs copies, float32 compute : {dist(trained[True, False], trained[False, False]):.3f}")
+    print(f"  shared base vs copies, train.bf16     : {dist(trained[True, True], trained[False, True]):.3f}")
+    print(f"  copies: train.bf16 vs float32         : {dist(trained[False, True], trained[False, False]):.3f}")
+    print(f"  shared base: train.bf16 vs float32    : {dist(trained[True, True], trained[True, False]):.3f}")
+
+
 def write(arch: str, out: Path, weights: bool) -> None:
     from dmdx.teachers.image import published as image
     from dmdx.teachers.video import published as video
@@ -461,11 +500,17 @@ def main() -> None:
                    "no floor)")
     p = sub.add_parser("summary")
     p.add_argument("out")
+    p = sub.add_parser("drift", help="a shared base against LoRA copies, beside train.bf16, on a tiny pipeline")
+    p.add_argument("--family", default="sd", choices=IMAGE_FAMILIES)
+    p.add_argument("--method", default="dmd2")
+    p.add_argument("--steps", type=int, default=20)
     args = ap.parse_args()
     if args.cmd == "tiny":
         tiny(args.families, args.methods)
     elif args.cmd == "summary":
         summary(Path(args.out))
+    elif args.cmd == "drift":
+        drift(args.family, args.method, args.steps)
     elif args.cmd == "write":
         write(args.arch, Path(args.out), args.weights)
     else:

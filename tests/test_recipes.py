@@ -111,3 +111,15 @@ def test_every_builtin_recipe_names_real_config_keys_and_sources():
             cfg = default_run_config(method if method != "*" else "dmd2")
             set_path(cfg, s.key, json.dumps(s.value) if isinstance(s.value, (list, dict)) else s.value)
             assert s.source, (kind, method, s.key)
+
+
+def test_pipeline_recipes_share_the_base_under_a_lora_student():
+    """Every pipeline kind puts a LoRA student (and fake score, EMA) on the teacher's frozen tensors by default; a
+    fully fine-tuned student owns its weights, and the user's ``real.shared_base=false`` wins."""
+    for kind in ("sd", "sdxl", "sd3", "flux", "wan", "cogvideox"):
+        for method in ("dmd2", "adm", "dmdx", "vsd"):
+            for rank, user, expect in ((64, set(), True), (0, set(), False), (64, {"real.shared_base"}, False)):
+                cfg = default_run_config(method)
+                cfg.real.student_lora.rank = rank
+                recipes.apply_recipe(cfg, kind, user | {"real.student_lora.rank"})
+                assert cfg.real.shared_base is expect, (kind, method, rank, user)
