@@ -282,6 +282,34 @@ def test_float32_block_is_a_float32_teacher_without_its_copy(family, tmp_path):
     assert peak - peak_ref <= whole + 2 * max(layers) < model, (peak, peak_ref, whole, max(layers), model)
 
 
+@pytest.mark.parametrize("family", ["sd", "wan"])
+def test_float32_block_frees_a_graph_no_backward_uses(family, tmp_path):
+    """A graph built inside the float32 block that no backward runs through (a pass whose output is dropped, the
+    part of a pass after the features a discriminator reads) is freed with its last reference, and with it what it
+    reaches (here the input).  The block's saved-tensor hook once kept a saved output itself, whose ``grad_fn``
+    holds the saved tensor: a cycle through C++ that Python's garbage collector cannot free, which made a tiny plan
+    count the graphs of the plans run before it in the same process."""
+    import weakref
+
+    from dmdx.teachers.video.kind import VideoConfig
+    from dmdx.teachers.video.kind import load_teacher as load_video
+    from dmdx.teachers.video.tiny import make_tiny_video_pipeline
+
+    if family == "wan":
+        teacher = load_video(make_tiny_video_pipeline(family, tmp_path / family), dtype="bfloat16",
+                             vc=VideoConfig(9, 16, 16)).denoiser
+    else:
+        teacher = load_teacher(make_tiny_pipeline(family, tmp_path / family), dtype="bfloat16").denoiser
+    x = torch.randn(2, *teacher.backbone.shape, requires_grad=True)
+    alive = weakref.ref(x)
+    with teacher.backbone.float32():
+        y = teacher(x, torch.tensor([0.7, 0.3]), None)
+    assert y.grad_fn is not None
+    del x, y
+    garbage.collect()
+    assert alive() is None
+
+
 def test_shared_base_float32_block_with_checkpointing(sd, tmp_path):
     """ADM on a shared base with gradient checkpointing: the backward, after the float32 block has ended, recomputes
     the block's passes on the float32 copies its forward used (it crashed on mixed dtypes), with the gradients of a
@@ -624,6 +652,26 @@ def test_plan_shards_with_fsdp(sd):
     for name in ("student", "fake_score"):  # full weights (LoRA base as buffers are not sharded) and LoRA shards
         assert w2[name].optim < 0.6 * w1[name].optim and w2[name].trainable == w1[name].trainable
     assert not dist.current().distributed  # the fake group is gone
+
+
+def test_plan_is_the_same_in_a_fresh_process_and_after_other_plans(sd):
+    """A plan is a function of its inputs, not of the plans run before it in the process.  The first time DTensor
+    (FSDP2's parameters) meets an operator, it finds the output's shape by running the operator on fake arguments,
+    and caches what it found: the plan must not count those tensors (it did, in the first FSDP plan of a process
+    only).  DTensor's caches are cleared first, as in a fresh process."""
+    from torch.distributed.tensor import DTensor
+
+    def plan():
+        cfg = config(sd, "adm", shared=False, parallel="fsdp", batch_size=4)
+        out = plan_run(cfg, gpus=2).to_dict()  # a CUDA plan: AdamW's multi-tensor step on DTensors
+        out.pop("seconds")
+        return out
+
+    propagator = DTensor._op_dispatcher.sharding_propagator
+    propagator.propagate_op_sharding.cache_clear()
+    type(propagator)._propagate_tensor_meta_cached.cache_clear()
+    fresh = plan()
+    assert plan() == fresh
 
 
 def test_plan_moves_cpu_offloaded_shards_to_host_memory(sd):

@@ -196,8 +196,13 @@ class _Float32Compute:
             _set_slot(mod, name, v)
 
     def _pack(self, t: Tensor):
+        """A saved tensor as it is, detached (autograd gives it back its ``grad_fn`` when it unpacks it), or a
+        float32 copy as its base tensor.  Not ``t`` itself: where ``t`` is an output of the operation that saves it,
+        ``t``'s ``grad_fn`` would hold ``t`` through the saved tensor, a reference cycle through C++ that Python's
+        garbage collector cannot see; a graph that no backward frees (a discarded pass, the part of a pass after a
+        feature) would never be freed, with every tensor it reaches."""
         v = self.live.get(t.untyped_storage()._cdata) if t.dtype == torch.float32 else None
-        return t if v is None else (_Recast, v, t.size(), t.stride(), t.storage_offset())
+        return t.detach() if v is None else (_Recast, v, t.size(), t.stride(), t.storage_offset())
 
     @staticmethod
     def _unpack(packed):

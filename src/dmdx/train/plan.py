@@ -378,10 +378,16 @@ class _Tracker(_PlanMode):
 
         self._resize = orig
         torch.UntypedStorage.resize_ = resize_
+        self._propagator = _sharding_propagator()
+        if self._propagator is not None:
+            self._lock = self._propagator._fake_mode_lock
+            self._propagator._fake_mode_lock = _Unseen(self, self._lock)
         return super().__enter__()
 
     def __exit__(self, *exc):
         torch.UntypedStorage.resize_ = self._resize
+        if self._propagator is not None:
+            self._propagator._fake_mode_lock = self._lock
         return super().__exit__(*exc)
 
     @contextlib.contextmanager
@@ -454,6 +460,45 @@ class _Tracker(_PlanMode):
             if r.born <= seq and (r.died is None or r.died > seq):
                 out[r.label] = out.get(r.label, 0) + r.nbytes
         return out
+
+
+def _sharding_propagator():
+    """DTensor's ``ShardingPropagator`` class, or None (a torch without it, or without ``torch.distributed``)."""
+    if not torch.distributed.is_available():
+        return None
+    try:
+        from torch.distributed.tensor._sharding_prop import ShardingPropagator
+    except ImportError:
+        return None
+    return ShardingPropagator if hasattr(ShardingPropagator, "_fake_mode_lock") else None
+
+
+class _Unseen:
+    """What the tracker does not see: DTensor's sharding propagation.
+
+    The first time a DTensor operation (FSDP2's parameters, their optimiser step, clipping, EMA) meets a new
+    operator and argument layout, DTensor finds its output's shape by running the operator on fake arguments
+    (``ShardingPropagator._propagate_tensor_meta_non_cached``), in the fake mode it finds active: the plan's.  On a
+    GPU those tensors are fake too (no device memory); in the plan they would be counted as the run's, and only in
+    the first plan of a process (DTensor caches what it found), so that a plan would depend on the plans run before
+    it.  DTensor enters ``ShardingPropagator._fake_mode_lock`` (a lock for multi-threaded tests, a no-op by default)
+    around exactly that run; the tracker puts this in its place, which stops tracking inside (and enters the lock
+    it replaced)."""
+
+    def __init__(self, tracker: _Tracker, lock):
+        self.tracker = tracker
+        self.lock = lock
+        self.saved: list[bool] = []
+
+    def __enter__(self):
+        self.lock.__enter__()
+        self.saved.append(self.tracker.tracking)
+        self.tracker.tracking = False
+        return self
+
+    def __exit__(self, *exc):
+        self.tracker.tracking = self.saved.pop()
+        return self.lock.__exit__(*exc)
 
 
 # -- the report -----------------------------------------------------------------------------------------------
