@@ -97,7 +97,9 @@ COMMANDS = {
             "dmdx plan --method dmd2 --teacher sd15-configs --memory 24GB " + LORA64 + " --set train.batch_size=1",
             "dmdx plan --method dmd2 --teacher sd3-medium-configs " + LORA64 + " --set train.batch_size=4",
             "dmdx plan --method dmd2 --teacher wan2.1-1.3b-configs " + LORA64 + " --set train.batch_size=1",
-            "dmdx plan --method dmd2 --teacher cogvideox-2b-configs " + LORA64 + " --set train.batch_size=1")},
+            "dmdx plan --method dmd2 --teacher cogvideox-2b-configs " + LORA64 + " --set train.batch_size=1",
+            "dmdx plan --method dmd2 --teacher sdxl-configs --gpus 8 --set train.parallel=fsdp "
+            "--set real.grad_checkpointing=true --set train.bf16=true --set train.batch_size=8")},
     },
     "docs/scaling.md": {
         "dmdx distill --method dmdx --teacher gmm:ring8 --out runs/ring8": ("dry", "the recipe's steps"),
