@@ -355,6 +355,23 @@ def test_shared_base_trains_and_exports_like_copies(sd, tmp_path):
         torch.testing.assert_close(ea[k], eb[k], rtol=1e-5, atol=1e-6)
 
 
+def test_shared_base_student_of_a_transformer_loads_back(sd, tmp_path):
+    """A shared-base run's model folder holds only its LoRA; loading it rebuilds the base from the pipeline folder,
+    buffers included (SD3's positional embedding, which the shared copy held as the teacher's and did not save: the
+    load failed on the missing key), and gives the trained EMA's outputs (a float32 teacher: the same base)."""
+    from dmdx.teachers import load_model
+
+    _, root = sd
+    cfg = config((make_tiny_pipeline("sd3", tmp_path / "sd3"), root))
+    cfg.real.teacher_dtype = "float32"
+    cfg.method.gan = False
+    trainer = make_trainer(cfg, tmp_path / "run")
+    loaded = load_model(trainer.run()).denoiser
+    x, t = torch.randn(2, *trainer.ema.backbone.shape), torch.tensor([0.9, 0.4])
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x, t, None), trainer.ema(x, t, None), rtol=1e-5, atol=1e-5)
+
+
 def test_shared_base_fsdp_and_checkpointing(sd, tmp_path):
     """FSDP2 (a process group of one) shards only the adapters, the base stays the teacher's; gradient
     checkpointing gives the gradients of a run without it."""

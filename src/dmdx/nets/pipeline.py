@@ -36,7 +36,8 @@ def add_lora(model: nn.Module, rank: int, alpha: float, targets: list[str], base
     - ``state``: persistent buffers, in ``state_dict`` (checkpoints and EMA work unchanged, a model folder holds
       them);
     - ``folder``: non-persistent buffers, re-read from the pipeline folder when the model is rebuilt (a model
-      folder holds only the LoRA);
+      folder holds only the LoRA); the model's own buffers (SD3's positional embedding) become non-persistent too,
+      as a shared-base copy, which saved that folder, held them as the teacher's;
     - ``shared``: plain attributes, neither parameters nor buffers: tensors another network owns (the teacher of a
       run with ``real.shared_base``), which ``state_dict``, ``.to()``, EMA and checkpoints never touch.
 
@@ -51,7 +52,7 @@ def add_lora(model: nn.Module, rank: int, alpha: float, targets: list[str], base
     for name, mod in model.named_modules():
         if "lora_" in name:
             continue
-        for table in (mod._parameters, *((mod._buffers,) if base == "shared" else ())):
+        for table in (mod._parameters, *((mod._buffers,) if base != "state" else ())):
             for pname, p in list(table.items()):
                 if p is None:
                     continue
